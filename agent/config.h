@@ -1,0 +1,67 @@
+/* tpmkmsd.conf: INI parsed with inih through one table of
+ * {section, key, parser, offset}. Unknown sections or keys and bad values are
+ * errors naming file and line. See ../shared/DESIGN.md "Configuration". */
+#pragma once
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "tpm/tpm.h"
+
+#define CONFIG_DEFAULT_PATH "/etc/tpmkms/tpmkmsd.conf"
+#define CONFIG_MAX_UIDS 32
+#define CONFIG_MAX_ENDPOINTS 8
+#define CONFIG_SOCKET_PATH_MAX 108   /* sizeof(sun_path) */
+
+enum central_type {
+        CENTRAL_NONE,   /* standalone: KEKs made on this host */
+        CENTRAL_KMIP,
+};
+
+struct endpoint {
+        char host[256];
+        uint16_t port;
+};
+
+struct config {
+        /* [kms] */
+        char kms_socket[CONFIG_SOCKET_PATH_MAX];
+        uid_t allowed_uids[CONFIG_MAX_UIDS];
+        size_t n_allowed_uids;
+        /* [tpm] */
+        char tpm_tcti[256];
+        struct tpm_pcr_selection pcrs;
+        bool insecure_no_pcr_policy;
+        /* [state] */
+        char state_dir[PATH_MAX];
+        /* [central] */
+        enum central_type central_type;
+        struct endpoint endpoints[CONFIG_MAX_ENDPOINTS];
+        size_t n_endpoints;
+        char ca_file[PATH_MAX];
+        char cert_file[PATH_MAX];
+        char key_file[PATH_MAX];
+        char key_group[256];
+        uint64_t sync_interval_usec;
+        uint64_t central_timeout_usec;
+        /* [control] */
+        char control_socket[CONFIG_SOCKET_PATH_MAX];
+        /* [metrics] */
+        char metrics_listen[128];    /* "" = off */
+};
+
+/* Fill c with the defaults of DESIGN.md. */
+void config_defaults(struct config *c);
+
+/* Load path over the defaults and check the result as a whole (e.g. pcrs =
+ * none needs insecure_no_pcr_policy = yes; kmip needs endpoints and files).
+ * On failure writes one line to err, "FILE:LINE: what is wrong" (or
+ * "FILE: ..." for whole-file problems), and returns -ENOENT/-EACCES (cannot
+ * read) or -EINVAL (bad content). */
+int config_load(const char *path, struct config *c, char *err, size_t err_size);
+
+/* "250ms", "5s", "2min", "1h" (a plain number is seconds). Returns 0 or -EINVAL. */
+int parse_duration(const char *s, uint64_t *ret_usec);

@@ -1,0 +1,95 @@
+/* plugin/ — the KMS v2 front: gRPC over HTTP/2 (nghttp2, prior-knowledge h2c) on
+ * unix sockets, driven by sd-event. It reaches keys only through the backend
+ * interface below, which the agent provides; it includes nothing from agent/,
+ * and nothing here touches the TPM or the network.
+ * Functions return >= 0 on success and a negative errno value on failure. */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+typedef struct sd_event sd_event;
+
+#define KMS_KEY_ID_MAX 1024       /* KMS v2: key_id at most 1 KiB */
+#define KMS_CIPHERTEXT_MAX 1024   /* KMS v2: Encrypt ciphertext at most 1 KiB */
+#define KMS_PLAINTEXT_MAX 512     /* the apiserver sends a 32-byte DEK seed */
+#define KMS_HEALTHZ_MAX 256
+#define KMS_ERROR_MAX 256
+
+/* The process on the other end of a connection (SO_PEERCRED). */
+struct kms_peer {
+        pid_t pid;
+        uid_t uid;
+        gid_t gid;
+};
+
+/* One Encrypt/Decrypt call as the backend sees it. */
+struct kms_call {
+        const char *request_uid;          /* the request's uid field (audit) */
+        const struct kms_peer *peer;
+        char error[KMS_ERROR_MAX];        /* backend may explain a failure here;
+                                             sent as grpc-message */
+};
+
+struct kms_status {
+        char healthz[KMS_HEALTHZ_MAX];    /* "ok", or a short reason */
+        char key_id[KMS_KEY_ID_MAX + 1];  /* current primary; "" when none */
+};
+
+/* Failure returns map to gRPC codes in one table (plugin/grpc.c):
+ *   -EINVAL, -EBADMSG  INVALID_ARGUMENT (malformed, or fails authentication)
+ *   -ENOENT            NOT_FOUND (unknown key id)
+ *   -ENOKEY            UNAVAILABLE (no keys unsealed)
+ *   -EPERM             FAILED_PRECONDITION (measured boot refused the cache)
+ *   anything else      INTERNAL */
+struct kms_backend_ops {
+        /* Fill st; problems are reported through st->healthz. */
+        void (*status)(void *userdata, struct kms_status *st);
+        /* Encrypt pt with the primary KEK. Returns the ciphertext length
+         * (1..KMS_CIPHERTEXT_MAX) and writes the key id, or a negative errno. */
+        int (*encrypt)(void *userdata, struct kms_call *call,
+                       const uint8_t *pt, size_t pt_len,
+                       uint8_t ct[KMS_CIPHERTEXT_MAX], char key_id[KMS_KEY_ID_MAX + 1]);
+        /* Decrypt ct made under key_id. Returns the plaintext length
+         * (1..KMS_PLAINTEXT_MAX), or a negative errno. */
+        int (*decrypt)(void *userdata, struct kms_call *call, const char *key_id,
+                       const uint8_t *ct, size_t ct_len, uint8_t pt[KMS_PLAINTEXT_MAX]);
+};
+
+struct kms_server_options {
+        const uid_t *allowed_uids;        /* peers allowed to talk (SO_PEERCRED) */
+        size_t n_allowed_uids;
+        uint32_t max_connections;         /* 0: default 64 */
+        uint32_t max_concurrent_streams;  /* per connection; 0: default 100 */
+        uint32_t max_message_size;        /* request body; 0: default 64 KiB */
+        uint32_t max_header_list_size;    /* 0: default 16 KiB */
+        uint64_t idle_timeout_usec;       /* no stream open; 0: default 5 min */
+        uint64_t stream_timeout_usec;     /* request not complete; 0: default 10 s */
+        uint64_t handshake_timeout_usec;  /* preface + SETTINGS; 0: default 5 s */
+};
+
+struct kms_server;
+
+/* Create a server on event loop e. ops/userdata must outlive it.
+ * Returns 0, or -ENOMEM. */
+int kms_server_new(sd_event *e, const struct kms_server_options *opt,
+                   const struct kms_backend_ops *ops, void *userdata,
+                   struct kms_server **ret);
+/* Serve a listening SOCK_STREAM unix socket; the server takes ownership of fd.
+ * Returns 0, or a negative errno. */
+int kms_server_add_listener(struct kms_server *s, int fd);
+/* Stop accepting; let in-flight calls finish, then close connections; call
+ * done(userdata) once everything is closed (or after the stream timeout). */
+void kms_server_shutdown(struct kms_server *s, void (*done)(void *userdata), void *userdata);
+/* Accepts NULL. Closes everything immediately. */
+void kms_server_free(struct kms_server *s);
+
+/* Unix sockets (plugin/socket.c), shared with the agent's control socket. */
+
+/* Bind and listen on path with the given mode (umask-proof). A stale socket
+ * file is replaced only if nothing answers on it. Returns the fd, -EADDRINUSE
+ * if a live instance answers there, -ENAMETOOLONG, or another negative errno. */
+int unix_socket_listen(const char *path, mode_t mode);
+/* SO_PEERCRED of a connected socket. Returns 0 or a negative errno. */
+int unix_socket_peer(int fd, struct kms_peer *ret);

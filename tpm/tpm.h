@@ -1,0 +1,87 @@
+/* tpm/ — TPM 2.0 through tpm2-tss ESAPI: seal and unseal a 32-byte secret under
+ * a PCR policy. The only folder that includes <tss2/...>; TSS2_RC values are
+ * translated here into negative errno values:
+ *   -ENODEV   no TPM reachable through the TCTI
+ *   -EPERM    policy mismatch: the PCRs differ from those sealed to
+ *   -ENOLCK   TPM in dictionary-attack lockout
+ *   -EXDEV    the sealed object does not load: another TPM, or altered blobs
+ *   -EINVAL   bad argument (selection string, blob sizes)
+ *   -EIO      any other TPM failure (logged at debug level with the decoded RC)
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TPM_SECRET_SIZE 32
+#define TPM_PCR_MAX 24
+#define TPM_DIGEST_MAX 64        /* sha512 */
+#define TPM_BLOB_MAX 1024         /* marshalled TPM2B_PUBLIC / TPM2B_PRIVATE */
+#define TPM_SRK_HANDLE 0x81000001u
+
+struct tpm;
+
+/* A PCR selection in one bank, e.g. "sha256:7" or "sha256:0,2,7".
+ * "none" gives an empty selection (mask 0): no PCR policy at all. */
+struct tpm_pcr_selection {
+        uint16_t hash_alg;  /* TPM2_ALG_SHA1/SHA256/SHA384/SHA512; 0 when empty */
+        uint32_t mask;      /* bit n = PCR n */
+};
+
+/* The values of the selected PCRs, in ascending PCR order. */
+struct tpm_pcr_values {
+        struct tpm_pcr_selection sel;
+        size_t count;
+        size_t digest_size;
+        uint8_t digest[TPM_PCR_MAX][TPM_DIGEST_MAX];
+};
+
+/* What seal produced: the sealed object's public and private areas,
+ * marshalled (Tss2_MU) so they survive TPM restarts, plus the PCR values and
+ * policy digest it was sealed to (for diagnostics: they are not secret). */
+struct tpm_sealed {
+        uint8_t public_blob[TPM_BLOB_MAX];
+        size_t public_size;
+        uint8_t private_blob[TPM_BLOB_MAX];
+        size_t private_size;
+        struct tpm_pcr_values pcrs;      /* PCR values at seal time */
+        uint8_t policy_digest[TPM_DIGEST_MAX];
+        size_t policy_digest_size;
+};
+
+/* "sha256:7", "sha1:0,7", "none". Returns 0, or -EINVAL. */
+int tpm_pcr_selection_parse(const char *s, struct tpm_pcr_selection *ret);
+/* Writes e.g. "sha256:7" or "none" into buf. Returns 0, or -ENOBUFS. */
+int tpm_pcr_selection_format(const struct tpm_pcr_selection *sel, char *buf, size_t size);
+bool tpm_pcr_selection_is_empty(const struct tpm_pcr_selection *sel);
+
+/* Open the TPM through a TCTI config string ("device:/dev/tpmrm0",
+ * "swtpm:host=127.0.0.1,port=2321"), run Startup if needed, and make sure the
+ * SRK exists at TPM_SRK_HANDLE (ECC P-256 TCG template, RSA-2048 fallback),
+ * creating and persisting it on first use. Returns 0, -ENODEV, -ENOLCK, -EIO. */
+int tpm_open(const char *tcti, struct tpm **ret);
+/* Accepts NULL. Flushes everything transient this module created. */
+void tpm_close(struct tpm *t);
+
+/* Read the current values of the selected PCRs. Returns 0 or -EIO. */
+int tpm_pcr_read(struct tpm *t, const struct tpm_pcr_selection *sel, struct tpm_pcr_values *ret);
+
+/* Seal secret under PolicyPCR over sel's current values (no PCR policy when
+ * sel is empty; the object then needs its empty authValue through a policy of
+ * PolicyAuthValue: userWithAuth stays clear either way). The session is salted
+ * to the SRK and uses AES-128-CFB parameter encryption. Returns 0, -ENODEV,
+ * -ENOLCK, -EIO. */
+int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
+             const uint8_t secret[TPM_SECRET_SIZE], struct tpm_sealed *ret);
+
+/* Load and unseal. Compares the policy digest of the current PCRs with the
+ * sealed object's authPolicy first, so a mismatch is reported as -EPERM with
+ * the current values in current (may be NULL). Retries TPM2_RC_RETRY and
+ * PCR_CHANGED a bounded number of times. The output is wiped on failure.
+ * Returns 0, -EPERM, -EXDEV, -ENOLCK, -ENODEV, -EIO. */
+int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
+               uint8_t secret[TPM_SECRET_SIZE], struct tpm_pcr_values *current);
+
+/* Hex string of the PCR values, "7=ab12..,8=..", for logs. Returns 0 or -ENOBUFS. */
+int tpm_pcr_values_format(const struct tpm_pcr_values *v, char *buf, size_t size);
