@@ -67,6 +67,11 @@ struct kms_server_options {
         uint64_t idle_timeout_usec;       /* no stream open; 0: default 5 min */
         uint64_t stream_timeout_usec;     /* request not complete; 0: default 10 s */
         uint64_t handshake_timeout_usec;  /* preface + SETTINGS; 0: default 5 s */
+        /* Optional: where the server reports refused peers, dropped and
+         * timed-out connections (the library itself never writes logs). prio
+         * is a syslog priority. */
+        void (*log)(void *userdata, int prio, const char *msg);
+        void *log_userdata;
 };
 
 struct kms_server;

@@ -1,0 +1,99 @@
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "backend.h"
+#include "common/macro.h"
+#include "envelope.h"
+#include "log.h"
+
+static void backend_status(void *userdata, struct kms_status *st) {
+        struct backend *b = userdata;
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        const struct key_version *primary;
+
+        if (b->refusal) {
+                snprintf(st->healthz, sizeof(st->healthz), "%s", b->refusal);
+                return;
+        }
+        kr = keyring_slot_get(b->keys);
+        primary = kr ? keyring_primary(kr) : NULL;
+        if (!primary) {
+                snprintf(st->healthz, sizeof(st->healthz), "no primary key in the cache");
+                return;
+        }
+        snprintf(st->healthz, sizeof(st->healthz), "ok");
+        snprintf(st->key_id, sizeof(st->key_id), "%s", primary->id);
+}
+
+/* Shared preamble: a refused cache answers FAILED_PRECONDITION with the
+ * reason; an empty slot UNAVAILABLE. */
+static int backend_snapshot(struct backend *b, struct kms_call *call, struct keyring **ret) {
+        if (b->refusal) {
+                snprintf(call->error, sizeof(call->error), "%s", b->refusal);
+                return -EPERM;
+        }
+        *ret = keyring_slot_get(b->keys);
+        if (!*ret) {
+                snprintf(call->error, sizeof(call->error), "no keys unsealed");
+                return -ENOKEY;
+        }
+        return 0;
+}
+
+static int backend_encrypt(void *userdata, struct kms_call *call, const uint8_t *pt, size_t pt_len,
+                           uint8_t ct[KMS_CIPHERTEXT_MAX], char key_id[KMS_KEY_ID_MAX + 1]) {
+        struct backend *b = userdata;
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        const struct key_version *primary = NULL;
+        int r;
+
+        r = backend_snapshot(b, call, &kr);
+        if (r >= 0) {
+                primary = keyring_primary(kr);
+                if (!primary) {
+                        snprintf(call->error, sizeof(call->error), "no primary key to encrypt with");
+                        r = -ENOKEY;
+                }
+        }
+        if (r >= 0)
+                r = envelope_seal(primary->kek, primary->id, pt, pt_len, ct, KMS_CIPHERTEXT_MAX);
+        if (r >= 0)
+                memcpy(key_id, primary->id, strlen(primary->id) + 1);
+        log_audit("encrypt", primary ? primary->id : NULL, call->request_uid, call->peer, r);
+        return r;
+}
+
+static int backend_decrypt(void *userdata, struct kms_call *call, const char *key_id,
+                           const uint8_t *ct, size_t ct_len, uint8_t pt[KMS_PLAINTEXT_MAX]) {
+        struct backend *b = userdata;
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        const struct key_version *k;
+        int r;
+
+        r = backend_snapshot(b, call, &kr);
+        if (r >= 0) {
+                k = keyring_find(kr, key_id);
+                if (!k) {
+                        snprintf(call->error, sizeof(call->error), "unknown key id");
+                        r = -ENOENT;
+                } else {
+                        r = envelope_open(k->kek, k->id, ct, ct_len, pt, KMS_PLAINTEXT_MAX);
+                        /* Longer than anything Encrypt makes: not ours. */
+                        if (r == -ENOBUFS)
+                                r = -EBADMSG;
+                        if (r == -EBADMSG)
+                                snprintf(call->error, sizeof(call->error),
+                                         "ciphertext fails authentication under this key id");
+                }
+        }
+        log_audit("decrypt", key_id, call->request_uid, call->peer, r);
+        return r;
+}
+
+const struct kms_backend_ops backend_ops = {
+        .status = backend_status,
+        .encrypt = backend_encrypt,
+        .decrypt = backend_decrypt,
+};

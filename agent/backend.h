@@ -1,0 +1,14 @@
+/* The KMS v2 backend that the agent gives to plugin/: Encrypt and Decrypt
+ * against the published keyring snapshot, Status from the daemon's state,
+ * and an audit record per call. Never touches the TPM or the network. */
+#pragma once
+
+#include "keyring.h"
+#include "plugin/plugin.h"
+
+struct backend {
+        struct keyring_slot *keys;
+        const char *refusal;      /* non-NULL: the sealed cache was refused; why */
+};
+
+extern const struct kms_backend_ops backend_ops;

@@ -1,0 +1,272 @@
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <systemd/sd-event.h>
+#include <unistd.h>
+
+#include "common/macro.h"
+#include "control.h"
+#include "log.h"
+#include "plugin/plugin.h"
+
+#define CONTROL_ARGS_MAX 8
+
+struct control_server {
+        sd_event *event;
+        sd_event_source *listener;
+        int fd;
+        char *path;
+        control_handler_t handler;
+        void *userdata;
+};
+
+struct control_conn {
+        struct control_server *server;
+        sd_event_source *io;
+        sd_event_source *timer;
+        int fd;
+        size_t len;
+        char line[CONTROL_LINE_MAX + 1];
+};
+
+static void control_conn_free(struct control_conn *c) {
+        sd_event_source_disable_unref(c->io);
+        sd_event_source_disable_unref(c->timer);
+        if (c->fd >= 0)
+                close(c->fd);
+        free(c);
+}
+
+static int write_all(int fd, const char *buf, size_t len) {
+        while (len > 0) {
+                ssize_t n = write(fd, buf, len);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                buf += n;
+                len -= (size_t) n;
+        }
+        return 0;
+}
+
+static void control_conn_answer(struct control_conn *c) {
+        char *argv[CONTROL_ARGS_MAX + 1], *save = NULL, err[512] = "";
+        _cleanup_free_ char *body = NULL;
+        char head[600];
+        size_t body_len = 0;
+        int argc = 0, r;
+        FILE *out;
+
+        for (char *tok = strtok_r(c->line, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {
+                if (argc == CONTROL_ARGS_MAX) {
+                        snprintf(err, sizeof(err), "too many arguments");
+                        break;
+                }
+                argv[argc++] = tok;
+        }
+        argv[argc] = NULL;
+
+        out = open_memstream(&body, &body_len);
+        if (!out)
+                r = -ENOMEM;
+        else if (*err)
+                r = -EINVAL;
+        else if (argc == 0) {
+                snprintf(err, sizeof(err), "empty command");
+                r = -EINVAL;
+        } else
+                r = c->server->handler(c->server->userdata, argc, argv, out, err, sizeof(err));
+        if (out)
+                fclose(out);
+        if (r < 0 && !*err)
+                snprintf(err, sizeof(err), "%s", strerror(-r));
+
+        /* The client is root's tpmkmsctl; bound a stuck one with a send
+         * timeout rather than buffering replies on the event loop. */
+        (void) setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO,
+                          &(struct timeval) { .tv_sec = 2 }, sizeof(struct timeval));
+        (void) sd_event_source_set_enabled(c->io, SD_EVENT_OFF);
+        (void) fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) & ~O_NONBLOCK);
+        snprintf(head, sizeof(head), r < 0 ? "ERR %s\n" : "OK\n", err);
+        if (write_all(c->fd, head, strlen(head)) >= 0 && r >= 0 && body)
+                (void) write_all(c->fd, body, body_len);
+}
+
+static int control_conn_on_io(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
+        struct control_conn *c = userdata;
+        char *nl;
+        ssize_t n;
+
+        n = read(fd, c->line + c->len, CONTROL_LINE_MAX - c->len);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                return 0;
+        if (n <= 0) {
+                control_conn_free(c);
+                return 0;
+        }
+        c->len += (size_t) n;
+        c->line[c->len] = 0;
+        nl = memchr(c->line, '\n', c->len);
+        if (!nl) {
+                if (c->len < CONTROL_LINE_MAX)
+                        return 0;
+                (void) write_all(fd, "ERR command line too long\n", 26);
+                control_conn_free(c);
+                return 0;
+        }
+        *nl = 0;
+        control_conn_answer(c);
+        control_conn_free(c);
+        return 0;
+}
+
+static int control_conn_on_timeout(sd_event_source *src, uint64_t usec, void *userdata) {
+        control_conn_free(userdata);
+        return 0;
+}
+
+static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
+        struct control_server *s = userdata;
+        _cleanup_close_ int cfd = -1;
+        struct control_conn *c;
+        struct kms_peer peer;
+        uint64_t now;
+        int r;
+
+        cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd < 0)
+                return 0;
+        r = unix_socket_peer(cfd, &peer);
+        if (r < 0 || peer.uid != 0) {
+                log_warning("Control socket: refused peer uid=%u pid=%i (root only)",
+                            r < 0 ? (unsigned) -1 : (unsigned) peer.uid, r < 0 ? 0 : (int) peer.pid);
+                return 0;
+        }
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return 0;
+        c->server = s;
+        c->fd = TAKE_FD(cfd);
+        r = sd_event_add_io(s->event, &c->io, c->fd, EPOLLIN, control_conn_on_io, c);
+        if (r >= 0) {
+                (void) sd_event_now(s->event, CLOCK_MONOTONIC, &now);
+                r = sd_event_add_time(s->event, &c->timer, CLOCK_MONOTONIC, now + 5 * 1000000u, 0,
+                                      control_conn_on_timeout, c);
+        }
+        if (r < 0)
+                control_conn_free(c);
+        return 0;
+}
+
+int control_server_new(sd_event *e, const char *path, control_handler_t handler, void *userdata,
+                       struct control_server **ret) {
+        struct control_server *s;
+        int r;
+
+        s = calloc(1, sizeof(*s));
+        if (!s)
+                return -ENOMEM;
+        s->event = sd_event_ref(e);
+        s->handler = handler;
+        s->userdata = userdata;
+        s->fd = unix_socket_listen(path, 0600);
+        if (s->fd < 0) {
+                r = s->fd;
+                control_server_free(s);
+                return r;
+        }
+        s->path = strdup(path);
+        r = s->path ? sd_event_add_io(e, &s->listener, s->fd, EPOLLIN, control_on_accept, s) : -ENOMEM;
+        if (r < 0) {
+                control_server_free(s);
+                return r;
+        }
+        *ret = s;
+        return 0;
+}
+
+void control_server_free(struct control_server *s) {
+        if (!s)
+                return;
+        sd_event_source_disable_unref(s->listener);
+        if (s->fd >= 0) {
+                close(s->fd);
+                if (s->path)
+                        (void) unlink(s->path);
+        }
+        free(s->path);
+        sd_event_unref(s->event);
+        free(s);
+}
+
+int control_call(const char *path, int argc, char **argv, FILE *out, char *err, size_t err_size) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        char line[CONTROL_LINE_MAX + 1] = "", head[600];
+        size_t pos = 0, hlen = 0;
+        bool in_head = true;
+        char buf[4096];
+        ssize_t n;
+
+        for (int i = 0; i < argc; i++) {
+                int w = snprintf(line + pos, sizeof(line) - pos, "%s%s", i ? " " : "", argv[i]);
+                if (w < 0 || (size_t) w >= sizeof(line) - pos - 1) {
+                        snprintf(err, err_size, "command line too long");
+                        return -E2BIG;
+                }
+                pos += (size_t) w;
+        }
+        line[pos++] = '\n';
+
+        if (strlen(path) >= sizeof(sa.sun_path)) {
+                snprintf(err, err_size, "control socket path too long: %s", path);
+                return -ENAMETOOLONG;
+        }
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0 || connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
+                int e = errno;
+                snprintf(err, err_size, "cannot reach tpmkmsd at %s: %s%s", path, strerror(e),
+                         e == ENOENT || e == ECONNREFUSED ? " (is tpmkmsd running?)" :
+                         e == EACCES ? " (run as root)" : "");
+                return -e;
+        }
+        (void) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO,
+                          &(struct timeval) { .tv_sec = CONTROL_TIMEOUT_USEC / 1000000u },
+                          sizeof(struct timeval));
+        if (write_all(fd, line, pos) < 0) {
+                snprintf(err, err_size, "cannot send to tpmkmsd: %s", strerror(errno));
+                return -EIO;
+        }
+        while ((n = read(fd, buf, sizeof(buf))) > 0) {
+                size_t off = 0;
+                if (in_head) {
+                        for (; off < (size_t) n && in_head; off++) {
+                                if (buf[off] == '\n')
+                                        in_head = false;
+                                else if (hlen < sizeof(head) - 1)
+                                        head[hlen++] = buf[off];
+                        }
+                }
+                if (!in_head && off < (size_t) n)
+                        fwrite(buf + off, 1, (size_t) n - off, out);
+        }
+        head[hlen] = 0;
+        if (n < 0 || in_head) {
+                snprintf(err, err_size, "no complete reply from tpmkmsd%s",
+                         n < 0 && errno == EAGAIN ? " (timed out)" : "");
+                return -EIO;
+        }
+        if (strcmp(head, "OK") == 0)
+                return 0;
+        snprintf(err, err_size, "%s", strncmp(head, "ERR ", 4) == 0 ? head + 4 : head);
+        return -EREMOTEIO;
+}

@@ -1,0 +1,34 @@
+/* The control socket (root only): one command line in, one reply out.
+ *
+ *   request:  "<command> [arg...]\n"            (at most CONTROL_LINE_MAX bytes)
+ *   reply:    "OK\n" or "ERR <message>\n", then the command's output; EOF ends it.
+ *
+ * The daemon side runs on sd-event and answers from a handler; tpmkmsctl uses
+ * control_call. */
+#pragma once
+
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct sd_event sd_event;
+
+#define CONTROL_LINE_MAX 256
+#define CONTROL_TIMEOUT_USEC (30u * 1000000u)
+
+/* Run one command. argv[0] is the command. Writes output to out. Returns 0,
+ * or a negative errno with a message in err. */
+typedef int (*control_handler_t)(void *userdata, int argc, char **argv, FILE *out,
+                                 char *err, size_t err_size);
+
+struct control_server;
+
+/* Listen on path (mode 0600; only uid 0 is answered). Returns 0 or -errno. */
+int control_server_new(sd_event *e, const char *path, control_handler_t handler, void *userdata,
+                       struct control_server **ret);
+/* Accepts NULL. Closes the socket and removes its file. */
+void control_server_free(struct control_server *s);
+
+/* Client: send "argv...\n" to path and copy the reply body to out. Returns 0
+ * for OK; -EREMOTEIO with the daemon's message in err for ERR; another
+ * negative errno (with err set) when the daemon cannot be reached. */
+int control_call(const char *path, int argc, char **argv, FILE *out, char *err, size_t err_size);

@@ -1,0 +1,374 @@
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-event.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "common/macro.h"
+#include "control.h"
+#include "daemon.h"
+#include "log.h"
+#include "plugin/plugin.h"
+#include "vault.h"
+
+struct daemon {
+        const struct config *config;
+        sd_event *event;
+        struct kms_server *kms;
+        struct control_server *control;
+        struct vault vault;
+        struct keyring_slot keys;
+        struct backend backend;
+        bool kms_socket_ours;      /* we created the socket file (not systemd) */
+        uint64_t started_usec;     /* CLOCK_REALTIME */
+        uint64_t last_rotation_usec;
+};
+
+static uint64_t now_realtime_usec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}
+
+static void format_time(uint64_t usec, char *buf, size_t size) {
+        time_t t = (time_t) (usec / 1000000u);
+        struct tm tm;
+
+        if (usec == 0 || !gmtime_r(&t, &tm) || strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+                snprintf(buf, size, "%s", "");
+}
+
+/* JSON string body: our strings are ids and messages we wrote, but escape
+ * everything that JSON requires all the same. */
+static void json_string(FILE *f, const char *s) {
+        fputc('"', f);
+        for (; *s; s++) {
+                unsigned char ch = (unsigned char) *s;
+                if (ch == '"' || ch == '\\')
+                        fprintf(f, "\\%c", ch);
+                else if (ch < 0x20)
+                        fprintf(f, "\\u%04x", ch);
+                else
+                        fputc(ch, f);
+        }
+        fputc('"', f);
+}
+
+static void daemon_update_status(struct daemon *d) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
+        const struct key_version *p = kr ? keyring_primary(kr) : NULL;
+
+        if (d->vault.refused)
+                (void) sd_notifyf(false, "STATUS=Refusing: %s", d->vault.reason);
+        else
+                (void) sd_notifyf(false, "STATUS=Serving %zu key(s), primary %s",
+                                  kr ? keyring_size(kr) : 0, p ? p->id : "none");
+}
+
+static int cmd_status(struct daemon *d, bool json, FILE *out) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
+        const struct key_version *p = kr ? keyring_primary(kr) : NULL;
+        struct kms_status st = {};
+        char pcrs[64], created[32], seen[32], started[32], rotated[32];
+
+        backend_ops.status(&d->backend, &st);
+        (void) tpm_pcr_selection_format(&d->config->pcrs, pcrs, sizeof(pcrs));
+        format_time(d->started_usec, started, sizeof(started));
+        format_time(d->last_rotation_usec, rotated, sizeof(rotated));
+
+        if (json) {
+                fprintf(out, "{\"state\": \"%s\", \"healthz\": ", d->vault.refused ? "refused" : "serving");
+                json_string(out, st.healthz);
+                fprintf(out, ", \"pcrs\": \"%s\", \"mode\": \"%s\", \"started\": \"%s\", \"last_rotation\": \"%s\", \"primary\": ",
+                        pcrs, d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone",
+                        started, rotated);
+                json_string(out, p ? p->id : "");
+                fputs(", \"keys\": [", out);
+                for (size_t i = 0; kr && i < keyring_size(kr); i++) {
+                        const struct key_version *k = keyring_get(kr, i);
+                        format_time(k->created_usec, created, sizeof(created));
+                        format_time(k->first_seen_usec, seen, sizeof(seen));
+                        fprintf(out, "%s{\"id\": ", i ? ", " : "");
+                        json_string(out, k->id);
+                        fprintf(out, ", \"role\": \"%s\", \"central_id\": ", key_role_to_string(k->role));
+                        json_string(out, k->central_id);
+                        fprintf(out, ", \"created\": \"%s\", \"first_seen\": \"%s\"}", created, seen);
+                }
+                fputs("]}\n", out);
+                return 0;
+        }
+
+        fprintf(out, "state:         %s\n", d->vault.refused ? "REFUSED" : "serving");
+        fprintf(out, "healthz:       %s\n", st.healthz);
+        fprintf(out, "mode:          %s\n", d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone");
+        fprintf(out, "PCR policy:    %s\n", pcrs);
+        fprintf(out, "state dir:     %s\n", d->config->state_dir);
+        fprintf(out, "started:       %s\n", started);
+        fprintf(out, "last rotation: %s\n", *rotated ? rotated : "-");
+        fprintf(out, "primary:       %s\n", p ? p->id : "-");
+        fprintf(out, "keys:          %zu\n", kr ? keyring_size(kr) : 0);
+        for (size_t i = 0; kr && i < keyring_size(kr); i++) {
+                const struct key_version *k = keyring_get(kr, i);
+                format_time(k->created_usec, created, sizeof(created));
+                format_time(k->first_seen_usec, seen, sizeof(seen));
+                fprintf(out, "  %-8s %s  created %s  first seen %s%s%s\n", key_role_to_string(k->role),
+                        k->id, created, seen, *k->central_id ? "  central " : "", k->central_id);
+        }
+        return 0;
+}
+
+static int cmd_rotate(struct daemon *d, FILE *out, char *err, size_t err_size) {
+        _cleanup_(keyring_unrefp) struct keyring *old = keyring_slot_get(&d->keys);
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        _cleanup_wipe32_ uint8_t kek[KEK_SIZE];
+        const struct key_version *prev;
+        struct key_version next;
+        int r;
+
+        if (d->config->central_type != CENTRAL_NONE) {
+                snprintf(err, err_size, "keys rotate at the central KMS in this mode; see README, rotation");
+                return -EOPNOTSUPP;
+        }
+        if (!old) {
+                snprintf(err, err_size, "no keys held (%s)", d->vault.refused ? d->vault.reason : "nothing unsealed");
+                return -EPERM;
+        }
+        prev = keyring_primary(old);
+        r = vault_new_local_version(&next, kek);
+        if (r >= 0)
+                r = keyring_add_primary(old, &next, &kr);
+        if (r < 0) {
+                snprintf(err, err_size, "cannot make a new key version: %s", strerror(-r));
+                return r;
+        }
+        /* Persist before publishing: a key that Encrypt hands out must
+         * survive a crash. */
+        r = vault_store(&d->vault, kr);
+        if (r < 0) {
+                snprintf(err, err_size, "cannot persist the new key: %s (see the journal)", strerror(-r));
+                return r;
+        }
+        keyring_slot_publish(&d->keys, kr);
+        d->last_rotation_usec = now_realtime_usec();
+        if (prev)
+                log_key_event(LOG_MESSAGE_KEY_ROLE, prev->id, "retired", "Key %s retired (decrypt only)", prev->id);
+        log_key_event(LOG_MESSAGE_KEY_CREATED, next.id, "primary", "Rotated: key %s is the new primary", next.id);
+        daemon_update_status(d);
+        fprintf(out, "%s\n", next.id);
+        return 0;
+}
+
+static int cmd_reseal(struct daemon *d, FILE *out, char *err, size_t err_size) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
+        char pcrs[64];
+        int r;
+
+        if (d->vault.refused || !kr) {
+                snprintf(err, err_size, "refusing to re-seal: the daemon holds no keys (%s)",
+                         d->vault.refused ? d->vault.reason : "nothing unsealed");
+                return -EPERM;
+        }
+        r = vault_reseal(&d->vault, kr);
+        if (r < 0) {
+                snprintf(err, err_size, "re-seal failed, the previous cache stays in force: %s (see the journal)",
+                         strerror(-r));
+                return r;
+        }
+        (void) tpm_pcr_selection_format(&d->config->pcrs, pcrs, sizeof(pcrs));
+        fprintf(out, "re-sealed %zu key(s) to the current PCRs (%s)\n", keyring_size(kr), pcrs);
+        return 0;
+}
+
+static int daemon_control(void *userdata, int argc, char **argv, FILE *out, char *err, size_t err_size) {
+        struct daemon *d = userdata;
+
+        if (strcmp(argv[0], "status") == 0 && argc <= 2) {
+                bool json = argc == 2 && strcmp(argv[1], "--json") == 0;
+                if (argc == 2 && !json) {
+                        snprintf(err, err_size, "status: unknown option '%s'", argv[1]);
+                        return -EINVAL;
+                }
+                return cmd_status(d, json, out);
+        }
+        if (strcmp(argv[0], "rotate") == 0 && argc == 1)
+                return cmd_rotate(d, out, err, err_size);
+        if (strcmp(argv[0], "reseal") == 0 && argc == 1)
+                return cmd_reseal(d, out, err, err_size);
+        snprintf(err, err_size, "unknown command '%s'", argv[0]);
+        return -EINVAL;
+}
+
+/* The KMS socket: from systemd (LISTEN_FDS, named "kms" or the only one), or
+ * our own at [kms] socket. */
+static int daemon_kms_socket(struct daemon *d) {
+        char **names = NULL;
+        int n, fd = -1;
+
+        n = sd_listen_fds_with_names(true, &names);
+        if (n < 0)
+                return log_error_errno(n, "Cannot read the sockets passed by systemd: %m");
+        for (int i = 0; i < n; i++) {
+                int cand = SD_LISTEN_FDS_START + i;
+                bool named = names && names[i] && strcmp(names[i], "kms") == 0;
+                if (fd < 0 && sd_is_socket_unix(cand, SOCK_STREAM, 1, NULL, 0) > 0 && (named || n == 1))
+                        fd = cand;
+                else
+                        (void) close(cand);
+        }
+        for (int i = 0; names && i < n; i++)
+                free(names[i]);
+        free(names);
+        if (fd >= 0) {
+                log_info("Serving KMS v2 on the socket passed by systemd");
+                return fd;
+        }
+        fd = unix_socket_listen(d->config->kms_socket, 0600);
+        if (fd == -EADDRINUSE)
+                return log_error_errno(fd, "Another tpmkmsd already serves %s; refusing to start a second one",
+                                       d->config->kms_socket);
+        if (fd < 0)
+                return log_error_errno(fd, "Cannot listen on %s: %m", d->config->kms_socket);
+        d->kms_socket_ours = true;
+        log_info("Serving KMS v2 on %s", d->config->kms_socket);
+        return fd;
+}
+
+static void on_drained(void *userdata) {
+        struct daemon *d = userdata;
+        (void) sd_event_exit(d->event, 0);
+}
+
+static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        struct daemon *d = userdata;
+
+        log_info("Received %s, finishing in-flight requests", strsignal((int) si->ssi_signo));
+        (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
+        control_server_free(d->control);
+        d->control = NULL;
+        kms_server_shutdown(d->kms, on_drained, d);
+        return 0;
+}
+
+static int on_post(sd_event_source *s, void *userdata) {
+        log_flush();
+        return 0;
+}
+
+static void kms_server_log(void *userdata, int prio, const char *msg) {
+        log_internal(prio, 0, "%s", msg);
+}
+
+/* A key daemon must not leave its memory in a core file or to ptrace by
+ * other processes of the same uid. */
+static void harden_process(void) {
+        (void) prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        (void) setrlimit(RLIMIT_CORE, &(struct rlimit) { 0, 0 });
+        umask(0077);
+}
+
+int daemon_run(const struct config *c) {
+        struct daemon d = { .config = c };
+        struct kms_server_options opt = {
+                .allowed_uids = c->allowed_uids,
+                .n_allowed_uids = c->n_allowed_uids,
+                .log = kms_server_log,
+                .log_userdata = NULL,
+        };
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        sigset_t mask;
+        int r, fd, status = 1;
+
+        harden_process();
+        d.started_usec = now_realtime_usec();
+        keyring_slot_init(&d.keys);
+
+        r = keyring_secure_heap_init();
+        if (r < 0) {
+                log_error_errno(r, "Cannot set up locked memory for keys (raise LimitMEMLOCK / ulimit -l): %m");
+                goto out;
+        }
+        if (c->central_type == CENTRAL_KMIP) {
+                log_error("[central] type = kmip: central sync is not available in this build; use type = none");
+                goto out;
+        }
+
+        r = vault_open(&d.vault, c, c->central_type == CENTRAL_NONE, &kr);
+        if (r < 0)
+                goto out;
+        if (r == 0) {
+                keyring_slot_publish(&d.keys, kr);
+                log_info("Unsealed %zu key(s) from %s", keyring_size(kr), c->state_dir);
+        } else
+                d.backend.refusal = d.vault.reason;
+        d.backend.keys = &d.keys;
+
+        r = sd_event_default(&d.event);
+        if (r < 0) {
+                log_error_errno(r, "Cannot create the event loop: %m");
+                goto out;
+        }
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigprocmask(SIG_BLOCK, &mask, NULL);
+        (void) signal(SIGPIPE, SIG_IGN);
+        if (sd_event_add_signal(d.event, NULL, SIGTERM, on_stop_signal, &d) < 0 ||
+            sd_event_add_signal(d.event, NULL, SIGINT, on_stop_signal, &d) < 0 ||
+            sd_event_add_post(d.event, NULL, on_post, NULL) < 0) {
+                log_error("Cannot set up signal handling");
+                goto out;
+        }
+        /* Pings the watchdog from the loop when WATCHDOG_USEC is set: a
+         * wedged loop stops the pings and systemd restarts us. */
+        (void) sd_event_set_watchdog(d.event, true);
+
+        r = kms_server_new(d.event, &opt, &backend_ops, &d.backend, &d.kms);
+        if (r < 0) {
+                log_error_errno(r, "Cannot create the KMS server: %m");
+                goto out;
+        }
+        fd = daemon_kms_socket(&d);
+        if (fd < 0)
+                goto out;
+        r = kms_server_add_listener(d.kms, fd);
+        if (r < 0) {
+                log_error_errno(r, "Cannot serve the KMS socket: %m");
+                goto out;
+        }
+        r = control_server_new(d.event, c->control_socket, daemon_control, &d, &d.control);
+        if (r < 0) {
+                log_error_errno(r, "Cannot listen on the control socket %s: %m", c->control_socket);
+                goto out;
+        }
+
+        (void) sd_notify(false, "READY=1");
+        daemon_update_status(&d);
+        log_flush();
+        r = sd_event_loop(d.event);
+        if (r < 0) {
+                log_error_errno(r, "Event loop failed: %m");
+                goto out;
+        }
+        status = 0;
+        log_info("Stopped");
+out:
+        control_server_free(d.control);
+        kms_server_free(d.kms);
+        if (d.kms_socket_ours)
+                (void) unlink(c->kms_socket);
+        keyring_slot_done(&d.keys);
+        vault_done(&d.vault);
+        sd_event_unref(d.event);
+        log_flush();
+        return status;
+}

@@ -1,0 +1,41 @@
+/* Logging for the daemon and the CLI. Under systemd (JOURNAL_STREAM names our
+ * stderr) records go to the journal with structured fields; otherwise one line
+ * each to stderr. Libraries (tpm/, plugin/) do not log; the agent logs where it
+ * decides, with the cause. */
+#pragma once
+
+#include <stdarg.h>
+#include <syslog.h>
+
+struct kms_peer;
+
+/* Choose journal or stderr; max_prio e.g. LOG_INFO (LOG_DEBUG with -v). */
+void log_setup(int max_prio);
+/* Flush buffered stderr records (called once per event-loop iteration). */
+void log_flush(void);
+
+/* Log and return -|error| (or 0 when error is 0), so that callers can
+ * `return log_error_errno(r, "...: %m")`; %m prints strerror(|error|). */
+int log_internal(int prio, int error, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+#define log_debug(...) log_internal(LOG_DEBUG, 0, __VA_ARGS__)
+#define log_info(...) log_internal(LOG_INFO, 0, __VA_ARGS__)
+#define log_notice(...) log_internal(LOG_NOTICE, 0, __VA_ARGS__)
+#define log_warning(...) log_internal(LOG_WARNING, 0, __VA_ARGS__)
+#define log_error(...) log_internal(LOG_ERR, 0, __VA_ARGS__)
+#define log_error_errno(r, ...) log_internal(LOG_ERR, (r), __VA_ARGS__)
+#define log_warning_errno(r, ...) log_internal(LOG_WARNING, (r), __VA_ARGS__)
+
+/* One audit record per Encrypt/Decrypt: operation, key id, request uid, peer
+ * uid/pid and result ("ok" or the error). */
+void log_audit(const char *op, const char *key_id, const char *request_uid,
+               const struct kms_peer *peer, int result);
+
+/* Key lifecycle events carry a MESSAGE_ID so they can be found with
+ * `journalctl MESSAGE_ID=...`. */
+#define LOG_MESSAGE_KEY_CREATED   "5c1a2f8e0b9d4f51a6d3e2c47b18f901"
+#define LOG_MESSAGE_KEY_ROLE      "9e47d0c3a1b24d6c8f05e7a9b2c31d44"
+#define LOG_MESSAGE_CACHE_REFUSED "2b8e6f1d4c7a4e0f9d3b5a1c8e7f6d20"
+#define LOG_MESSAGE_CACHE_RESEALED "d41f7a2c9e3b4856a0c1f2e3d4b5a697"
+void log_key_event(const char *message_id, const char *key_id, const char *role,
+                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
