@@ -1,1 +1,1058 @@
-/* placeholder: being written */
+/* tpm/ — seal and unseal a 32-byte secret with tpm2-tss ESAPI.
+ *
+ * Spec references are to the TCG TPM 2.0 Library Specification (Part 1
+ * Architecture, Part 2 Structures, Part 3 Commands), rev. 1.59, and to the
+ * TCG TPM v2.0 Provisioning Guidance for the SRK.
+ *
+ * There is no resource manager behind every TCTI (swtpm on a socket has
+ * none, and only three transient object slots): every transient object and
+ * session this file creates lives in a struct tpm_handle that flushes it when
+ * it goes out of scope, on every path. */
+
+#define _GNU_SOURCE 1   /* secure_getenv */
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <time.h>
+
+#include <openssl/evp.h>
+#include <tss2/tss2_esys.h>
+#include <tss2/tss2_mu.h>
+#include <tss2/tss2_rc.h>
+#include <tss2/tss2_tctildr.h>
+
+#include "common/macro.h"
+#include "tpm/tpm.h"
+
+/* Bounded retries for warnings that mean "try again" (Part 2, TPM_RC:
+ * TPM_RC_RETRY, TPM_RC_YIELDED, TPM_RC_TESTING) and for TPM_RC_PCR_CHANGED
+ * between PolicyPCR and Unseal (Part 3, TPM2_PolicyPCR). */
+#define TPM_RETRY_MAX 5
+#define TPM_RETRY_SLEEP_MS 20
+
+/* Three octets select PCR 0..23, the PC Client minimum (Part 2,
+ * TPMS_PCR_SELECT). The same encoding is used for computing the policy and
+ * for sending PolicyPCR, so the two digests agree byte for byte. */
+#define TPM_PCR_SELECT_SIZE 3
+
+struct tpm {
+        TSS2_TCTI_CONTEXT *tcti;
+        ESYS_CONTEXT *esys;
+        ESYS_TR srk;                    /* persistent: closed, never flushed */
+};
+
+/* ---- logging ------------------------------------------------------------ */
+
+static void (*log_fn)(int prio, const char *msg);
+
+void tpm_set_log(void (*fn)(int prio, const char *msg)) {
+        log_fn = fn;
+}
+
+static void log_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void log_debug(const char *fmt, ...) {
+        char msg[512];
+        va_list ap;
+
+        if (!log_fn && !secure_getenv("TPMKMS_DEBUG"))
+                return;
+
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+
+        if (log_fn)
+                log_fn(LOG_DEBUG, msg);
+        else
+                fprintf(stderr, "tpm: %s\n", msg);
+}
+
+/* ---- TSS2_RC translation: the only place a TSS2_RC becomes an errno ------ */
+
+/* The TPM's own response code with the handle/session/parameter number
+ * stripped (Part 2, TPM_RC: format-one codes carry the number in bits 8-11
+ * and bit 6), so it can be compared with the TPM2_RC_* constants. Returns 0
+ * for codes that do not come from a TPM. */
+static TSS2_RC tpm_rc_code(TSS2_RC rc) {
+        TSS2_RC layer = rc & TSS2_RC_LAYER_MASK;
+
+        if (layer != TSS2_TPM_RC_LAYER && layer != TSS2_RESMGR_TPM_RC_LAYER)
+                return 0;
+        rc &= ~TSS2_RC_LAYER_MASK;
+        if (rc & TPM2_RC_FMT1)
+                return rc & (TPM2_RC_FMT1 | 0x3f);
+        return rc & 0xfff;
+}
+
+static bool tpm_rc_is_retryable(TSS2_RC rc) {
+        switch (tpm_rc_code(rc)) {
+        case TPM2_RC_RETRY:
+        case TPM2_RC_YIELDED:
+        case TPM2_RC_TESTING:
+        case TPM2_RC_PCR_CHANGED:
+                return true;
+        default:
+                return false;
+        }
+}
+
+/* Translate rc once, log it decoded at debug level. fallback is what a TPM
+ * error (not a warning) means in the caller's context: -EIO in general,
+ * -EXDEV for Load, where the TPM rejecting the blobs means they were made by
+ * another TPM or altered. */
+static int tpm_rc_to_errno(TSS2_RC rc, int fallback, const char *what) {
+        TSS2_RC layer = rc & TSS2_RC_LAYER_MASK, code = tpm_rc_code(rc);
+        int r;
+
+        if (rc == TSS2_RC_SUCCESS)
+                return 0;
+
+        if (layer == TSS2_TPM_RC_LAYER || layer == TSS2_RESMGR_TPM_RC_LAYER) {
+                if (code == TPM2_RC_LOCKOUT)
+                        r = -ENOLCK;
+                else if (code == TPM2_RC_POLICY_FAIL)
+                        r = -EPERM;
+                else if ((code & TPM2_RC_WARN) == TPM2_RC_WARN && !(code & TPM2_RC_FMT1))
+                        r = -EIO;       /* resources, retries exhausted: not the blob's fault */
+                else
+                        r = fallback;
+        } else if (layer == TSS2_TCTI_RC_LAYER)
+                r = -ENODEV;
+        else {
+                switch (rc & ~TSS2_RC_LAYER_MASK) {
+                case TSS2_BASE_RC_NO_CONNECTION:
+                case TSS2_BASE_RC_IO_ERROR:
+                        r = -ENODEV;
+                        break;
+                case TSS2_BASE_RC_MEMORY:
+                        r = -ENOMEM;
+                        break;
+                default:
+                        r = -EIO;
+                }
+        }
+
+        log_debug("%s failed: 0x%x %s -> %s", what, rc, Tss2_RC_Decode(rc), strerror(-r));
+        return r;
+}
+
+static void retry_sleep(unsigned attempt) {
+        struct timespec ts = {
+                .tv_nsec = (long) (attempt + 1) * TPM_RETRY_SLEEP_MS * 1000000L,
+        };
+        nanosleep(&ts, NULL);
+}
+
+/* Run expr (which assigns a TSS2_RC to rc) again while the TPM says "retry",
+ * a bounded number of times. */
+#define TPM_RETRY(rc, expr)                                                     \
+        do {                                                                    \
+                for (unsigned _attempt = 0;; _attempt++) {                      \
+                        (rc) = (expr);                                          \
+                        if (!tpm_rc_is_retryable(rc) || _attempt + 1 >= TPM_RETRY_MAX) \
+                                break;                                          \
+                        log_debug("%s: 0x%x, retrying", #expr, (rc));           \
+                        retry_sleep(_attempt);                                  \
+                }                                                               \
+        } while (0)
+
+/* ---- handles and buffers that clean themselves up ----------------------- */
+
+/* A transient object or session: flushed (Part 3, TPM2_FlushContext) when the
+ * variable goes out of scope. */
+struct tpm_handle {
+        ESYS_CONTEXT *esys;
+        ESYS_TR tr;
+};
+
+#define TPM_HANDLE_NULL(t) ((struct tpm_handle) { .esys = (t)->esys, .tr = ESYS_TR_NONE })
+
+static void tpm_handle_flush(struct tpm_handle *h) {
+        TSS2_RC rc;
+
+        if (h->tr == ESYS_TR_NONE)
+                return;
+        rc = Esys_FlushContext(h->esys, h->tr);
+        if (rc != TSS2_RC_SUCCESS) {
+                (void) tpm_rc_to_errno(rc, -EIO, "FlushContext");
+                /* Forget it in ESYS at least; the TPM side is lost with the connection. */
+                (void) Esys_TR_Close(h->esys, &h->tr);
+        }
+        h->tr = ESYS_TR_NONE;
+}
+#define _cleanup_flush_ _cleanup_(tpm_handle_flush)
+
+static void esys_freep(void *p) {
+        Esys_Free(*(void **) p);
+}
+#define _cleanup_esys_free_ _cleanup_(esys_freep)
+
+/* Unsealed data: wiped before it goes back to the allocator. */
+static void sensitive_data_erase_and_freep(TPM2B_SENSITIVE_DATA **p) {
+        if (!*p)
+                return;
+        explicit_bzero(*p, sizeof(**p));
+        Esys_Free(*p);
+}
+
+static void sensitive_create_erasep(TPM2B_SENSITIVE_CREATE *p) {
+        explicit_bzero(p, sizeof(*p));
+}
+
+/* ---- PCR selections ----------------------------------------------------- */
+
+static const struct {
+        const char *name;
+        uint16_t alg;
+        size_t size;
+} pcr_banks[] = {
+        { "sha1",   TPM2_ALG_SHA1,   TPM2_SHA1_DIGEST_SIZE },
+        { "sha256", TPM2_ALG_SHA256, TPM2_SHA256_DIGEST_SIZE },
+        { "sha384", TPM2_ALG_SHA384, TPM2_SHA384_DIGEST_SIZE },
+        { "sha512", TPM2_ALG_SHA512, TPM2_SHA512_DIGEST_SIZE },
+};
+
+static int pcr_bank_find(uint16_t alg) {
+        for (size_t i = 0; i < ARRAY_SIZE(pcr_banks); i++)
+                if (pcr_banks[i].alg == alg)
+                        return (int) i;
+        return -EINVAL;
+}
+
+#define PCR_MASK_ALL ((UINT32_C(1) << TPM_PCR_MAX) - 1)
+
+static bool pcr_selection_is_valid(const struct tpm_pcr_selection *sel) {
+        if (sel->mask == 0)
+                return true;
+        return (sel->mask & ~PCR_MASK_ALL) == 0 && pcr_bank_find(sel->hash_alg) >= 0;
+}
+
+bool tpm_pcr_selection_is_empty(const struct tpm_pcr_selection *sel) {
+        return !sel || sel->mask == 0;
+}
+
+int tpm_pcr_selection_parse(const char *s, struct tpm_pcr_selection *ret) {
+        struct tpm_pcr_selection sel = {};
+        const char *colon, *p;
+        int bank = -1;
+
+        if (!s || !ret)
+                return -EINVAL;
+
+        if (strcmp(s, "none") == 0) {
+                *ret = sel;
+                return 0;
+        }
+
+        colon = strchr(s, ':');
+        if (!colon)
+                return -EINVAL;
+        for (size_t i = 0; i < ARRAY_SIZE(pcr_banks); i++)
+                if (strlen(pcr_banks[i].name) == (size_t) (colon - s) &&
+                    strncmp(pcr_banks[i].name, s, colon - s) == 0)
+                        bank = (int) i;
+        if (bank < 0)
+                return -EINVAL;
+        sel.hash_alg = pcr_banks[bank].alg;
+
+        /* A comma-separated list of decimal PCR numbers, no blanks, no
+         * leading zeros, no empty items, no duplicates. */
+        p = colon + 1;
+        for (;;) {
+                unsigned n;
+
+                if (p[0] < '0' || p[0] > '9')
+                        return -EINVAL;
+                if (p[0] == '0' && p[1] >= '0' && p[1] <= '9')
+                        return -EINVAL;
+                n = (unsigned) (*p++ - '0');
+                if (*p >= '0' && *p <= '9')
+                        n = n * 10 + (unsigned) (*p++ - '0');
+                if (n >= TPM_PCR_MAX)
+                        return -EINVAL;
+                if (sel.mask & (UINT32_C(1) << n))
+                        return -EINVAL;
+                sel.mask |= UINT32_C(1) << n;
+
+                if (*p == '\0')
+                        break;
+                if (*p != ',')
+                        return -EINVAL;
+                p++;
+        }
+
+        *ret = sel;
+        return 0;
+}
+
+/* snprintf into buf at *pos, -ENOBUFS when it does not fit. */
+static int buf_append(char *buf, size_t size, size_t *pos, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+static int buf_append(char *buf, size_t size, size_t *pos, const char *fmt, ...) {
+        va_list ap;
+        int n;
+
+        if (*pos >= size)
+                return -ENOBUFS;
+        va_start(ap, fmt);
+        n = vsnprintf(buf + *pos, size - *pos, fmt, ap);
+        va_end(ap);
+        if (n < 0 || (size_t) n >= size - *pos)
+                return -ENOBUFS;
+        *pos += (size_t) n;
+        return 0;
+}
+
+int tpm_pcr_selection_format(const struct tpm_pcr_selection *sel, char *buf, size_t size) {
+        size_t pos = 0;
+        bool first = true;
+        int bank, r;
+
+        if (!sel || !buf)
+                return -EINVAL;
+        if (size == 0)
+                return -ENOBUFS;
+        buf[0] = '\0';
+
+        if (tpm_pcr_selection_is_empty(sel))
+                return buf_append(buf, size, &pos, "none");
+        if (!pcr_selection_is_valid(sel))
+                return -EINVAL;
+        bank = pcr_bank_find(sel->hash_alg);
+
+        r = buf_append(buf, size, &pos, "%s:", pcr_banks[bank].name);
+        for (unsigned i = 0; r >= 0 && i < TPM_PCR_MAX; i++) {
+                if (!(sel->mask & (UINT32_C(1) << i)))
+                        continue;
+                r = buf_append(buf, size, &pos, "%s%u", first ? "" : ",", i);
+                first = false;
+        }
+        if (r < 0)
+                buf[0] = '\0';
+        return r;
+}
+
+/* count and digest_size agree with the selection. */
+static int pcr_values_check(const struct tpm_pcr_values *v) {
+        if (!pcr_selection_is_valid(&v->sel))
+                return -EINVAL;
+        if (tpm_pcr_selection_is_empty(&v->sel))
+                return v->count == 0 ? 0 : -EINVAL;
+        if (v->count != (size_t) __builtin_popcount(v->sel.mask) ||
+            v->digest_size != pcr_banks[pcr_bank_find(v->sel.hash_alg)].size)
+                return -EINVAL;
+        return 0;
+}
+
+int tpm_pcr_values_format(const struct tpm_pcr_values *v, char *buf, size_t size) {
+        char sel[128];
+        size_t pos = 0, k = 0;
+        int r;
+
+        if (!v || !buf)
+                return -EINVAL;
+        if (size == 0)
+                return -ENOBUFS;
+        buf[0] = '\0';
+
+        if (tpm_pcr_selection_is_empty(&v->sel))
+                return buf_append(buf, size, &pos, "none");
+        if (pcr_values_check(v) < 0)
+                return -EINVAL;
+
+        r = tpm_pcr_selection_format(&v->sel, sel, sizeof(sel));
+        if (r < 0)
+                return r;
+        /* "sha256:7" -> "sha256:" then "7=<hex>,..." */
+        *strchr(sel, ':') = '\0';
+        r = buf_append(buf, size, &pos, "%s:", sel);
+
+        for (unsigned i = 0; r >= 0 && i < TPM_PCR_MAX; i++) {
+                if (!(v->sel.mask & (UINT32_C(1) << i)))
+                        continue;
+                r = buf_append(buf, size, &pos, "%s%u=", k == 0 ? "" : ",", i);
+                for (size_t j = 0; r >= 0 && j < v->digest_size; j++)
+                        r = buf_append(buf, size, &pos, "%02x", v->digest[k][j]);
+                k++;
+        }
+        if (r < 0)
+                buf[0] = '\0';
+        return r;
+}
+
+static TPML_PCR_SELECTION pcr_selection_to_tpml(const struct tpm_pcr_selection *sel) {
+        TPML_PCR_SELECTION l = {};
+
+        if (tpm_pcr_selection_is_empty(sel))
+                return l;
+        l.count = 1;
+        l.pcrSelections[0].hash = sel->hash_alg;
+        l.pcrSelections[0].sizeofSelect = TPM_PCR_SELECT_SIZE;
+        for (unsigned i = 0; i < TPM_PCR_SELECT_SIZE; i++)
+                l.pcrSelections[0].pcrSelect[i] = (sel->mask >> (8 * i)) & 0xff;
+        return l;
+}
+
+int tpm_pcr_read(struct tpm *t, const struct tpm_pcr_selection *sel, struct tpm_pcr_values *ret) {
+        struct tpm_pcr_values v = {};
+        uint32_t todo;
+        int bank;
+
+        if (!t || !sel || !ret || !pcr_selection_is_valid(sel))
+                return -EINVAL;
+
+        v.sel = *sel;
+        if (tpm_pcr_selection_is_empty(sel)) {
+                v.sel.hash_alg = 0;
+                *ret = v;
+                return 0;
+        }
+        bank = pcr_bank_find(sel->hash_alg);
+        v.digest_size = pcr_banks[bank].size;
+
+        /* A response carries at most 8 digests (Part 2, TPML_DIGEST), and the
+         * TPM says which PCRs it answered for (Part 3, TPM2_PCR_Read): ask
+         * again for the rest until every selected PCR is read. Values come
+         * back in ascending PCR order. */
+        todo = sel->mask;
+        while (todo != 0) {
+                _cleanup_esys_free_ TPML_PCR_SELECTION *sel_out = NULL;
+                _cleanup_esys_free_ TPML_DIGEST *values = NULL;
+                struct tpm_pcr_selection want = { .hash_alg = sel->hash_alg, .mask = todo };
+                TPML_PCR_SELECTION in = pcr_selection_to_tpml(&want);
+                uint32_t got = 0;
+                size_t k = 0;
+                TSS2_RC rc;
+                int r;
+
+                TPM_RETRY(rc, Esys_PCR_Read(t->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                            &in, NULL, &sel_out, &values));
+                r = tpm_rc_to_errno(rc, -EIO, "PCR_Read");
+                if (r < 0)
+                        return r;
+
+                for (uint32_t i = 0; i < sel_out->count; i++) {
+                        const TPMS_PCR_SELECTION *s = &sel_out->pcrSelections[i];
+                        if (s->hash != sel->hash_alg)
+                                continue;
+                        for (unsigned b = 0; b < s->sizeofSelect && b < 4; b++)
+                                got |= (uint32_t) s->pcrSelect[b] << (8 * b);
+                }
+                got &= todo;
+                if (got == 0) {
+                        log_debug("PCR_Read: bank 0x%x not allocated or PCRs 0x%x not available",
+                                  sel->hash_alg, todo);
+                        return -EIO;
+                }
+                if ((size_t) __builtin_popcount(got) != values->count) {
+                        log_debug("PCR_Read: %u digests for %d PCRs", values->count,
+                                  __builtin_popcount(got));
+                        return -EIO;
+                }
+
+                for (unsigned i = 0; i < TPM_PCR_MAX; i++) {
+                        size_t idx;
+
+                        if (!(got & (UINT32_C(1) << i)))
+                                continue;
+                        if (values->digests[k].size != v.digest_size) {
+                                log_debug("PCR_Read: PCR %u digest has %u bytes", i,
+                                          values->digests[k].size);
+                                return -EIO;
+                        }
+                        /* Index of PCR i among all selected PCRs. */
+                        idx = (size_t) __builtin_popcount(sel->mask & ((UINT32_C(1) << i) - 1));
+                        memcpy(v.digest[idx], values->digests[k].buffer, v.digest_size);
+                        k++;
+                }
+                todo &= ~got;
+        }
+
+        v.count = (size_t) __builtin_popcount(sel->mask);
+        *ret = v;
+        return 0;
+}
+
+/* ---- policy digests, computed in software ------------------------------- */
+
+/* The sealed object's nameAlg and the policy sessions' hash. */
+#define POLICY_ALG TPM2_ALG_SHA256
+#define POLICY_SIZE TPM2_SHA256_DIGEST_SIZE
+
+static int sha256(const void *const *parts, const size_t *sizes, size_t n, uint8_t out[POLICY_SIZE]) {
+        EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+        unsigned int len = 0;
+        int ok;
+
+        if (!ctx)
+                return -ENOMEM;
+        ok = EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
+        for (size_t i = 0; ok && i < n; i++)
+                ok = EVP_DigestUpdate(ctx, parts[i], sizes[i]);
+        ok = ok && EVP_DigestFinal_ex(ctx, out, &len) && len == POLICY_SIZE;
+        EVP_MD_CTX_free(ctx);
+        return ok ? 0 : -EIO;
+}
+
+static void be32(uint8_t out[4], uint32_t v) {
+        out[0] = v >> 24;
+        out[1] = v >> 16;
+        out[2] = v >> 8;
+        out[3] = v;
+}
+
+/* The policy a fresh policy session reaches with one assertion, starting
+ * from the all-zero digest (Part 3, TPM2_StartAuthSession):
+ *   PolicyPCR (Part 3, 23.7):
+ *     H(0...0 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION || H(PCR values))
+ *     with the PCR values concatenated in selection order;
+ *   PolicyCommandCode (Part 3, 23.11), used when the selection is empty:
+ *     H(0...0 || TPM_CC_PolicyCommandCode || TPM_CC_Unseal). */
+static int policy_compute(const struct tpm_pcr_values *v, uint8_t out[POLICY_SIZE]) {
+        static const uint8_t zero[POLICY_SIZE];
+        uint8_t cc[4], arg[4];
+        int r;
+
+        if (tpm_pcr_selection_is_empty(&v->sel)) {
+                be32(cc, TPM2_CC_PolicyCommandCode);
+                be32(arg, TPM2_CC_Unseal);
+                return sha256((const void *[]) { zero, cc, arg },
+                              (const size_t[]) { sizeof(zero), sizeof(cc), sizeof(arg) }, 3, out);
+        } else {
+                TPML_PCR_SELECTION l = pcr_selection_to_tpml(&v->sel);
+                uint8_t pcrs[sizeof(TPML_PCR_SELECTION)], pcr_digest[POLICY_SIZE];
+                const void *parts[TPM_PCR_MAX];
+                size_t sizes[TPM_PCR_MAX], off = 0;
+                TSS2_RC rc;
+
+                for (size_t i = 0; i < v->count; i++) {
+                        parts[i] = v->digest[i];
+                        sizes[i] = v->digest_size;
+                }
+                r = sha256(parts, sizes, v->count, pcr_digest);
+                if (r < 0)
+                        return r;
+
+                rc = Tss2_MU_TPML_PCR_SELECTION_Marshal(&l, pcrs, sizeof(pcrs), &off);
+                r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPML_PCR_SELECTION_Marshal");
+                if (r < 0)
+                        return r;
+
+                be32(cc, TPM2_CC_PolicyPCR);
+                return sha256((const void *[]) { zero, cc, pcrs, pcr_digest },
+                              (const size_t[]) { sizeof(zero), sizeof(cc), off, sizeof(pcr_digest) },
+                              4, out);
+        }
+}
+
+/* ---- sessions ----------------------------------------------------------- */
+
+/* A session salted to the SRK (Part 3, 11.1 TPM2_StartAuthSession: tpmKey
+ * encrypts the salt; Part 1, "Salted Session"), so its session key is unknown
+ * to anyone on the bus, with AES-128-CFB parameter encryption (Part 1,
+ * "Session-based encryption"): attrs carries TPMA_SESSION_DECRYPT for a
+ * command whose first parameter is secret, TPMA_SESSION_ENCRYPT for a
+ * response whose first parameter is. The session stays open
+ * (continueSession) so that its owner flushes it, on every path.
+ * The SRK public used for the salt is read from the TPM (TR_FromTPMPublic),
+ * not pinned: this protects against a passive observer of the bus, not an
+ * active interposer that substitutes its own key. */
+static int start_session(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, struct tpm_handle *ret) {
+        static const TPMT_SYM_DEF sym = {
+                .algorithm = TPM2_ALG_AES,
+                .keyBits.aes = 128,
+                .mode.aes = TPM2_ALG_CFB,
+        };
+        TSS2_RC rc;
+        int r;
+
+        TPM_RETRY(rc, Esys_StartAuthSession(t->esys, t->srk, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                            ESYS_TR_NONE, NULL, type, &sym, POLICY_ALG, &ret->tr));
+        r = tpm_rc_to_errno(rc, -EIO, "StartAuthSession");
+        if (r < 0) {
+                ret->tr = ESYS_TR_NONE;
+                return r;
+        }
+
+        rc = Esys_TRSess_SetAttributes(t->esys, ret->tr, attrs | TPMA_SESSION_CONTINUESESSION, 0xff);
+        return tpm_rc_to_errno(rc, -EIO, "TRSess_SetAttributes");
+}
+
+/* ---- SRK ---------------------------------------------------------------- */
+
+/* The SRK templates of the TCG TPM v2.0 Provisioning Guidance, 7.5.1: the EK
+ * Credential Profile templates L-1 (RSA 2048) and L-2 (ECC NIST P-256), with
+ * userWithAuth and noDA set and adminWithPolicy clear, an empty authPolicy,
+ * and unique zero-filled to the key size. A restricted decryption key with
+ * AES-128-CFB is a storage parent (Part 1, "Storage Keys"). */
+static void srk_template(TPMI_ALG_PUBLIC type, TPM2B_PUBLIC *ret) {
+        static const TPMT_SYM_DEF_OBJECT sym = {
+                .algorithm = TPM2_ALG_AES,
+                .keyBits.aes = 128,
+                .mode.aes = TPM2_ALG_CFB,
+        };
+        TPMT_PUBLIC *p = &ret->publicArea;
+
+        *ret = (TPM2B_PUBLIC) {};
+        p->type = type;
+        p->nameAlg = TPM2_ALG_SHA256;
+        p->objectAttributes = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT | TPMA_OBJECT_FIXEDTPM |
+                TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_SENSITIVEDATAORIGIN |
+                TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA;
+        if (type == TPM2_ALG_ECC) {
+                p->parameters.eccDetail.symmetric = sym;
+                p->parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
+                p->parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
+                p->parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+                p->unique.ecc.x.size = 32;
+                p->unique.ecc.y.size = 32;
+        } else {
+                p->parameters.rsaDetail.symmetric = sym;
+                p->parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+                p->parameters.rsaDetail.keyBits = 2048;
+                p->parameters.rsaDetail.exponent = 0;
+                p->unique.rsa.size = 256;
+        }
+}
+
+/* Whether a persistent object is fit to be our SRK: a restricted decryption
+ * key (a storage parent, Part 1, "Storage Keys"; Part 2, 8.3 TPMA_OBJECT)
+ * that is fixedTPM (a fixedTPM child needs a fixedTPM parent) and usable with
+ * an empty authValue. Someone else's key at 0x81000001 (systemd uses the same
+ * handle and templates) is fine as long as it is one. */
+static int srk_check(const TPM2B_PUBLIC *pub) {
+        const TPMT_PUBLIC *p = &pub->publicArea;
+        TPMA_OBJECT need = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT | TPMA_OBJECT_FIXEDTPM |
+                TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_USERWITHAUTH;
+        const TPMT_SYM_DEF_OBJECT *sym;
+
+        if (p->type == TPM2_ALG_ECC)
+                sym = &p->parameters.eccDetail.symmetric;
+        else if (p->type == TPM2_ALG_RSA)
+                sym = &p->parameters.rsaDetail.symmetric;
+        else {
+                log_debug("SRK 0x%x: type 0x%x is neither RSA nor ECC", TPM_SRK_HANDLE, p->type);
+                return -EIO;
+        }
+        if ((p->objectAttributes & need) != need || (p->objectAttributes & TPMA_OBJECT_SIGN_ENCRYPT)) {
+                log_debug("SRK 0x%x: attributes 0x%x are not those of a restricted decrypt "
+                          "storage key (need 0x%x, sign clear)",
+                          TPM_SRK_HANDLE, p->objectAttributes, need);
+                return -EIO;
+        }
+        if (sym->algorithm != TPM2_ALG_AES) {
+                log_debug("SRK 0x%x: symmetric algorithm 0x%x, not AES", TPM_SRK_HANDLE, sym->algorithm);
+                return -EIO;
+        }
+        return 0;
+}
+
+static int srk_have_ecc_p256(struct tpm *t) {
+        _cleanup_esys_free_ TPMS_CAPABILITY_DATA *cap = NULL;
+        TPMI_YES_NO more;
+        TSS2_RC rc;
+        int r;
+
+        TPM_RETRY(rc, Esys_GetCapability(t->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                         TPM2_CAP_ECC_CURVES, TPM2_ECC_NIST_P256, 1, &more, &cap));
+        r = tpm_rc_to_errno(rc, -EIO, "GetCapability(ECC_CURVES)");
+        if (r < 0)
+                return r;
+        for (uint32_t i = 0; i < cap->data.eccCurves.count; i++)
+                if (cap->data.eccCurves.eccCurves[i] == TPM2_ECC_NIST_P256)
+                        return 1;
+        return 0;
+}
+
+static int srk_exists(struct tpm *t) {
+        _cleanup_esys_free_ TPMS_CAPABILITY_DATA *cap = NULL;
+        TPMI_YES_NO more;
+        TSS2_RC rc;
+        int r;
+
+        TPM_RETRY(rc, Esys_GetCapability(t->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                         TPM2_CAP_HANDLES, TPM_SRK_HANDLE, 1, &more, &cap));
+        r = tpm_rc_to_errno(rc, -EIO, "GetCapability(HANDLES)");
+        if (r < 0)
+                return r;
+        return cap->data.handles.count > 0 && cap->data.handles.handle[0] == TPM_SRK_HANDLE;
+}
+
+static int srk_use_existing(struct tpm *t) {
+        _cleanup_esys_free_ TPM2B_PUBLIC *pub = NULL;
+        TSS2_RC rc;
+        int r;
+
+        TPM_RETRY(rc, Esys_TR_FromTPMPublic(t->esys, TPM_SRK_HANDLE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                            ESYS_TR_NONE, &t->srk));
+        r = tpm_rc_to_errno(rc, -EIO, "TR_FromTPMPublic(SRK)");
+        if (r < 0) {
+                t->srk = ESYS_TR_NONE;
+                return r;
+        }
+
+        TPM_RETRY(rc, Esys_ReadPublic(t->esys, t->srk, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                      &pub, NULL, NULL));
+        r = tpm_rc_to_errno(rc, -EIO, "ReadPublic(SRK)");
+        if (r < 0)
+                return r;
+        return srk_check(pub);
+}
+
+static int srk_create(struct tpm *t) {
+        static const TPM2B_SENSITIVE_CREATE sensitive = {};
+        static const TPM2B_DATA outside = {};
+        static const TPML_PCR_SELECTION creation_pcr = {};
+        struct tpm_handle primary _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        TPM2B_PUBLIC template;
+        TSS2_RC rc;
+        int r;
+
+        r = srk_have_ecc_p256(t);
+        if (r < 0)
+                return r;
+        srk_template(r > 0 ? TPM2_ALG_ECC : TPM2_ALG_RSA, &template);
+        log_debug("creating SRK (%s) at 0x%x", r > 0 ? "ECC P-256" : "RSA 2048", TPM_SRK_HANDLE);
+
+        /* Part 3, 24.1 TPM2_CreatePrimary, under the owner hierarchy with
+         * its (empty) authValue. */
+        TPM_RETRY(rc, Esys_CreatePrimary(t->esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                         ESYS_TR_NONE, &sensitive, &template, &outside, &creation_pcr,
+                                         &primary.tr, NULL, NULL, NULL, NULL));
+        r = tpm_rc_to_errno(rc, -EIO, "CreatePrimary(SRK)");
+        if (r < 0) {
+                primary.tr = ESYS_TR_NONE;
+                return r;
+        }
+
+        /* Part 3, 28.5 TPM2_EvictControl: the transient copy is still ours
+         * to flush afterwards. */
+        TPM_RETRY(rc, Esys_EvictControl(t->esys, ESYS_TR_RH_OWNER, primary.tr, ESYS_TR_PASSWORD,
+                                        ESYS_TR_NONE, ESYS_TR_NONE, TPM_SRK_HANDLE, &t->srk));
+        if (tpm_rc_code(rc) == TPM2_RC_NV_DEFINED) {
+                /* Someone persisted one in the meantime: use theirs. */
+                t->srk = ESYS_TR_NONE;
+                return srk_use_existing(t);
+        }
+        r = tpm_rc_to_errno(rc, -EIO, "EvictControl(SRK)");
+        if (r < 0)
+                t->srk = ESYS_TR_NONE;
+        return r;
+}
+
+/* ---- open / close ------------------------------------------------------- */
+
+void tpm_close(struct tpm *t) {
+        if (!t)
+                return;
+        if (t->srk != ESYS_TR_NONE)
+                (void) Esys_TR_Close(t->esys, &t->srk);
+        if (t->esys)
+                Esys_Finalize(&t->esys);
+        if (t->tcti)
+                Tss2_TctiLdr_Finalize(&t->tcti);
+        free(t);
+}
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct tpm *, tpm_close);
+
+int tpm_open(const char *tcti, struct tpm **ret) {
+        _cleanup_(tpm_closep) struct tpm *t = NULL;
+        TSS2_RC rc;
+        int r;
+
+        if (!tcti || !ret)
+                return -EINVAL;
+
+        t = calloc(1, sizeof(*t));
+        if (!t)
+                return -ENOMEM;
+        t->srk = ESYS_TR_NONE;
+
+        /* The TCTI connects (or opens the device) here: any failure means no
+         * TPM at that address. */
+        rc = Tss2_TctiLdr_Initialize(tcti, &t->tcti);
+        if (rc != TSS2_RC_SUCCESS) {
+                t->tcti = NULL;
+                (void) tpm_rc_to_errno(rc, -ENODEV, "Tss2_TctiLdr_Initialize");
+                return -ENODEV;
+        }
+
+        rc = Esys_Initialize(&t->esys, t->tcti, NULL);
+        if (rc != TSS2_RC_SUCCESS) {
+                t->esys = NULL;
+                return tpm_rc_to_errno(rc, -EIO, "Esys_Initialize");
+        }
+
+        /* Part 3, 9.3 TPM2_Startup: TPM_RC_INITIALIZE means it already ran
+         * (firmware, kernel, swtpm's startup-clear), which is what we want. */
+        TPM_RETRY(rc, Esys_Startup(t->esys, TPM2_SU_CLEAR));
+        if (tpm_rc_code(rc) != TPM2_RC_INITIALIZE) {
+                r = tpm_rc_to_errno(rc, -EIO, "Startup");
+                if (r < 0)
+                        return r;
+        }
+
+        r = srk_exists(t);
+        if (r < 0)
+                return r;
+        r = r > 0 ? srk_use_existing(t) : srk_create(t);
+        if (r < 0)
+                return r;
+
+        *ret = TAKE_PTR(t);
+        return 0;
+}
+
+/* ---- seal --------------------------------------------------------------- */
+
+int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
+             const uint8_t secret[TPM_SECRET_SIZE], struct tpm_sealed *ret) {
+        static const TPM2B_DATA outside = {};
+        static const TPML_PCR_SELECTION creation_pcr = {};
+        _cleanup_(sensitive_create_erasep) TPM2B_SENSITIVE_CREATE sensitive = {};
+        _cleanup_esys_free_ TPM2B_PRIVATE *out_private = NULL;
+        _cleanup_esys_free_ TPM2B_PUBLIC *out_public = NULL;
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        struct tpm_sealed s = {};
+        TPM2B_PUBLIC template = {};
+        TSS2_RC rc;
+        int r;
+
+        if (!t || !sel || !secret || !ret || !pcr_selection_is_valid(sel))
+                return -EINVAL;
+
+        r = tpm_pcr_read(t, sel, &s.pcrs);
+        if (r < 0)
+                return r;
+        r = policy_compute(&s.pcrs, s.policy_digest);
+        if (r < 0)
+                return r;
+        s.policy_digest_size = POLICY_SIZE;
+
+        /* A sealed data object (Part 1, "Sealed Data Objects"; Part 2, 8.3
+         * TPMA_OBJECT; Part 3, 12.1 TPM2_Create):
+         *  - fixedTPM|fixedParent: it cannot be duplicated off this TPM;
+         *  - userWithAuth clear: the USER role (Unseal) needs a policy
+         *    session, never the authValue alone; adminWithPolicy is not
+         *    needed: the ADMIN role (ObjectChangeAuth) cannot unseal;
+         *  - sensitiveDataOrigin clear: we supply the data (TPM_RC_ATTRIBUTES
+         *    otherwise); sign/decrypt/restricted clear: it is not a key;
+         *  - noDA: a policy failure (PCRs differ after an update) must not
+         *    count towards dictionary-attack lockout, which would then lock
+         *    out every other DA-protected object on the host too; the object
+         *    has no secret authValue to guess anyway. */
+        template.publicArea.type = TPM2_ALG_KEYEDHASH;
+        template.publicArea.nameAlg = POLICY_ALG;
+        template.publicArea.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                TPMA_OBJECT_NODA;
+        template.publicArea.authPolicy.size = POLICY_SIZE;
+        memcpy(template.publicArea.authPolicy.buffer, s.policy_digest, POLICY_SIZE);
+        template.publicArea.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL;
+
+        sensitive.sensitive.data.size = TPM_SECRET_SIZE;
+        memcpy(sensitive.sensitive.data.buffer, secret, TPM_SECRET_SIZE);
+
+        /* inSensitive is the first parameter: TPMA_SESSION_DECRYPT keeps the
+         * secret off the bus. The HMAC session also authorizes the SRK. */
+        r = start_session(t, TPM2_SE_HMAC, TPMA_SESSION_DECRYPT, &session);
+        if (r < 0)
+                return r;
+
+        TPM_RETRY(rc, Esys_Create(t->esys, t->srk, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &sensitive,
+                                  &template, &outside, &creation_pcr, &out_private, &out_public, NULL,
+                                  NULL, NULL));
+        r = tpm_rc_to_errno(rc, -EIO, "Create");
+        if (r < 0)
+                return r;
+
+        if (out_public->publicArea.authPolicy.size != POLICY_SIZE ||
+            memcmp(out_public->publicArea.authPolicy.buffer, s.policy_digest, POLICY_SIZE) != 0) {
+                log_debug("Create: the object's authPolicy is not the one requested");
+                return -EIO;
+        }
+
+        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(out_public, s.public_blob, sizeof(s.public_blob), &s.public_size);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
+        if (r < 0)
+                return r;
+        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(out_private, s.private_blob, sizeof(s.private_blob),
+                                           &s.private_size);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+        if (r < 0)
+                return r;
+
+        *ret = s;
+        return 0;
+}
+
+/* ---- unseal ------------------------------------------------------------- */
+
+/* One attempt: a fresh policy session, the policy, the digest check, Unseal.
+ * Returns a TSS2_RC through *ret_rc when the TPM said "retry". */
+static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selection *sel,
+                       const TPM2B_DIGEST *auth_policy, uint8_t secret[TPM_SECRET_SIZE],
+                       struct tpm_pcr_values *current, TSS2_RC *ret_rc) {
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        _cleanup_(sensitive_data_erase_and_freep) TPM2B_SENSITIVE_DATA *out = NULL;
+        _cleanup_esys_free_ TPM2B_DIGEST *digest = NULL;
+        TSS2_RC rc;
+        int r;
+
+        *ret_rc = TSS2_RC_SUCCESS;
+
+        /* outData is the first response parameter: TPMA_SESSION_ENCRYPT
+         * keeps the secret off the bus. */
+        r = start_session(t, TPM2_SE_POLICY, TPMA_SESSION_ENCRYPT, &session);
+        if (r < 0)
+                return r;
+
+        if (tpm_pcr_selection_is_empty(sel)) {
+                TPM_RETRY(rc, Esys_PolicyCommandCode(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                                     ESYS_TR_NONE, TPM2_CC_Unseal));
+                r = tpm_rc_to_errno(rc, -EIO, "PolicyCommandCode");
+        } else {
+                /* An empty pcrDigest: the TPM uses the PCR values as they are
+                 * now (Part 3, 23.7 TPM2_PolicyPCR). */
+                static const TPM2B_DIGEST empty = {};
+                TPML_PCR_SELECTION l = pcr_selection_to_tpml(sel);
+
+                TPM_RETRY(rc, Esys_PolicyPCR(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                             ESYS_TR_NONE, &empty, &l));
+                r = tpm_rc_to_errno(rc, -EIO, "PolicyPCR");
+        }
+        if (r < 0)
+                return r;
+
+        /* Compare before Unseal (Part 3, 23.19 TPM2_PolicyGetDigest) so a
+         * mismatch is reported as such, with the PCR values that differ. */
+        TPM_RETRY(rc, Esys_PolicyGetDigest(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                           ESYS_TR_NONE, &digest));
+        r = tpm_rc_to_errno(rc, -EIO, "PolicyGetDigest");
+        if (r < 0)
+                return r;
+        if (digest->size != auth_policy->size ||
+            memcmp(digest->buffer, auth_policy->buffer, digest->size) != 0) {
+                log_debug("policy digest differs from the sealed object's authPolicy: "
+                          "the PCRs changed since sealing");
+                if (current)
+                        (void) tpm_pcr_read(t, sel, current);
+                return -EPERM;
+        }
+
+        rc = Esys_Unseal(t->esys, object, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &out);
+        if (tpm_rc_is_retryable(rc)) {
+                /* PCR_CHANGED: a PCR moved between PolicyPCR and Unseal; the
+                 * session is spent, start over with a fresh one. */
+                *ret_rc = rc;
+                return -EAGAIN;
+        }
+        r = tpm_rc_to_errno(rc, -EIO, "Unseal");
+        if (r == -EPERM) {
+                if (current)
+                        (void) tpm_pcr_read(t, sel, current);
+                return r;
+        }
+        if (r < 0)
+                return r;
+
+        if (out->size != TPM_SECRET_SIZE) {
+                log_debug("Unseal: %u bytes, expected %d", out->size, TPM_SECRET_SIZE);
+                return -EIO;
+        }
+        memcpy(secret, out->buffer, TPM_SECRET_SIZE);
+        return 0;
+}
+
+int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
+               uint8_t secret[TPM_SECRET_SIZE], struct tpm_pcr_values *current) {
+        struct tpm_handle object _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        uint8_t policy[POLICY_SIZE];
+        TPM2B_PUBLIC pub = {};
+        TPM2B_PRIVATE priv = {};
+        const struct tpm_pcr_selection *sel;
+        size_t off;
+        TSS2_RC rc;
+        int r;
+
+        if (secret)
+                explicit_bzero(secret, TPM_SECRET_SIZE);
+        if (current)
+                *current = (struct tpm_pcr_values) {};
+        if (!t || !sealed || !secret)
+                return -EINVAL;
+        sel = &sealed->pcrs.sel;
+        if (!pcr_selection_is_valid(sel) ||
+            sealed->public_size == 0 || sealed->public_size > sizeof(sealed->public_blob) ||
+            sealed->private_size == 0 || sealed->private_size > sizeof(sealed->private_blob))
+                return -EINVAL;
+
+        /* Blobs that do not even unmarshal were altered. */
+        off = 0;
+        rc = Tss2_MU_TPM2B_PUBLIC_Unmarshal(sealed->public_blob, sealed->public_size, &off, &pub);
+        if (rc != TSS2_RC_SUCCESS || off != sealed->public_size) {
+                log_debug("sealed public area does not unmarshal: 0x%x %s", rc, Tss2_RC_Decode(rc));
+                return -EXDEV;
+        }
+        off = 0;
+        rc = Tss2_MU_TPM2B_PRIVATE_Unmarshal(sealed->private_blob, sealed->private_size, &off, &priv);
+        if (rc != TSS2_RC_SUCCESS || off != sealed->private_size) {
+                log_debug("sealed private area does not unmarshal: 0x%x %s", rc, Tss2_RC_Decode(rc));
+                return -EXDEV;
+        }
+        if (pub.publicArea.type != TPM2_ALG_KEYEDHASH || pub.publicArea.nameAlg != POLICY_ALG ||
+            pub.publicArea.authPolicy.size != POLICY_SIZE ||
+            (pub.publicArea.objectAttributes & TPMA_OBJECT_USERWITHAUTH)) {
+                log_debug("sealed public area is not a policy-bound sealed data object");
+                return -EXDEV;
+        }
+
+        /* The PCR values stored beside the blobs are what the agent reports
+         * as "expected": they must hash to the object's authPolicy (which
+         * Load then proves genuine), or they were altered. */
+        r = pcr_values_check(&sealed->pcrs);
+        if (r < 0) {
+                log_debug("sealed PCR values are inconsistent");
+                return -EXDEV;
+        }
+        r = policy_compute(&sealed->pcrs, policy);
+        if (r < 0)
+                return r;
+        if (memcmp(policy, pub.publicArea.authPolicy.buffer, POLICY_SIZE) != 0 ||
+            sealed->policy_digest_size != POLICY_SIZE ||
+            memcmp(policy, sealed->policy_digest, POLICY_SIZE) != 0) {
+                log_debug("sealed PCR selection/values do not match the object's authPolicy");
+                return -EXDEV;
+        }
+
+        /* Part 3, 12.2 TPM2_Load: the TPM checks the private area's
+         * integrity HMAC, keyed from the parent's seed and covering the
+         * public area's Name (Part 1, "Protected Storage"). Any TPM error
+         * here means the blobs are not this TPM's SRK's child as made. */
+        TPM_RETRY(rc, Esys_Load(t->esys, t->srk, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &priv,
+                                &pub, &object.tr));
+        r = tpm_rc_to_errno(rc, -EXDEV, "Load");
+        if (r < 0) {
+                object.tr = ESYS_TR_NONE;
+                return r;
+        }
+
+        for (unsigned attempt = 0;; attempt++) {
+                r = unseal_once(t, object.tr, sel, &pub.publicArea.authPolicy, secret, current, &rc);
+                if (r != -EAGAIN)
+                        break;
+                if (attempt + 1 >= TPM_RETRY_MAX) {
+                        r = tpm_rc_to_errno(rc, -EIO, "Unseal (retries exhausted)");
+                        break;
+                }
+                log_debug("Unseal: 0x%x %s, retrying", rc, Tss2_RC_Decode(rc));
+                retry_sleep(attempt);
+        }
+
+        if (r < 0)
+                explicit_bzero(secret, TPM_SECRET_SIZE);
+        return r;
+}
