@@ -4,12 +4,22 @@ Each instance picks two free loopback ports (server, control = server + 1),
 keeps its state in its own directory and is stopped with SIGTERM (never
 SIGKILL: the dictionary-attack counter). Missing swtpm is an error, never a skip.
 """
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent():
+    """preexec_fn: SIGTERM swtpm if the test process dies (e.g. killed by a
+    ctest timeout), so no simulator outlives its test."""
+    _libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def free_port_pair():
@@ -49,6 +59,19 @@ class Swtpm:
         return e
 
     def start(self):
+        """Start on a fresh free port pair. A parallel test can take the pair
+        between the probe and swtpm's bind: then retry on another pair."""
+        last = None
+        for _ in range(5):
+            try:
+                return self._start_once()
+            except RuntimeError as e:
+                last = e
+                self.stop()
+                time.sleep(0.1)
+        raise last
+
+    def _start_once(self):
         self.port = free_port_pair()
         self.proc = subprocess.Popen(
             ["swtpm", "socket", "--tpm2",
@@ -56,7 +79,8 @@ class Swtpm:
              "--server", "type=tcp,port=%d,bindaddr=127.0.0.1" % self.port,
              "--ctrl", "type=tcp,port=%d,bindaddr=127.0.0.1" % (self.port + 1),
              "--flags", "not-need-init,startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,6 +101,8 @@ class Swtpm:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
         self.proc = None
 
     def restart(self):

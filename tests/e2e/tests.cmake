@@ -1,0 +1,57 @@
+# End-to-end tests: the real tpmkmsd on a real swtpm, driven by a real gRPC
+# client (python3-grpcio). Python stubs are generated at build time from the
+# project's own proto, like the C code is. Included from tests/CMakeLists.txt.
+execute_process(COMMAND ${PYTHON3} -c "import grpc, grpc_tools.protoc"
+                RESULT_VARIABLE E2E_PY_MISSING OUTPUT_QUIET ERROR_QUIET)
+if(E2E_PY_MISSING)
+  message(FATAL_ERROR "${PYTHON3} lacks grpc/grpc_tools: run packaging/build-deps.sh "
+                      "(python3-grpcio python3-grpc-tools)")
+endif()
+foreach(tool swtpm swtpm_ioctl tpm2_pcrextend tpm2_pcrread setpriv)
+  find_program(E2E_${tool} ${tool} REQUIRED)
+endforeach()
+
+set(E2E_PROTO ${PROJECT_SOURCE_DIR}/plugin/kms_v2.proto)
+set(E2E_STUBS ${CMAKE_CURRENT_BINARY_DIR}/e2e/stubs)
+add_custom_command(
+  OUTPUT ${E2E_STUBS}/kms_v2_pb2.py ${E2E_STUBS}/kms_v2_pb2_grpc.py
+  COMMAND ${CMAKE_COMMAND} -E make_directory ${E2E_STUBS}
+  COMMAND ${PYTHON3} -m grpc_tools.protoc --proto_path=${PROJECT_SOURCE_DIR}/plugin
+          --python_out=${E2E_STUBS} --grpc_python_out=${E2E_STUBS} ${E2E_PROTO}
+  DEPENDS ${E2E_PROTO}
+  COMMENT "grpc_tools.protoc kms_v2.proto (Python stubs for the e2e tests)")
+add_custom_target(e2e_stubs ALL
+  DEPENDS ${E2E_STUBS}/kms_v2_pb2.py ${E2E_STUBS}/kms_v2_pb2_grpc.py)
+
+set(E2E_ENV
+  TPMKMSD=$<TARGET_FILE:tpmkmsd>
+  TPMKMSCTL=$<TARGET_FILE:tpmkmsctl>
+  TPMKMS_STUBS=${E2E_STUBS}
+  TPMKMS_SOURCE_DIR=${PROJECT_SOURCE_DIR}
+  PYTHONDONTWRITEBYTECODE=1)
+
+# e2e_test(NAME TIMEOUT): tests/e2e/NAME.py, a unittest module. Every test
+# brings its own swtpm (free loopback ports), temp dir and daemon, so they may
+# run in parallel; the load-sensitive ones share the "tpmkms-e2e-load" lock.
+function(e2e_test name timeout)
+  cmake_parse_arguments(T "LOAD" "" "" ${ARGN})
+  add_test(NAME e2e_${name}
+           COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/e2e/${name}.py -v)
+  set_tests_properties(e2e_${name} PROPERTIES
+    ENVIRONMENT "${E2E_ENV}" TIMEOUT ${timeout} LABELS e2e)
+  if(T_LOAD)
+    set_tests_properties(e2e_${name} PROPERTIES RESOURCE_LOCK tpmkms-e2e-load)
+  endif()
+endfunction()
+
+e2e_test(test_contract 180 LOAD)
+e2e_test(test_sealing 300)
+e2e_test(test_lifecycle 240)
+e2e_test(test_hostile 240 LOAD)
+e2e_test(test_process 240 LOAD)
+
+# The README's first command: the demo must do what it shows.
+add_test(NAME e2e_demo COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo.py
+         ${CMAKE_BINARY_DIR})
+set_tests_properties(e2e_demo PROPERTIES
+  ENVIRONMENT "${E2E_ENV}" TIMEOUT 120 LABELS e2e)
