@@ -1,1 +1,199 @@
-/* placeholder: being written */
+/* gRPC pieces that know neither HTTP/2 nor protobuf: message framing, the
+ * grpc-timeout and grpc-message header encodings (gRPC over HTTP/2,
+ * grpc/doc/PROTOCOL-HTTP2.md), the method table, and the one errno -> gRPC
+ * status table (STYLE 3). */
+#include <errno.h>
+#include <limits.h>
+#include <string.h>
+
+#include "plugin/service.h"
+
+#define KMS_SERVICE_PREFIX "/v2.KeyManagementService/"
+
+static const char *const method_names[_KMS_METHOD_MAX] = {
+        [KMS_METHOD_STATUS] = "Status",
+        [KMS_METHOD_ENCRYPT] = "Encrypt",
+        [KMS_METHOD_DECRYPT] = "Decrypt",
+};
+
+int kms_method_from_path(const char *path) {
+        const size_t n = strlen(KMS_SERVICE_PREFIX);
+
+        /* :path is "/" Service-Name "/" method-name, compared exactly
+         * (PROTOCOL-HTTP2.md, "Path"). */
+        if (!path || strncmp(path, KMS_SERVICE_PREFIX, n) != 0)
+                return -ENOENT;
+        for (size_t i = 0; i < _KMS_METHOD_MAX; i++)
+                if (strcmp(path + n, method_names[i]) == 0)
+                        return (int) i;
+        return -ENOENT;
+}
+
+int kms_service_has_method(const char *path) {
+        return kms_method_from_path(path) >= 0;
+}
+
+const char *kms_method_name(enum kms_method m) {
+        if ((unsigned) m >= _KMS_METHOD_MAX)
+                return NULL;
+        return method_names[m];
+}
+
+int grpc_timeout_parse(const char *value, uint64_t *ret_usec) {
+        /* Timeout -> "grpc-timeout" TimeoutValue TimeoutUnit
+         * TimeoutValue -> {positive integer as ASCII string of at most 8 digits}
+         * TimeoutUnit  -> Hour / Minute / Second / Millisecond / Microsecond /
+         *                 Nanosecond ("H" "M" "S" "m" "u" "n")
+         * 99999999 hours is 3.6e17 us, so nothing below overflows. */
+        uint64_t v = 0;
+        size_t i;
+
+        if (!value || !ret_usec)
+                return -EINVAL;
+
+        for (i = 0; value[i] >= '0' && value[i] <= '9'; i++) {
+                if (i >= 8)
+                        return -EINVAL;
+                v = v * 10 + (uint64_t) (value[i] - '0');
+        }
+        if (i == 0 || value[i] == '\0' || value[i + 1] != '\0')
+                return -EINVAL;
+
+        switch (value[i]) {
+        case 'H':
+                v *= UINT64_C(3600000000);
+                break;
+        case 'M':
+                v *= UINT64_C(60000000);
+                break;
+        case 'S':
+                v *= UINT64_C(1000000);
+                break;
+        case 'm':
+                v *= UINT64_C(1000);
+                break;
+        case 'u':
+                break;
+        case 'n':
+                /* Round up: a short but non-zero deadline must not become 0. */
+                v = (v + 999) / 1000;
+                break;
+        default:
+                return -EINVAL;
+        }
+
+        *ret_usec = v;
+        return 0;
+}
+
+int grpc_percent_encode(const char *in, char *out, size_t size) {
+        /* grpc-message is percent-encoded UTF-8: bytes outside 0x20-0x7E and
+         * '%' itself become "%XX" (PROTOCOL-HTTP2.md, "Responses"). */
+        static const char hex[] = "0123456789ABCDEF";
+        size_t o = 0, char_start = 0;
+        int in_char = 0;
+
+        if (!out || size == 0)
+                return -ENOBUFS;
+        if (size > INT_MAX)
+                size = INT_MAX;
+        if (!in)
+                in = "";
+
+        for (const unsigned char *p = (const unsigned char *) in; *p; p++) {
+                const int escape = *p < 0x20 || *p > 0x7e || *p == '%';
+                const size_t need = escape ? 3 : 1;
+
+                /* Remember where a multi-byte UTF-8 character starts, so
+                 * that truncation never leaves half of one behind. */
+                if ((*p & 0xc0) != 0x80) {
+                        char_start = o;
+                        in_char = *p >= 0xc0;
+                }
+
+                if (size - o <= need) {
+                        if ((*p & 0xc0) == 0x80 && in_char)
+                                o = char_start;
+                        out[o] = '\0';
+                        return -ENOBUFS;
+                }
+
+                if (escape) {
+                        out[o++] = '%';
+                        out[o++] = hex[*p >> 4];
+                        out[o++] = hex[*p & 0xf];
+                } else
+                        out[o++] = (char) *p;
+        }
+
+        out[o] = '\0';
+        return (int) o;
+}
+
+enum grpc_code grpc_code_from_errno(int r) {
+        /* The one table (plugin.h, struct kms_backend_ops; gRPC codes as
+         * grpc/doc/statuscodes.md defines them). */
+        switch (r) {
+        case -EINVAL:
+        case -EBADMSG:
+                return GRPC_INVALID_ARGUMENT;
+        case -ENOENT:
+                return GRPC_NOT_FOUND;
+        case -ENOKEY:
+                return GRPC_UNAVAILABLE;
+        case -EPERM:
+                return GRPC_FAILED_PRECONDITION;
+        default:
+                return GRPC_INTERNAL;
+        }
+}
+
+enum grpc_code grpc_code_from_frame_error(int r) {
+        switch (r) {
+        case -EMSGSIZE:
+                /* grpc-go: "received message larger than max" */
+                return GRPC_RESOURCE_EXHAUSTED;
+        case -EPROTO:
+                /* compression.md: a message compressed with an encoding the
+                 * server does not support is UNIMPLEMENTED; we support none. */
+                return GRPC_UNIMPLEMENTED;
+        default:
+                /* grpc-go answers a truncated message or a second message on
+                 * a unary call with INTERNAL. */
+                return GRPC_INTERNAL;
+        }
+}
+
+int grpc_frame_unpack(const uint8_t *buf, size_t len, size_t max,
+                      const uint8_t **ret_msg, size_t *ret_len) {
+        /* Length-Prefixed-Message -> Compressed-Flag Message-Length Message:
+         * a 1-byte flag, a 4-byte big-endian length (PROTOCOL-HTTP2.md). */
+        uint32_t n;
+
+        if (!buf || len < GRPC_FRAME_HEADER_SIZE)
+                return -EBADMSG;
+        if (buf[0] > 1)
+                return -EBADMSG;        /* flag is 0 or 1; nothing else is defined */
+        if (buf[0] == 1)
+                return -EPROTO;
+
+        n = (uint32_t) buf[1] << 24 | (uint32_t) buf[2] << 16 | (uint32_t) buf[3] << 8 | buf[4];
+        if (n > max)
+                return -EMSGSIZE;
+        if (n != len - GRPC_FRAME_HEADER_SIZE)
+                return -EBADMSG;
+
+        *ret_msg = buf + GRPC_FRAME_HEADER_SIZE;
+        *ret_len = n;
+        return 0;
+}
+
+void grpc_frame_header(uint8_t out[GRPC_FRAME_HEADER_SIZE], size_t len) {
+        /* Callers never build messages anywhere near 4 GiB (replies are at
+         * most a few KiB); the prefix cannot express more. */
+        out[0] = 0;
+        out[1] = (uint8_t) (len >> 24);
+        out[2] = (uint8_t) (len >> 16);
+        out[3] = (uint8_t) (len >> 8);
+        out[4] = (uint8_t) len;
+}

@@ -32,6 +32,23 @@ enum grpc_code {
 #define GRPC_FRAME_HEADER_SIZE 5
 #define GRPC_MESSAGE_MAX 512      /* grpc-message text before percent-encoding */
 
+/* Request bounds enforced by kms_service_call() before anything is unpacked.
+ * The largest valid request is a Decrypt with 1 KiB ciphertext, 1 KiB key id
+ * and 32 KiB of annotations (KMS v2 proto), well under KMS_REQUEST_MAX; a
+ * transport max_message_size above it buys nothing. */
+#define KMS_REQUEST_MAX (64u * 1024u)     /* protobuf message, without prefix */
+#define KMS_UID_MAX 256                   /* the apiserver sends a UUID */
+#define KMS_ANNOTATIONS_MAX 64            /* entries */
+#define KMS_ANNOTATIONS_SIZE_MAX (32u * 1024u) /* keys + values (KMS v2 proto) */
+
+/* The methods of v2.KeyManagementService. */
+enum kms_method {
+        KMS_METHOD_STATUS,
+        KMS_METHOD_ENCRYPT,
+        KMS_METHOD_DECRYPT,
+        _KMS_METHOD_MAX,
+};
+
 struct grpc_reply {
         enum grpc_code code;
         char message[GRPC_MESSAGE_MAX];   /* raw; the transport percent-encodes */
@@ -53,6 +70,10 @@ void grpc_reply_done(struct grpc_reply *reply);
 
 /* True when path names a method of v2.KeyManagementService. */
 int kms_service_has_method(const char *path);
+/* The method path names. Returns an enum kms_method, or -ENOENT. */
+int kms_method_from_path(const char *path);
+/* "Status", "Encrypt", "Decrypt" (metrics, logs); NULL if m is out of range. */
+const char *kms_method_name(enum kms_method m);
 /* Parse a grpc-timeout header value ("1S", "100m", "250000u"...; at most 8
  * digits and one unit). Returns 0 or -EINVAL. */
 int grpc_timeout_parse(const char *value, uint64_t *ret_usec);
@@ -62,6 +83,10 @@ int grpc_timeout_parse(const char *value, uint64_t *ret_usec);
 int grpc_percent_encode(const char *in, char *out, size_t size);
 /* Map a backend's negative errno to a gRPC code (the one table). */
 enum grpc_code grpc_code_from_errno(int r);
+/* Map a grpc_frame_unpack() failure to the code grpc-go answers with:
+ * -EMSGSIZE RESOURCE_EXHAUSTED, -EPROTO UNIMPLEMENTED (we accept no
+ * grpc-encoding), anything else INTERNAL (a broken unary stream). */
+enum grpc_code grpc_code_from_frame_error(int r);
 /* Split a gRPC length-prefixed message off buf. Requires exactly one message
  * filling buf. Returns 0, -EBADMSG (truncated or trailing bytes), -EPROTO
  * (compressed flag set), -EMSGSIZE (length above max). */
