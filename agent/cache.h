@@ -1,16 +1,44 @@
-/* The sealed cache file in the state dir. Format version 1, all integers
- * big-endian:
+/* The sealed cache file in the state dir (dir/CACHE_FILE_NAME). Format
+ * version 1, all integers big-endian, no padding, nothing after the tag:
  *
- *   header   "TPMKMSC\0" magic, u32 format version, then TLV-free fixed
- *            order: the PCR selection, the sealed object's TPM2B_PUBLIC and
- *            TPM2B_PRIVATE blobs (u16 length each), the PCR values and policy
- *            digest sealed to (diagnostics only)
- *   payload  12-byte nonce, u32 length, AES-256-GCM(cache key, keys), tag
+ *   size      field
+ *   -- header (all of it is the GCM additional data) -----------------------
+ *   8         magic "TPMKMSC\0"
+ *   4         u32 format version (1); another value: -EPROTONOSUPPORT
+ *   2         u16 PCR bank hash algorithm (TPM2_ALG_*; 0 with "none")
+ *   4         u32 PCR mask (bit n = PCR n; PCRs 0..23 only)
+ *   2         u16 P = TPM2B_PUBLIC size, 1..TPM_BLOB_MAX
+ *   P         sealed object's marshalled TPM2B_PUBLIC
+ *   2         u16 Q = TPM2B_PRIVATE size, 1..TPM_BLOB_MAX
+ *   Q         sealed object's marshalled TPM2B_PRIVATE
+ *   1         u8 C = number of PCR values, 0..TPM_PCR_MAX
+ *   1         u8 D = PCR digest size, 0..TPM_DIGEST_MAX
+ *   C*D       PCR values sealed to, ascending PCR order (diagnostics)
+ *   1         u8 E = policy digest size, 0..TPM_DIGEST_MAX
+ *   E         policy digest sealed to (diagnostics)
+ *   -- payload -----------------------------------------------------------
+ *   12        random GCM nonce (new for every write)
+ *   4         u32 L = ciphertext length, >= 4, file total <= CACHE_FILE_MAX
+ *   L         AES-256-GCM(cache key, keys) ciphertext
+ *   16        GCM tag
  *
- * The header is the payload's additional data, so any altered byte fails.
- * The cache key is the 32-byte secret sealed in the TPM object. The keys
- * serialisation (count, then per version: id, central id, role, created,
- * first seen, KEK) is only ever plaintext in wiped memory. */
+ * keys (the plaintext, L bytes; only ever in wiped memory):
+ *   4         u32 N = number of versions, 0..KEYRING_MAX_KEYS
+ *   N times:
+ *     1       u8 role (enum key_role)
+ *     8       u64 created_usec
+ *     8       u64 first_seen_usec
+ *     2+I     u16 I (1..KEY_ID_MAX-1), key id, no NUL
+ *     2+J     u16 J (0..KEY_ID_MAX-1), central id, no NUL
+ *     32      KEK
+ *   then nothing: the records must end exactly at L.
+ *
+ * The header is the payload's additional data, so any altered byte fails
+ * authentication (the nonce and L are covered by GCM itself). The cache key
+ * is the 32-byte secret sealed in the TPM object. The header is parsed
+ * before it is authenticated (its blobs go to the TPM, which checks the
+ * private blob's integrity itself), so cache_decode_header is strictly
+ * bounded but proves nothing; cache_decode_keys does. */
 #pragma once
 
 #include <stddef.h>
@@ -25,21 +53,27 @@
 #define CACHE_KEY_SIZE 32
 
 /* Serialise a whole cache file. *ret is malloc'ed (no secret in it).
- * Returns 0, -ENOMEM, -EIO. */
+ * Returns 0, -EINVAL (sealed sizes out of range), -EFBIG (over
+ * CACHE_FILE_MAX), -ENOMEM, -EIO. */
 int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[CACHE_KEY_SIZE],
                  const struct keyring *kr, uint8_t **ret, size_t *ret_len);
 
-/* Parse the header only. Returns 0; -EBADMSG (bad magic, truncated, bad
- * lengths); -EPROTONOSUPPORT (unknown format version). */
+/* Parse the header only (the framing of the payload is checked too, so a
+ * truncated file fails here before the TPM is touched). Returns 0; -EBADMSG
+ * (bad magic, truncated, bad lengths, trailing bytes); -EPROTONOSUPPORT
+ * (unknown format version). */
 int cache_decode_header(const uint8_t *buf, size_t len, struct tpm_sealed *ret);
 
 /* Authenticate and decrypt the payload, and build the keyring. Returns 0;
- * -EBADMSG (tampered, truncated, wrong key, malformed keys); -ENOMEM. */
+ * -EBADMSG (tampered, truncated, wrong key, malformed keys);
+ * -EPROTONOSUPPORT (unknown format version); -ENOMEM. */
 int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[CACHE_KEY_SIZE],
                       struct keyring **ret);
 
-/* Write dir/CACHE_FILE_NAME atomically: temp file (0600), write, fsync,
- * rename, fsync dir. Returns 0 or a negative errno (the old file stays). */
+/* Write dir/CACHE_FILE_NAME atomically: temp file (O_EXCL, exactly 0600),
+ * write, fsync, rename, fsync dir. Returns 0; -EFBIG (over CACHE_FILE_MAX);
+ * another negative errno. A failure before the rename leaves the old file and
+ * no temp file; only a failing fsync of the directory comes after it. */
 int cache_write_file(const char *dir, const uint8_t *buf, size_t len);
 
 /* Read dir/CACHE_FILE_NAME. Returns 0; -ENOENT (no cache yet); -EFBIG (over

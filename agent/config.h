@@ -60,7 +60,10 @@ void config_defaults(struct config *c);
  * none needs insecure_no_pcr_policy = yes; kmip needs endpoints and files).
  * On failure writes one line to err, "FILE:LINE: what is wrong" (or
  * "FILE: ..." for whole-file problems), and returns -ENOENT/-EACCES (cannot
- * read) or -EINVAL (bad content). */
+ * read) or -EINVAL (bad content). c is written only on success. Lines are at
+ * most 197 characters (libinih's buffer); longer ones are an error, never
+ * split. allowed_uids takes numbers or user names (resolved here, with
+ * getpwnam). */
 int config_load(const char *path, struct config *c, char *err, size_t err_size);
 
 /* "250ms", "5s", "2min", "1h" (a plain number is seconds). Returns 0 or -EINVAL. */

@@ -264,8 +264,16 @@ static int on_post(sd_event_source *s, void *userdata) {
         return 0;
 }
 
-static void kms_server_log(void *userdata, int prio, const char *msg) {
-        log_internal(prio, 0, "%s", msg);
+static void kms_server_log(void *userdata, int prio, const struct kms_peer *peer, const char *msg) {
+        if (peer)
+                log_internal(prio, 0, "KMS socket: %s (peer uid=%u pid=%i)", msg,
+                             (unsigned) peer->uid, (int) peer->pid);
+        else
+                log_internal(prio, 0, "KMS socket: %s", msg);
+}
+
+static void tpm_log(int prio, const char *msg) {
+        log_internal(prio, 0, "TPM: %s", msg);
 }
 
 /* A key daemon must not leave its memory in a core file or to ptrace by
@@ -281,14 +289,16 @@ int daemon_run(const struct config *c) {
         struct kms_server_options opt = {
                 .allowed_uids = c->allowed_uids,
                 .n_allowed_uids = c->n_allowed_uids,
-                .log = kms_server_log,
-                .log_userdata = NULL,
         };
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         sigset_t mask;
         int r, fd, status = 1;
 
         harden_process();
+        /* tpm/ explains TPM failures through tpm_log; tpm2-tss's own stderr
+         * lines would only repeat them without context. */
+        (void) setenv("TSS2_LOG", "all+none", 0);
+        tpm_set_log(tpm_log);
         d.started_usec = now_realtime_usec();
         keyring_slot_init(&d.keys);
 
@@ -337,6 +347,7 @@ int daemon_run(const struct config *c) {
                 log_error_errno(r, "Cannot create the KMS server: %m");
                 goto out;
         }
+        kms_server_set_log(d.kms, kms_server_log, NULL);
         fd = daemon_kms_socket(&d);
         if (fd < 0)
                 goto out;

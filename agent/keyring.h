@@ -11,6 +11,7 @@
 #define KEK_SIZE 32
 #define KEY_ID_MAX 256
 #define KEY_CHECK_VALUE_SIZE 8     /* bytes of HMAC-SHA256(KEK, label) */
+#define KEYRING_MAX_KEYS 512       /* versions per snapshot: bounds secure-heap use */
 
 enum key_role {
         KEY_ROLE_STAGED,   /* may decrypt, not encrypt yet (central Pre-Active) */
@@ -34,14 +35,18 @@ struct key_version {
 
 struct keyring;
 
-/* Initialise the secure heap once per process (before any keyring).
- * Returns 0, or -ENOMEM when it cannot be locked (RLIMIT_MEMLOCK). */
+/* Initialise the secure heap once per process (before any keyring; a second
+ * call is a no-op). 64 KiB, so RLIMIT_MEMLOCK (LimitMEMLOCK=) must allow at
+ * least that. Without it KEKs would land in the ordinary heap, so the daemon
+ * must treat a failure as fatal. Returns 0, or -ENOMEM when it cannot be
+ * allocated or locked. */
 int keyring_secure_heap_init(void);
 
 /* Build a snapshot from n versions, copying each KEK into the secure heap.
  * Versions are kept ordered by created_usec, then central_id, then id.
- * Returns 0; -EINVAL (more than one primary, duplicate id, empty id);
- * -ENOMEM. */
+ * Returns 0; -EINVAL (more than one primary, duplicate id, duplicate
+ * non-empty central_id, empty id, more than KEYRING_MAX_KEYS); -ENOMEM (also
+ * when the secure heap is full). */
 int keyring_new(const struct key_version *keys, size_t n, struct keyring **ret);
 struct keyring *keyring_ref(struct keyring *kr);
 /* Accepts NULL; always returns NULL. Wipes KEKs on the last reference. */
@@ -59,8 +64,8 @@ const struct key_version *keyring_primary(const struct keyring *kr);
 const struct key_version *keyring_find(const struct keyring *kr, const char *id);
 
 /* A new snapshot: kr's versions with the primary demoted to retired, plus
- * next (copied) as primary. Used by standalone rotation. Returns 0, -EINVAL,
- * -ENOMEM. */
+ * next (copied) as primary whatever its role says. kr may be NULL (a host's
+ * first key). Used by standalone rotation. Returns 0, -EINVAL, -ENOMEM. */
 int keyring_add_primary(const struct keyring *kr, const struct key_version *next,
                         struct keyring **ret);
 
@@ -68,7 +73,7 @@ int keyring_add_primary(const struct keyring *kr, const struct key_version *next
  * HMAC-SHA256(kek, "tpmkms key check value v1")>". identity is the central
  * key's identity (or a random one per local version); never host-local state.
  * Returns 0, -EINVAL (identity empty or with characters outside
- * [A-Za-z0-9._:/-]), -ENOBUFS. */
+ * [A-Za-z0-9._:/-]), -ENOBUFS, -EIO (HMAC failed in libcrypto). */
 int key_id_make(const char *identity, const uint8_t kek[KEK_SIZE], char *out, size_t size);
 
 /* The published snapshot, swapped atomically. */

@@ -58,26 +58,24 @@ struct kms_backend_ops {
 };
 
 struct kms_server_options {
-        const uid_t *allowed_uids;        /* peers allowed to talk (SO_PEERCRED) */
+        const uid_t *allowed_uids;        /* peers allowed to talk (SO_PEERCRED);
+                                             none: only the server's own euid */
         size_t n_allowed_uids;
-        uint32_t max_connections;         /* 0: default 64 */
+        uint32_t max_connections;         /* 0: default 64; when reached, the
+                                             longest-idle connection makes room */
         uint32_t max_concurrent_streams;  /* per connection; 0: default 100 */
         uint32_t max_message_size;        /* request body; 0: default 64 KiB */
         uint32_t max_header_list_size;    /* 0: default 16 KiB */
         uint64_t idle_timeout_usec;       /* no stream open; 0: default 5 min */
         uint64_t stream_timeout_usec;     /* request not complete; 0: default 10 s */
         uint64_t handshake_timeout_usec;  /* preface + SETTINGS; 0: default 5 s */
-        /* Optional: where the server reports refused peers, dropped and
-         * timed-out connections (the library itself never writes logs). prio
-         * is a syslog priority. */
-        void (*log)(void *userdata, int prio, const char *msg);
-        void *log_userdata;
 };
 
 struct kms_server;
 
 /* Create a server on event loop e. ops/userdata must outlive it.
- * Returns 0, or -ENOMEM. */
+ * Returns 0, -EINVAL (max_message_size above 16 MiB, or allowed_uids NULL with
+ * n_allowed_uids > 0), or -ENOMEM. */
 int kms_server_new(sd_event *e, const struct kms_server_options *opt,
                    const struct kms_backend_ops *ops, void *userdata,
                    struct kms_server **ret);
@@ -89,6 +87,36 @@ int kms_server_add_listener(struct kms_server *s, int fd);
 void kms_server_shutdown(struct kms_server *s, void (*done)(void *userdata), void *userdata);
 /* Accepts NULL. Closes everything immediately. */
 void kms_server_free(struct kms_server *s);
+
+/* The library never logs on its own. An agent that wants to hear about refused
+ * peers, timeouts and protocol errors installs this hook: level is a syslog
+ * priority (LOG_DEBUG..LOG_WARNING), peer is NULL before SO_PEERCRED is known,
+ * msg has no trailing newline. fn NULL removes the hook. Hooks run inside the
+ * server's callbacks: they must not call back into the server. */
+typedef void (*kms_server_log_fn)(void *userdata, int level,
+                                  const struct kms_peer *peer, const char *msg);
+void kms_server_set_log(struct kms_server *s, kms_server_log_fn fn, void *userdata);
+
+/* Called once per answered call, for metrics: path is the :path (any string
+ * the client sent, bounded by max_header_list_size), grpc_code the status sent
+ * and usec the time from the request's HEADERS to the response being queued. */
+typedef void (*kms_server_call_fn)(void *userdata, const char *path, int grpc_code,
+                                   uint64_t usec);
+void kms_server_set_call_observer(struct kms_server *s, kms_server_call_fn fn,
+                                  void *userdata);
+
+/* Counters since kms_server_new (plus the current connection count). */
+struct kms_server_stats {
+        uint64_t connections_accepted;    /* admitted after the peer check */
+        uint64_t connections_refused;     /* peer uid not allowed */
+        uint64_t connections_over_limit;  /* closed: max_connections reached, none idle */
+        uint64_t connections_evicted;     /* idle, closed to admit a new one */
+        uint64_t connections_open;
+        uint64_t protocol_errors;         /* connections dropped for bad HTTP/2 */
+        uint64_t timeouts;                /* handshake, idle, stream, stalled output */
+        uint64_t streams;                 /* requests (HTTP/2 streams) started */
+};
+void kms_server_get_stats(const struct kms_server *s, struct kms_server_stats *ret);
 
 /* Unix sockets (plugin/socket.c), shared with the agent's control socket. */
 

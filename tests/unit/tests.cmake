@@ -1,1 +1,10 @@
 # One line per unit test; the name is the file tests/unit/<name>.c.
+tpmkms_unit_test(test-tpm LIBS tpm SWTPM)
+tpmkms_unit_test(test-config LIBS agent)
+tpmkms_unit_test(test-grpc LIBS plugin kms_v2_pb)
+tpmkms_unit_test(test-service LIBS plugin kms_v2_pb)
+tpmkms_unit_test(test-keyring LIBS agent)
+tpmkms_unit_test(test-envelope LIBS agent)
+tpmkms_unit_test(test-server LIBS plugin PkgConfig::NGHTTP2)
+tpmkms_unit_test(test-socket LIBS plugin)
+tpmkms_unit_test(test-cache LIBS agent)

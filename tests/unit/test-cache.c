@@ -1,0 +1,578 @@
+/* agent/cache.c: the sealed-cache file format and its atomic file I/O. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "agent/cache.h"
+#include "common/macro.h"
+
+#define P_SIZE 90
+#define Q_SIZE 130
+#define PCR_COUNT 2
+#define PCR_DSIZE 32
+#define POLICY_SIZE 32
+#define HEADER_SIZE (8 + 4 + 2 + 4 + 2 + P_SIZE + 2 + Q_SIZE + 1 + 1 + PCR_COUNT * PCR_DSIZE + 1 + POLICY_SIZE)
+
+static struct tpm_sealed sealed;
+static uint8_t cache_key[CACHE_KEY_SIZE], kek1[KEK_SIZE], kek2[KEK_SIZE], kek3[KEK_SIZE];
+static struct keyring *kr;
+static char tmpdir[] = "/tmp/test-cache.XXXXXX";
+
+static struct key_version kv(const char *id, const char *central_id, enum key_role role,
+                             uint64_t created, uint8_t *kek) {
+        struct key_version v = { .role = role, .created_usec = created,
+                                 .first_seen_usec = created + 1000, .kek = kek };
+
+        snprintf(v.id, sizeof(v.id), "%s", id);
+        snprintf(v.central_id, sizeof(v.central_id), "%s", central_id);
+        return v;
+}
+
+static int setup(void **state) {
+        struct key_version keys[3];
+
+        if (keyring_secure_heap_init() < 0 || !mkdtemp(tmpdir))
+                return -1;
+
+        memset(&sealed, 0, sizeof(sealed));
+        for (size_t i = 0; i < P_SIZE; i++)
+                sealed.public_blob[i] = (uint8_t) (0x10 + i);
+        sealed.public_size = P_SIZE;
+        for (size_t i = 0; i < Q_SIZE; i++)
+                sealed.private_blob[i] = (uint8_t) (0x80 + i);
+        sealed.private_size = Q_SIZE;
+        sealed.pcrs.sel.hash_alg = 0x000b;   /* TPM2_ALG_SHA256 */
+        sealed.pcrs.sel.mask = (1u << 7) | (1u << 14);
+        sealed.pcrs.count = PCR_COUNT;
+        sealed.pcrs.digest_size = PCR_DSIZE;
+        memset(sealed.pcrs.digest[0], 0x77, PCR_DSIZE);
+        memset(sealed.pcrs.digest[1], 0x14, PCR_DSIZE);
+        memset(sealed.policy_digest, 0x9d, POLICY_SIZE);
+        sealed.policy_digest_size = POLICY_SIZE;
+
+        /* Distinct, non-repeating byte patterns so memmem() is meaningful. */
+        for (size_t i = 0; i < 32; i++) {
+                cache_key[i] = (uint8_t) (i * 7 + 3);
+                kek1[i] = (uint8_t) (i * 11 + 5);
+                kek2[i] = (uint8_t) (i * 13 + 1);
+                kek3[i] = (uint8_t) (i * 17 + 9);
+        }
+        keys[0] = kv("kmip:uid-1.0011223344556677", "uid-1", KEY_ROLE_RETIRED, 1000, kek1);
+        keys[1] = kv("kmip:uid-2.8899aabbccddeeff", "uid-2", KEY_ROLE_PRIMARY, 2000, kek2);
+        keys[2] = kv("local.0123456789abcdef", "", KEY_ROLE_STAGED, 3000, kek3);
+        return keyring_new(keys, 3, &kr) < 0 ? -1 : 0;
+}
+
+static int teardown(void **state) {
+        char path[256];
+
+        snprintf(path, sizeof(path), "%s/%s", tmpdir, CACHE_FILE_NAME);
+        unlink(path);
+        rmdir(tmpdir);
+        keyring_unref(kr);
+        return 0;
+}
+
+static void encode(uint8_t **buf, size_t *len) {
+        assert_int_equal(cache_encode(&sealed, cache_key, kr, buf, len), 0);
+}
+
+static void assert_sealed_equal(const struct tpm_sealed *a, const struct tpm_sealed *b) {
+        assert_int_equal(a->public_size, b->public_size);
+        assert_memory_equal(a->public_blob, b->public_blob, a->public_size);
+        assert_int_equal(a->private_size, b->private_size);
+        assert_memory_equal(a->private_blob, b->private_blob, a->private_size);
+        assert_int_equal(a->pcrs.sel.hash_alg, b->pcrs.sel.hash_alg);
+        assert_int_equal(a->pcrs.sel.mask, b->pcrs.sel.mask);
+        assert_int_equal(a->pcrs.count, b->pcrs.count);
+        assert_int_equal(a->pcrs.digest_size, b->pcrs.digest_size);
+        for (size_t i = 0; i < a->pcrs.count; i++)
+                assert_memory_equal(a->pcrs.digest[i], b->pcrs.digest[i], a->pcrs.digest_size);
+        assert_int_equal(a->policy_digest_size, b->policy_digest_size);
+        assert_memory_equal(a->policy_digest, b->policy_digest, a->policy_digest_size);
+}
+
+static void assert_keyring_equal(const struct keyring *a, const struct keyring *b) {
+        assert_int_equal(keyring_size(a), keyring_size(b));
+        for (size_t i = 0; i < keyring_size(a); i++) {
+                const struct key_version *x = keyring_get(a, i), *y = keyring_get(b, i);
+
+                assert_string_equal(x->id, y->id);
+                assert_string_equal(x->central_id, y->central_id);
+                assert_int_equal(x->role, y->role);
+                assert_int_equal(x->created_usec, y->created_usec);
+                assert_int_equal(x->first_seen_usec, y->first_seen_usec);
+                assert_memory_equal(x->kek, y->kek, KEK_SIZE);
+        }
+}
+
+static void test_cache_encode_round_trip(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        _cleanup_(keyring_unrefp) struct keyring *got = NULL;
+        struct tpm_sealed hdr;
+        size_t len;
+
+        encode(&buf, &len);
+        assert_int_equal(len, HEADER_SIZE + 12 + 4 + 16 + 4 +
+                                      3 * (1 + 8 + 8 + 2 + 2 + KEK_SIZE) +
+                                      strlen("kmip:uid-1.0011223344556677") + 5 +
+                                      strlen("kmip:uid-2.8899aabbccddeeff") + 5 +
+                                      strlen("local.0123456789abcdef"));
+        assert_memory_equal(buf, "TPMKMSC\0\0\0\0\1", 12);
+
+        assert_int_equal(cache_decode_header(buf, len, &hdr), 0);
+        assert_sealed_equal(&hdr, &sealed);
+
+        assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
+        assert_keyring_equal(got, kr);
+        assert_string_equal(keyring_primary(got)->id, "kmip:uid-2.8899aabbccddeeff");
+}
+
+static void test_cache_encode_empty_keyring(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        _cleanup_(keyring_unrefp) struct keyring *empty = NULL, *got = NULL;
+        struct tpm_sealed s = sealed;
+        size_t len;
+
+        /* "none" PCR policy: no values, no policy digest */
+        s.pcrs.sel.hash_alg = 0;
+        s.pcrs.sel.mask = 0;
+        s.pcrs.count = 0;
+        s.pcrs.digest_size = 0;
+        s.policy_digest_size = 0;
+
+        assert_int_equal(keyring_new(NULL, 0, &empty), 0);
+        assert_int_equal(cache_encode(&s, cache_key, empty, &buf, &len), 0);
+        assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
+        assert_int_equal(keyring_size(got), 0);
+        free(buf);
+        buf = NULL;
+        keyring_unref(got);
+        got = NULL;
+        /* NULL keyring: the same as an empty one */
+        assert_int_equal(cache_encode(&s, cache_key, NULL, &buf, &len), 0);
+        assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
+        assert_int_equal(keyring_size(got), 0);
+}
+
+static void test_cache_encode_invalid_sealed(void **state) {
+        struct tpm_sealed s;
+        uint8_t *buf = NULL;
+        size_t len;
+
+        s = sealed;
+        s.public_size = 0;
+        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
+        s = sealed;
+        s.private_size = TPM_BLOB_MAX + 1;
+        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
+        s = sealed;
+        s.pcrs.count = TPM_PCR_MAX + 1;
+        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
+        s = sealed;
+        s.policy_digest_size = TPM_DIGEST_MAX + 1;
+        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
+        assert_null(buf);
+}
+
+static void test_cache_encode_no_secret_in_file(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t len;
+
+        encode(&buf, &len);
+        assert_null(memmem(buf, len, kek1, KEK_SIZE));
+        assert_null(memmem(buf, len, kek2, KEK_SIZE));
+        assert_null(memmem(buf, len, kek3, KEK_SIZE));
+        assert_null(memmem(buf, len, cache_key, CACHE_KEY_SIZE));
+        /* not even a fragment of one: 8 bytes is already a lot */
+        for (size_t i = 0; i + 8 <= KEK_SIZE; i++)
+                assert_null(memmem(buf, len, kek2 + i, 8));
+        /* and ids are not in clear either: the key list is all encrypted */
+        assert_null(memmem(buf, len, "uid-1", 5));
+}
+
+static void test_cache_encode_fresh_nonce(void **state) {
+        _cleanup_free_ uint8_t *a = NULL, *b = NULL;
+        size_t alen, blen;
+
+        encode(&a, &alen);
+        encode(&b, &blen);
+        assert_int_equal(alen, blen);
+        assert_memory_equal(a, b, HEADER_SIZE);
+        assert_memory_not_equal(a + HEADER_SIZE, b + HEADER_SIZE, 12);
+}
+
+static void test_cache_decode_keys_every_byte_flip(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        struct tpm_sealed hdr;
+        size_t len;
+
+        encode(&buf, &len);
+        for (size_t i = 0; i < len; i++)
+                for (int bit = 0; bit < 8; bit++) {
+                        struct keyring *got = NULL;
+                        int want = (i >= 8 && i < 12) ? -EPROTONOSUPPORT : -EBADMSG;
+
+                        buf[i] ^= (uint8_t) (1 << bit);
+                        if (cache_decode_keys(buf, len, cache_key, &got) != want)
+                                print_error("flip of bit %d at offset %zu\n", bit, i);
+                        assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), want);
+                        assert_null(got);
+                        if (i < 12)   /* magic and version also fail the header */
+                                assert_int_equal(cache_decode_header(buf, len, &hdr), want);
+                        buf[i] ^= (uint8_t) (1 << bit);
+                }
+}
+
+static void test_cache_decode_truncated(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        struct tpm_sealed hdr;
+        size_t len;
+
+        encode(&buf, &len);
+        for (size_t n = 0; n < len; n++) {
+                struct keyring *got = NULL;
+                /* a fresh copy, so ASan sees any read past n */
+                uint8_t *cut = malloc(n ? n : 1);
+
+                assert_non_null(cut);
+                memcpy(cut, buf, n);
+                assert_int_equal(cache_decode_header(cut, n, &hdr), -EBADMSG);
+                assert_int_equal(cache_decode_keys(cut, n, cache_key, &got), -EBADMSG);
+                assert_null(got);
+                free(cut);
+        }
+}
+
+static void test_cache_decode_trailing_bytes(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        struct keyring *got = NULL;
+        struct tpm_sealed hdr;
+        uint8_t *longer;
+        size_t len;
+
+        encode(&buf, &len);
+        longer = malloc(len + 1);
+        assert_non_null(longer);
+        memcpy(longer, buf, len);
+        longer[len] = 0;
+        assert_int_equal(cache_decode_header(longer, len + 1, &hdr), -EBADMSG);
+        assert_int_equal(cache_decode_keys(longer, len + 1, cache_key, &got), -EBADMSG);
+        free(longer);
+}
+
+static void test_cache_decode_keys_wrong_key(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        uint8_t other[CACHE_KEY_SIZE];
+        struct keyring *got = NULL;
+        size_t len;
+
+        encode(&buf, &len);
+        memcpy(other, cache_key, sizeof(other));
+        other[31] ^= 1;
+        assert_int_equal(cache_decode_keys(buf, len, other, &got), -EBADMSG);
+        assert_null(got);
+}
+
+static void test_cache_decode_header_other_version(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        struct tpm_sealed hdr;
+        size_t len;
+
+        encode(&buf, &len);
+        buf[11] = 2;
+        assert_int_equal(cache_decode_header(buf, len, &hdr), -EPROTONOSUPPORT);
+        /* the version is checked before anything after it is believed */
+        assert_int_equal(cache_decode_header(buf, 12, &hdr), -EPROTONOSUPPORT);
+}
+
+/* Replace the payload of a valid file with GCM(cache_key, pt) under the same
+ * header, so that malformed key lists get past authentication. */
+static size_t reseal(const uint8_t *file, const uint8_t *pt, size_t pt_len, uint8_t *out) {
+        EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+        uint8_t *p = out;
+        int outl;
+
+        assert_non_null(ctx);
+        memcpy(p, file, HEADER_SIZE + 12);
+        p += HEADER_SIZE + 12;
+        *p++ = (uint8_t) (pt_len >> 24);
+        *p++ = (uint8_t) (pt_len >> 16);
+        *p++ = (uint8_t) (pt_len >> 8);
+        *p++ = (uint8_t) pt_len;
+        assert_int_equal(EVP_EncryptInit_ex2(ctx, EVP_aes_256_gcm(), cache_key, file + HEADER_SIZE, NULL), 1);
+        assert_int_equal(EVP_EncryptUpdate(ctx, NULL, &outl, file, HEADER_SIZE), 1);
+        if (pt_len > 0)
+                assert_int_equal(EVP_EncryptUpdate(ctx, p, &outl, pt, (int) pt_len), 1);
+        assert_int_equal(EVP_EncryptFinal_ex(ctx, p + pt_len, &outl), 1);
+        assert_int_equal(EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, p + pt_len), 1);
+        EVP_CIPHER_CTX_free(ctx);
+        return HEADER_SIZE + 12 + 4 + pt_len + 16;
+}
+
+static size_t put_key(uint8_t *p, uint8_t role, const char *id, size_t id_len, const uint8_t *kek) {
+        uint8_t *start = p;
+
+        *p++ = role;
+        memset(p, 0, 16);   /* created, first seen */
+        p += 16;
+        *p++ = (uint8_t) (id_len >> 8);
+        *p++ = (uint8_t) id_len;
+        memcpy(p, id, id_len);
+        p += id_len;
+        *p++ = 0;           /* central id: empty */
+        *p++ = 0;
+        memcpy(p, kek, KEK_SIZE);
+        return (size_t) (p + KEK_SIZE - start);
+}
+
+static int decode_plaintext(const uint8_t *file, const uint8_t *pt, size_t pt_len) {
+        uint8_t out[HEADER_SIZE + 12 + 4 + 1024 + 16];
+        struct keyring *got = NULL;
+        size_t n;
+        int r;
+
+        assert_true(pt_len <= 1024);
+        n = reseal(file, pt, pt_len, out);
+        r = cache_decode_keys(out, n, cache_key, &got);
+        if (r == 0)
+                assert_non_null(got);
+        else
+                assert_null(got);
+        keyring_unref(got);
+        return r;
+}
+
+static void test_cache_decode_keys_malformed_plaintext(void **state) {
+        _cleanup_free_ uint8_t *file = NULL;
+        uint8_t pt[1024];
+        size_t len, n;
+
+        encode(&file, &len);
+
+        /* control: a well-formed list re-sealed this way decodes */
+        n = 4;
+        memcpy(pt, "\0\0\0\2", 4);
+        n += put_key(pt + n, KEY_ROLE_RETIRED, "a", 1, kek1);
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "b", 1, kek2);
+        assert_int_equal(decode_plaintext(file, pt, n), 0);
+
+        /* a trailing byte after the records */
+        pt[n] = 0;
+        assert_int_equal(decode_plaintext(file, pt, n + 1), -EBADMSG);
+        /* a record cut short */
+        assert_int_equal(decode_plaintext(file, pt, n - 1), -EBADMSG);
+        /* a count larger than the records */
+        pt[3] = 3;
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        pt[3] = 2;
+        /* an absurd count is refused before any allocation */
+        memcpy(pt, "\xff\xff\xff\xff", 4);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* no count at all */
+        assert_int_equal(decode_plaintext(file, pt, 0), -EBADMSG);
+        assert_int_equal(decode_plaintext(file, pt, 3), -EBADMSG);
+
+        /* two primaries */
+        n = 4;
+        memcpy(pt, "\0\0\0\2", 4);
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "a", 1, kek1);
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "b", 1, kek2);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* duplicate ids */
+        n = 4;
+        n += put_key(pt + n, KEY_ROLE_RETIRED, "a", 1, kek1);
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "a", 1, kek2);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* unknown role */
+        n = 4;
+        memcpy(pt, "\0\0\0\1", 4);
+        n += put_key(pt + n, _KEY_ROLE_MAX, "a", 1, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* empty id */
+        n = 4;
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "", 0, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* NUL inside an id */
+        n = 4;
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "a\0b", 3, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* an id too long for struct key_version */
+        {
+                char id[KEY_ID_MAX];
+
+                memset(id, 'x', sizeof(id));
+                n = 4;
+                n += put_key(pt + n, KEY_ROLE_PRIMARY, id, KEY_ID_MAX - 1, kek1);
+                assert_int_equal(decode_plaintext(file, pt, n), 0);
+                n = 4;
+                n += put_key(pt + n, KEY_ROLE_PRIMARY, id, KEY_ID_MAX, kek1);
+                assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        }
+}
+
+static void test_cache_decode_header_bounds(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        struct tpm_sealed hdr;
+        size_t len;
+
+        encode(&buf, &len);
+        /* public size 0, and above TPM_BLOB_MAX */
+        buf[18] = 0;
+        buf[19] = 0;
+        assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
+        buf[18] = (TPM_BLOB_MAX + 1) >> 8;
+        buf[19] = (TPM_BLOB_MAX + 1) & 0xff;
+        assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
+        buf[18] = 0;
+        buf[19] = P_SIZE;
+        /* a PCR above 23 */
+        buf[14] = 0x01;
+        assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
+        buf[14] = 0;
+        assert_int_equal(cache_decode_header(buf, len, &hdr), 0);
+        /* header is all zeroes after a failure */
+        buf[0] = 'X';
+        memset(&hdr, 0xff, sizeof(hdr));
+        assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
+        assert_int_equal(hdr.public_size, 0);
+        assert_int_equal(hdr.private_size, 0);
+        assert_int_equal(cache_decode_header(NULL, 0, &hdr), -EBADMSG);
+}
+
+static void test_cache_write_file_atomic(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL, *back = NULL;
+        char path[256];
+        struct stat st;
+        struct dirent *de;
+        DIR *d;
+        size_t len, back_len;
+        mode_t old;
+
+        encode(&buf, &len);
+        old = umask(0277);   /* the mode must not depend on the umask */
+        assert_int_equal(cache_write_file(tmpdir, buf, len), 0);
+        umask(old);
+
+        snprintf(path, sizeof(path), "%s/%s", tmpdir, CACHE_FILE_NAME);
+        assert_int_equal(stat(path, &st), 0);
+        assert_int_equal(st.st_mode & 07777, 0600);
+        assert_int_equal(st.st_size, len);
+
+        /* overwrite: the new content replaces the old by rename */
+        assert_int_equal(cache_write_file(tmpdir, (const uint8_t *) "second", 6), 0);
+        assert_int_equal(cache_read_file(tmpdir, &back, &back_len), 0);
+        assert_int_equal(back_len, 6);
+        assert_memory_equal(back, "second", 6);
+        free(back);
+        back = NULL;
+
+        assert_int_equal(cache_write_file(tmpdir, buf, len), 0);
+        assert_int_equal(cache_read_file(tmpdir, &back, &back_len), 0);
+        assert_int_equal(back_len, len);
+        assert_memory_equal(back, buf, len);
+
+        /* no temp file left behind */
+        d = opendir(tmpdir);
+        assert_non_null(d);
+        while ((de = readdir(d))) {
+                if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+                        continue;
+                assert_string_equal(de->d_name, CACHE_FILE_NAME);
+        }
+        closedir(d);
+}
+
+static void test_cache_write_file_errors(void **state) {
+        static uint8_t dummy[1];
+
+        assert_int_equal(cache_write_file("/nonexistent-dir-tpmkms", dummy, 1), -ENOENT);
+        assert_int_equal(cache_write_file(tmpdir, dummy, CACHE_FILE_MAX + 1), -EFBIG);
+        assert_int_equal(cache_write_file("/etc/passwd", dummy, 1), -ENOTDIR);
+}
+
+static void test_cache_read_file_missing(void **state) {
+        char dir[] = "/tmp/test-cache-empty.XXXXXX";
+        uint8_t *buf = NULL;
+        size_t len;
+
+        assert_non_null(mkdtemp(dir));
+        assert_int_equal(cache_read_file(dir, &buf, &len), -ENOENT);
+        assert_int_equal(cache_read_file("/nonexistent-dir-tpmkms", &buf, &len), -ENOENT);
+        assert_null(buf);
+        rmdir(dir);
+}
+
+static void test_cache_read_file_oversize(void **state) {
+        char dir[] = "/tmp/test-cache-big.XXXXXX", path[256], link[256];
+        uint8_t *buf = NULL;
+        size_t len;
+        int fd;
+
+        assert_non_null(mkdtemp(dir));
+        snprintf(path, sizeof(path), "%s/%s", dir, CACHE_FILE_NAME);
+        fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        assert_int_equal(ftruncate(fd, CACHE_FILE_MAX + 1), 0);
+        assert_int_equal(cache_read_file(dir, &buf, &len), -EFBIG);
+        assert_null(buf);
+
+        /* exactly the limit is fine */
+        assert_int_equal(ftruncate(fd, CACHE_FILE_MAX), 0);
+        assert_int_equal(cache_read_file(dir, &buf, &len), 0);
+        assert_int_equal(len, CACHE_FILE_MAX);
+        free(buf);
+        buf = NULL;
+        close(fd);
+
+        /* a symlink is refused, not followed */
+        snprintf(link, sizeof(link), "%s/target", dir);
+        assert_int_equal(rename(path, link), 0);
+        assert_int_equal(symlink(link, path), 0);
+        assert_int_equal(cache_read_file(dir, &buf, &len), -ELOOP);
+        unlink(path);
+        unlink(link);
+
+        /* a directory in its place is not a cache */
+        assert_int_equal(mkdir(path, 0700), 0);
+        assert_int_equal(cache_read_file(dir, &buf, &len), -EINVAL);
+        rmdir(path);
+        rmdir(dir);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_cache_encode_round_trip),
+                cmocka_unit_test(test_cache_encode_empty_keyring),
+                cmocka_unit_test(test_cache_encode_invalid_sealed),
+                cmocka_unit_test(test_cache_encode_no_secret_in_file),
+                cmocka_unit_test(test_cache_encode_fresh_nonce),
+                cmocka_unit_test(test_cache_decode_keys_every_byte_flip),
+                cmocka_unit_test(test_cache_decode_truncated),
+                cmocka_unit_test(test_cache_decode_trailing_bytes),
+                cmocka_unit_test(test_cache_decode_keys_wrong_key),
+                cmocka_unit_test(test_cache_decode_header_other_version),
+                cmocka_unit_test(test_cache_decode_keys_malformed_plaintext),
+                cmocka_unit_test(test_cache_decode_header_bounds),
+                cmocka_unit_test(test_cache_write_file_atomic),
+                cmocka_unit_test(test_cache_write_file_errors),
+                cmocka_unit_test(test_cache_read_file_missing),
+                cmocka_unit_test(test_cache_read_file_oversize),
+        };
+
+        return cmocka_run_group_tests(tests, setup, teardown);
+}
