@@ -1,0 +1,88 @@
+/* KMIP 1.2 messages (OASIS KMIP Specification v1.2, section 9.1 TTLV encoding;
+ * KMIP Profiles for the operations used) for the four requests tpmkms makes:
+ * DiscoverVersions, Locate, Get and GetAttributes. Builds request messages and
+ * parses response messages as bytes: it knows nothing of sockets or keyrings.
+ * The TTLV codec underneath (agent/ttlv.[ch]) is bounded: every length is
+ * checked, nesting is limited, and nothing is read past the buffer.
+ *
+ * Failure returns: -EBADMSG malformed or unexpected response; -EREMOTEIO the
+ * server answered with a failed Result Status (details in struct kmip_error);
+ * -ENOBUFS; -ENOMEM; -EINVAL bad argument. */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KMIP_HEADER_SIZE 8          /* tag(3) type(1) length(4) of the outer structure */
+#define KMIP_MESSAGE_MAX (1u << 20) /* refuse longer responses */
+#define KMIP_ID_MAX 128             /* Unique Identifier (text) */
+#define KMIP_LOCATE_MAX 1024        /* Maximum Items we ask for and accept */
+#define KMIP_KEY_SIZE 32            /* AES-256 */
+
+/* KMIP 1.2 section 9.1.3.2.17 State */
+enum kmip_state {
+        KMIP_STATE_PRE_ACTIVE = 1,
+        KMIP_STATE_ACTIVE = 2,
+        KMIP_STATE_DEACTIVATED = 3,
+        KMIP_STATE_COMPROMISED = 4,
+        KMIP_STATE_DESTROYED = 5,
+        KMIP_STATE_DESTROYED_COMPROMISED = 6,
+};
+const char *kmip_state_to_string(int state);
+
+struct kmip_version {
+        int32_t major, minor;
+};
+
+/* What a failed operation said (KMIP 1.2 section 6.9-6.11). */
+struct kmip_error {
+        int32_t result_status;      /* 1 failed, 2 pending, 3 undone */
+        int32_t result_reason;      /* e.g. 1 item not found, 4 permission denied */
+        char message[256];          /* Result Message, printable ASCII only */
+};
+/* "Item Not Found" etc. for a Result Reason; "reason N" for unknown ones. */
+const char *kmip_result_reason_to_string(int32_t reason);
+
+/* The attributes tpmkms reads from a key (GetAttributes). */
+struct kmip_key_attributes {
+        char uid[KMIP_ID_MAX];
+        int32_t object_type;        /* 2 = Symmetric Key */
+        int32_t state;              /* enum kmip_state */
+        int64_t initial_date;       /* seconds since the epoch (Date-Time) */
+        int32_t algorithm;          /* 3 = AES */
+        int32_t length;             /* bits */
+        char name[256];             /* first Name, "" if none */
+};
+
+/* Total length of a message whose first KMIP_HEADER_SIZE bytes are hdr
+ * (header + value). Returns it, or -EBADMSG (not a structure, or longer than
+ * KMIP_MESSAGE_MAX). */
+int kmip_message_length(const uint8_t hdr[KMIP_HEADER_SIZE]);
+
+/* Request builders: a complete Request Message with one batch item, protocol
+ * version `version` (1.2 by default: pass NULL). *ret is malloc'ed. Return 0
+ * or a negative errno. */
+int kmip_request_discover_versions(uint8_t **ret, size_t *ret_len);
+/* Locate objects of the Object Group `group` of Object Type Symmetric Key;
+ * state 0 = any state, else that State only. */
+int kmip_request_locate(const struct kmip_version *version, const char *group, int32_t state,
+                        uint8_t **ret, size_t *ret_len);
+int kmip_request_get(const struct kmip_version *version, const char *uid,
+                     uint8_t **ret, size_t *ret_len);
+int kmip_request_get_attributes(const struct kmip_version *version, const char *uid,
+                                uint8_t **ret, size_t *ret_len);
+
+/* Response parsers: check the response header, the batch item's operation and
+ * Result Status; on failure fill err and return -EREMOTEIO. */
+int kmip_response_discover_versions(const uint8_t *buf, size_t len, struct kmip_version *ret,
+                                    size_t max, size_t *ret_n, struct kmip_error *err);
+/* Unique Identifiers found, in the server's order. */
+int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX],
+                         size_t max, size_t *ret_n, struct kmip_error *err);
+/* A Symmetric Key, Key Format Type Raw, AES, 256 bits: its 32 bytes in key
+ * (wiped on failure; -EBADMSG for any other kind of object or format). The
+ * response buffer holds key material: the caller wipes it. */
+int kmip_response_get_symmetric_key(const uint8_t *buf, size_t len, char uid[KMIP_ID_MAX],
+                                    uint8_t key[KMIP_KEY_SIZE], struct kmip_error *err);
+int kmip_response_get_attributes(const uint8_t *buf, size_t len, struct kmip_key_attributes *ret,
+                                 struct kmip_error *err);
