@@ -458,7 +458,7 @@ static void decrypt_with_annotations(struct fake *f, size_t n, size_t value_len,
         V2__DecryptRequest__AnnotationsEntry *entries = calloc(n, sizeof(*entries));
         V2__DecryptRequest__AnnotationsEntry **ptrs = calloc(n, sizeof(*ptrs));
         uint8_t *value = calloc(1, value_len + 1);
-        char (*keys)[32] = calloc(n, sizeof(*keys));
+        char (*keys)[48] = calloc(n, sizeof(*keys));   /* "a" + 20 digits + suffix */
         const uint8_t ct[] = { 'C', 1, 2, 3 };
 
         assert_true(entries && ptrs && value && keys);
