@@ -155,6 +155,16 @@ static int parse_duration_item(const struct config_item *it, const char *value,
         return 0;
 }
 
+/* A duration that may be switched off: "" or "off" give 0. */
+static int parse_optional_duration_item(const struct config_item *it, const char *value,
+                                        struct config *c, char *why, size_t why_size) {
+        if (value[0] == '\0' || strcmp(value, "off") == 0) {
+                *(uint64_t *) ((uint8_t *) c + it->offset) = 0;
+                return 0;
+        }
+        return parse_duration_item(it, value, c, why, why_size);
+}
+
 static int parse_string_item(const struct config_item *it, const char *value,
                              struct config *c, char *why, size_t why_size) {
         size_t n = strlen(value);
@@ -454,7 +464,6 @@ static const struct config_item config_table[] = {
         { "tpm", "pcrs", parse_pcrs_item, FIELD(pcrs), 0, 0, "sha256:7" },
         { "tpm", "insecure_no_pcr_policy", parse_bool_item, FIELD(insecure_no_pcr_policy), 0, 0, "no" },
         { "state", "dir", parse_path_item, FIELD(state_dir), 1, 0, "/var/lib/tpmkms" },
-        /* KMIP sync lands later: standalone until then. */
         { "central", "type", parse_central_type_item, FIELD(central_type), 0, 0, "none" },
         { "central", "endpoints", parse_endpoints_item, FIELD(endpoints), 0, 0, "" },
         { "central", "ca_file", parse_path_item, FIELD(ca_file), 0, 0, "" },
@@ -467,6 +476,10 @@ static const struct config_item config_table[] = {
         /* The apiserver never waits on sync; the bounds only keep it sane. */
         { "central", "timeout", parse_duration_item, FIELD(central_timeout_usec),
           10 * USEC_PER_MSEC, 10 * USEC_PER_MIN, "5s" },
+        /* Off by default: serving from the cache while the central KMS is
+         * down is the point; this is for those who want fail-closed. */
+        { "central", "max_staleness", parse_optional_duration_item, FIELD(max_staleness_usec),
+          USEC_PER_SEC, 30 * 24 * USEC_PER_HOUR, "off" },
         { "control", "socket", parse_socket_item, FIELD(control_socket), 1, 0, "/run/tpmkms/control.sock" },
         { "metrics", "listen", parse_listen_item, FIELD(metrics_listen), 0, 0, "127.0.0.1:9740" },
 };
@@ -643,6 +656,8 @@ static void config_check(struct parse_state *st) {
                         fail(st, -EINVAL, 0, "[central] type = kmip needs key_file");
                 if (c->key_group[0] == '\0')
                         fail(st, -EINVAL, 0, "[central] type = kmip needs key_group");
+                if (c->max_staleness_usec != 0 && c->max_staleness_usec <= c->sync_interval_usec)
+                        fail(st, -EINVAL, 0, "[central] max_staleness must be longer than sync_interval");
         }
         if (strcmp(c->kms_socket, c->control_socket) == 0)
                 fail(st, -EINVAL, 0, "[kms] socket and [control] socket are the same path");

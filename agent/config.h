@@ -47,6 +47,7 @@ struct config {
         char key_group[256];
         uint64_t sync_interval_usec;
         uint64_t central_timeout_usec;
+        uint64_t max_staleness_usec;  /* 0: off (serve from the cache however old) */
         /* [control] */
         char control_socket[CONFIG_SOCKET_PATH_MAX];
         /* [metrics] */

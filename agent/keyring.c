@@ -222,7 +222,7 @@ static bool identity_valid(const char *s) {
                 return false;
         for (; *s; s++)
                 if (!((*s >= 'A' && *s <= 'Z') || (*s >= 'a' && *s <= 'z') ||
-                      (*s >= '0' && *s <= '9') || strchr("._:/-", *s)))
+                      (*s >= '0' && *s <= '9') || strchr("._:/%-", *s)))
                         return false;
         return true;
 }

@@ -73,7 +73,7 @@ int keyring_add_primary(const struct keyring *kr, const struct key_version *next
  * HMAC-SHA256(kek, "tpmkms key check value v1")>". identity is the central
  * key's identity (or a random one per local version); never host-local state.
  * Returns 0, -EINVAL (identity empty or with characters outside
- * [A-Za-z0-9._:/-]), -ENOBUFS, -EIO (HMAC failed in libcrypto). */
+ * [A-Za-z0-9._:/%-]: callers percent-encode anything else), -ENOBUFS, -EIO (HMAC failed in libcrypto). */
 int key_id_make(const char *identity, const uint8_t kek[KEK_SIZE], char *out, size_t size);
 
 /* The published snapshot, swapped atomically. */

@@ -5,6 +5,7 @@
  * Functions return >= 0 on success and a negative errno value on failure. */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -30,6 +31,11 @@ struct kms_call {
         const struct kms_peer *peer;
         char error[KMS_ERROR_MAX];        /* backend may explain a failure here;
                                              sent as grpc-message */
+        bool may_defer;                   /* Decrypt only: the backend may return
+                                             -EAGAIN to park the call until
+                                             kms_server_retry_parked() (e.g. an
+                                             unknown key id while a sync runs);
+                                             false on that retry */
 };
 
 struct kms_status {
@@ -87,6 +93,10 @@ int kms_server_add_listener(struct kms_server *s, int fd);
 void kms_server_shutdown(struct kms_server *s, void (*done)(void *userdata), void *userdata);
 /* Accepts NULL. Closes everything immediately. */
 void kms_server_free(struct kms_server *s);
+/* Run every parked call again (with may_defer false, so each gets a final
+ * answer). Parked calls that reach their deadline first get
+ * DEADLINE_EXCEEDED. */
+void kms_server_retry_parked(struct kms_server *s);
 
 /* The library never logs on its own. An agent that wants to hear about refused
  * peers, timeouts and protocol errors installs this hook: level is a syslog

@@ -81,6 +81,8 @@ struct stream {
         bool headers_done:1;
         bool request_done:1;              /* END_STREAM received */
         bool responded:1;                 /* response queued */
+        bool parked:1;                    /* backend deferred it: waiting for
+                                             kms_server_retry_parked() */
         bool rst_after_send:1;            /* answered early: RST_STREAM(NO_ERROR)
                                              once the response is out */
         bool cancelled:1;
@@ -561,7 +563,13 @@ static void stream_request_done(struct stream *st) {
         }
 
         kms_service_call(s->ops, s->userdata, st->path, st->body, st->body_len, &c->peer,
-                         &st->reply);
+                         true, &st->reply);
+        if (st->reply.deferred) {
+                /* kept with its body until kms_server_retry_parked() or its
+                 * deadline (the connection timer answers DEADLINE_EXCEEDED) */
+                st->parked = true;
+                return;
+        }
         stream_respond_reply(st);
 }
 
@@ -1058,6 +1066,29 @@ static void listener_free(struct listener *l) {
 }
 
 /* ---- public ---- */
+
+void kms_server_retry_parked(struct kms_server *s) {
+        struct conn *next;
+
+        if (!s)
+                return;
+        for (struct conn *c = s->conns; c; c = next) {
+                bool any = false;
+
+                next = c->next;
+                for (struct stream *st = c->streams; st; st = st->next) {
+                        if (!st->parked || st->responded)
+                                continue;
+                        st->parked = false;
+                        any = true;
+                        kms_service_call(s->ops, s->userdata, st->path, st->body, st->body_len,
+                                         &c->peer, false, &st->reply);
+                        stream_respond_reply(st);
+                }
+                if (any)
+                        (void) conn_settle(c, 0);
+        }
+}
 
 int kms_server_new(sd_event *e, const struct kms_server_options *opt,
                    const struct kms_backend_ops *ops, void *userdata,

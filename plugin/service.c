@@ -188,7 +188,7 @@ static void call_encrypt(const struct kms_backend_ops *ops, void *userdata,
         reply_body(reply, r, buf, buf_len);
 }
 
-static void call_decrypt(const struct kms_backend_ops *ops, void *userdata,
+static void call_decrypt(const struct kms_backend_ops *ops, void *userdata, bool may_defer,
                          const uint8_t *msg, size_t len, const struct kms_peer *peer,
                          struct grpc_reply *reply) {
         _cleanup_(proto_request_done) struct proto_request req;
@@ -238,8 +238,13 @@ static void call_decrypt(const struct kms_backend_ops *ops, void *userdata,
         if (r < 0)
                 return reply_malformed(reply, r, "DecryptRequest");
 
-        struct kms_call call = { .request_uid = d->uid, .peer = peer };
+        struct kms_call call = { .request_uid = d->uid, .peer = peer, .may_defer = may_defer };
         r = ops->decrypt(userdata, &call, d->key_id, d->ciphertext, d->ciphertext_len, pt);
+        if (r == -EAGAIN && may_defer) {
+                /* parked: the transport calls again later with the same body */
+                reply->deferred = true;
+                return;
+        }
         if (r < 0)
                 return reply_backend_error(reply, r, &call, "decrypt");
         if (r == 0 || r > KMS_PLAINTEXT_MAX)
@@ -252,7 +257,7 @@ static void call_decrypt(const struct kms_backend_ops *ops, void *userdata,
 
 void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
                       const char *path, const uint8_t *body, size_t body_len,
-                      const struct kms_peer *peer, struct grpc_reply *reply) {
+                      const struct kms_peer *peer, bool may_defer, struct grpc_reply *reply) {
         const uint8_t *msg;
         size_t len;
         int m, r;
@@ -261,6 +266,7 @@ void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
         reply->message[0] = '\0';
         reply->body = NULL;
         reply->body_len = 0;
+        reply->deferred = false;
 
         m = kms_method_from_path(path);
         if (m < 0)
@@ -283,7 +289,7 @@ void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
         case KMS_METHOD_ENCRYPT:
                 return call_encrypt(ops, userdata, msg, len, peer, reply);
         case KMS_METHOD_DECRYPT:
-                return call_decrypt(ops, userdata, msg, len, peer, reply);
+                return call_decrypt(ops, userdata, may_defer, msg, len, peer, reply);
         }
         reply_error(reply, GRPC_UNIMPLEMENTED, "unknown method %s", path);
 }

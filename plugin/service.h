@@ -3,6 +3,7 @@
  * knows nghttp2; server.c knows nothing of protobuf. */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -55,6 +56,8 @@ struct grpc_reply {
         uint8_t *body;                    /* framed response (prefix + protobuf);
                                              malloc'ed; NULL unless code == OK */
         size_t body_len;
+        bool deferred;                    /* the backend parked the call (-EAGAIN
+                                             with may_defer): no answer yet */
 };
 
 /* Handle one unary call. path is the :path pseudo-header; body is the complete
@@ -62,7 +65,7 @@ struct grpc_reply {
  * fails: every error becomes reply->code/message. Wipes request plaintext. */
 void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
                       const char *path, const uint8_t *body, size_t body_len,
-                      const struct kms_peer *peer, struct grpc_reply *reply);
+                      const struct kms_peer *peer, bool may_defer, struct grpc_reply *reply);
 /* Free (and wipe) reply->body. Accepts a zeroed reply. */
 void grpc_reply_done(struct grpc_reply *reply);
 

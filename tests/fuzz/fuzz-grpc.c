@@ -158,7 +158,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 memcpy(body + GRPC_FRAME_HEADER_SIZE, data + 1, size - 1);
         }
 
-        kms_service_call(&fb_ops, &b, paths[method], body, body_len, NULL, &reply);
+        kms_service_call(&fb_ops, &b, paths[method], body, body_len, NULL, false, &reply);
         check_reply(method, &reply);
         grpc_reply_done(&reply);
         free(body);

@@ -59,7 +59,11 @@ static int fake_encrypt(void *userdata, struct kms_call *call, const uint8_t *pt
 static int fake_decrypt(void *userdata, struct kms_call *call, const char *key_id,
                         const uint8_t *ct, size_t ct_len, uint8_t pt[KMS_PLAINTEXT_MAX]) {
         fake_check_peer(userdata, call);
-        if (strcmp(key_id, "k1") != 0)
+        /* "k-later" is a key the backend gets only after a sync: it parks the
+         * call the first time and knows the key on the retry */
+        if (strcmp(key_id, "k-later") == 0 && call->may_defer)
+                return -EAGAIN;
+        if (strcmp(key_id, "k1") != 0 && strcmp(key_id, "k-later") != 0)
                 return -ENOENT;
         if (ct_len < 4 || memcmp(ct, "ct:", 3) != 0 || ct_len - 3 > KMS_PLAINTEXT_MAX)
                 return -EBADMSG;
@@ -535,6 +539,42 @@ static void test_server_encrypt_decrypt_roundtrip(void **state) {
 
         assert_int_equal(f->fake.calls, 3);
         assert_true(f->fake.peer_ok);
+        client_free(cl);
+        free(e);
+        free(d);
+}
+
+static void test_server_parked_call(void **state) {
+        struct fixture *f = *state;
+        struct client *cl;
+        struct call *e = malloc(sizeof(*e)), *d = malloc(sizeof(*d));
+        const uint8_t *ct, *pt;
+        size_t ct_len, pt_len;
+
+        fixture_start(f);
+        cl = client_new(f);
+        encrypt_call(f, cl, e, "0123456789abcdef0123456789abcdef");
+        assert_true(pump(f, &cl, 1, call_done, e, 3000));
+        assert_true(pb_find(e, 1, &ct, &ct_len));
+
+        /* parked: no answer until the retry */
+        decrypt_call(f, cl, d, ct, ct_len, "k-later");
+        assert_true(pump(f, &cl, 1, NULL, NULL, 100));
+        assert_false(d->closed);
+        kms_server_retry_parked(f->server);
+        assert_true(pump(f, &cl, 1, call_done, d, 3000));
+        assert_int_equal(d->grpc_status, 0);
+        assert_true(pb_find(d, 1, &pt, &pt_len));
+        assert_int_equal(pt_len, 32);
+        assert_memory_equal(pt, "0123456789abcdef0123456789abcdef", 32);
+
+        /* parked and never retried: the stream deadline answers it */
+        decrypt_call(f, cl, d, ct, ct_len, "k-later");
+        assert_true(pump(f, &cl, 1, call_done, d, 3000));
+        assert_int_equal(d->grpc_status, 4);   /* DEADLINE_EXCEEDED */
+        /* a retry after that finds nothing left to answer */
+        kms_server_retry_parked(f->server);
+
         client_free(cl);
         free(e);
         free(d);
@@ -1126,6 +1166,7 @@ int main(void) {
                 T(test_server_compressed),
                 T(test_server_header_list_too_large),
                 T(test_server_max_connections),
+                T(test_server_parked_call),
                 T(test_server_peer_refused),
                 T(test_server_handshake_timeout),
                 T(test_server_idle_timeout),

@@ -31,6 +31,8 @@ struct fake {
         int ct_len;                       /* > 0: override the length returned */
         int pt_len;
         int key_id_fill;                  /* > 0: fill key_id with this many 'k', no NUL */
+        bool may_defer;                   /* passed to kms_service_call */
+        bool park_unknown;                /* unknown key id: -EAGAIN when allowed */
         /* what the backend saw */
         unsigned calls;
         char uid[KMS_UID_MAX + 1];
@@ -85,7 +87,7 @@ static int fake_decrypt(void *userdata, struct kms_call *call, const char *key_i
                 return f->ret;
         }
         if (strcmp(key_id, f->key_id) != 0)
-                return -ENOENT;
+                return f->park_unknown && call->may_defer ? -EAGAIN : -ENOENT;
         if (ct_len < 1 || ct[0] != 'C' || ct_len - 1 > KMS_PLAINTEXT_MAX)
                 return -EBADMSG;
         for (size_t i = 1; i < ct_len; i++)
@@ -127,7 +129,7 @@ static void call_raw(struct fake *f, const char *path, const void *msg, size_t l
         grpc_frame_header(body, len);
         if (len > 0)
                 memcpy(body + GRPC_FRAME_HEADER_SIZE, msg, len);
-        kms_service_call(&fake_ops, f, path, body, GRPC_FRAME_HEADER_SIZE + len, &test_peer, reply);
+        kms_service_call(&fake_ops, f, path, body, GRPC_FRAME_HEADER_SIZE + len, &test_peer, f->may_defer, reply);
         free(body);
 }
 
@@ -527,6 +529,32 @@ static void test_kms_service_call_decrypt_backend_errors(void **state) {
         assert_error(&reply, GRPC_FAILED_PRECONDITION, "decrypt: measured boot refused the key cache");
 }
 
+static void test_kms_service_call_decrypt_deferred(void **state) {
+        struct fake *f = *state;
+        struct grpc_reply reply;
+        const uint8_t ct[] = { 'C', 1, 2, 3 };
+
+        /* allowed to park: no answer, no body */
+        f->park_unknown = true;
+        f->may_defer = true;
+        decrypt(f, ct, sizeof(ct), "not-yet-synced", "uid", &reply);
+        assert_true(reply.deferred);
+        assert_null(reply.body);
+
+        /* the retry may not park again: a final answer */
+        f->may_defer = false;
+        decrypt(f, ct, sizeof(ct), "not-yet-synced", "uid", &reply);
+        assert_false(reply.deferred);
+        assert_error(&reply, GRPC_NOT_FOUND, "decrypt: unknown key id");
+
+        /* -EAGAIN without permission to park is an error, not a silent park */
+        f->ret = -EAGAIN;
+        decrypt(f, ct, sizeof(ct), f->key_id, "uid", &reply);
+        assert_false(reply.deferred);
+        assert_int_equal(reply.code, GRPC_INTERNAL);
+        grpc_reply_done(&reply);
+}
+
 static void test_kms_service_call_decrypt_backend_bad_output(void **state) {
         struct fake *f = *state;
         struct grpc_reply reply;
@@ -598,11 +626,11 @@ static void test_kms_service_call_unknown_path(void **state) {
         struct grpc_reply reply;
         const uint8_t body[] = { 0, 0, 0, 0, 0 };
 
-        kms_service_call(&fake_ops, f, "/v2.KeyManagementService/Rotate", body, sizeof(body), NULL, &reply);
+        kms_service_call(&fake_ops, f, "/v2.KeyManagementService/Rotate", body, sizeof(body), NULL, false, &reply);
         assert_error(&reply, GRPC_UNIMPLEMENTED, "unknown method /v2.KeyManagementService/Rotate");
-        kms_service_call(&fake_ops, f, "/grpc.health.v1.Health/Check", body, sizeof(body), NULL, &reply);
+        kms_service_call(&fake_ops, f, "/grpc.health.v1.Health/Check", body, sizeof(body), NULL, false, &reply);
         assert_error(&reply, GRPC_UNIMPLEMENTED, NULL);
-        kms_service_call(&fake_ops, f, NULL, body, sizeof(body), NULL, &reply);
+        kms_service_call(&fake_ops, f, NULL, body, sizeof(body), NULL, false, &reply);
         assert_error(&reply, GRPC_UNIMPLEMENTED, NULL);
         assert_int_equal(f->calls, 0);
 }
@@ -615,15 +643,15 @@ static void test_kms_service_call_bad_framing(void **state) {
         const uint8_t two[] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 };
         const uint8_t huge[] = { 0, 0, 1, 0, 1 };       /* 64 KiB + 1 */
 
-        kms_service_call(&fake_ops, f, PATH_STATUS, compressed, sizeof(compressed), NULL, &reply);
+        kms_service_call(&fake_ops, f, PATH_STATUS, compressed, sizeof(compressed), NULL, false, &reply);
         assert_error(&reply, GRPC_UNIMPLEMENTED, "compressed messages are not supported");
-        kms_service_call(&fake_ops, f, PATH_STATUS, truncated, sizeof(truncated), NULL, &reply);
+        kms_service_call(&fake_ops, f, PATH_STATUS, truncated, sizeof(truncated), NULL, false, &reply);
         assert_error(&reply, GRPC_INTERNAL, NULL);
-        kms_service_call(&fake_ops, f, PATH_STATUS, two, sizeof(two), NULL, &reply);
+        kms_service_call(&fake_ops, f, PATH_STATUS, two, sizeof(two), NULL, false, &reply);
         assert_error(&reply, GRPC_INTERNAL, NULL);
-        kms_service_call(&fake_ops, f, PATH_DECRYPT, huge, sizeof(huge), NULL, &reply);
+        kms_service_call(&fake_ops, f, PATH_DECRYPT, huge, sizeof(huge), NULL, false, &reply);
         assert_error(&reply, GRPC_RESOURCE_EXHAUSTED, "request larger than 65536 bytes");
-        kms_service_call(&fake_ops, f, PATH_DECRYPT, NULL, 0, NULL, &reply);
+        kms_service_call(&fake_ops, f, PATH_DECRYPT, NULL, 0, NULL, false, &reply);
         assert_error(&reply, GRPC_INTERNAL, NULL);
         assert_int_equal(f->calls, 0);
 }
@@ -696,6 +724,7 @@ int main(void) {
                 T(test_kms_service_call_decrypt_bounds),
                 T(test_kms_service_call_decrypt_annotations_too_large),
                 T(test_kms_service_call_decrypt_backend_errors),
+                T(test_kms_service_call_decrypt_deferred),
                 T(test_kms_service_call_decrypt_backend_bad_output),
                 T(test_kms_service_call_garbage_protobuf),
                 T(test_kms_service_call_too_many_fields),
