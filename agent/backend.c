@@ -7,6 +7,18 @@
 #include "common/macro.h"
 #include "envelope.h"
 #include "log.h"
+#include "sync.h"
+
+/* [central] max_staleness exceeded: fail closed, as configured. */
+static bool backend_too_stale(struct backend *b, char *msg, size_t size) {
+        uint64_t age;
+
+        if (!b->sync || !sync_too_stale(b->sync, &age))
+                return false;
+        snprintf(msg, size, "central KMS unreachable: keys last synced %llu s ago, over max_staleness",
+                 (unsigned long long) (age / 1000000u));
+        return true;
+}
 
 static void backend_status(void *userdata, struct kms_status *st) {
         struct backend *b = userdata;
@@ -17,6 +29,8 @@ static void backend_status(void *userdata, struct kms_status *st) {
                 snprintf(st->healthz, sizeof(st->healthz), "%s", b->refusal);
                 return;
         }
+        if (backend_too_stale(b, st->healthz, sizeof(st->healthz)))
+                return;
         kr = keyring_slot_get(b->keys);
         primary = kr ? keyring_primary(kr) : NULL;
         if (!primary) {
@@ -34,6 +48,8 @@ static int backend_snapshot(struct backend *b, struct kms_call *call, struct key
                 snprintf(call->error, sizeof(call->error), "%s", b->refusal);
                 return -EPERM;
         }
+        if (backend_too_stale(b, call->error, sizeof(call->error)))
+                return -ENOKEY;
         *ret = keyring_slot_get(b->keys);
         if (!*ret) {
                 snprintf(call->error, sizeof(call->error), "no keys unsealed");
@@ -75,6 +91,11 @@ static int backend_decrypt(void *userdata, struct kms_call *call, const char *ke
         r = backend_snapshot(b, call, &kr);
         if (r >= 0) {
                 k = keyring_find(kr, key_id);
+                /* A version the fleet staged before this host synced it:
+                 * park the call for one rate-limited sync (answered when it
+                 * ends, see kms_server_retry_parked). Not audited yet. */
+                if (!k && call->may_defer && b->sync && sync_request_on_demand(b->sync))
+                        return -EAGAIN;
                 if (!k) {
                         snprintf(call->error, sizeof(call->error), "unknown key id");
                         r = -ENOENT;

@@ -6,9 +6,12 @@
 #include "keyring.h"
 #include "plugin/plugin.h"
 
+struct sync;
+
 struct backend {
         struct keyring_slot *keys;
         const char *refusal;      /* non-NULL: the sealed cache was refused; why */
+        struct sync *sync;        /* fleet mode: staleness and on-demand sync */
 };
 
 extern const struct kms_backend_ops backend_ops;

@@ -1,1 +1,544 @@
-/* placeholder: being written */
+/* agent/central.c: the central KMS endpoints (see central.h). Transport in
+ * tls.c, KMIP messages in kmip.c; this file decides which endpoint to ask,
+ * what to ask it, and what its health is. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "central.h"
+#include "common/macro.h"
+#include "log.h"
+#include "tls.h"
+
+/* Backoff for an endpoint that failed: full jitter over an exponential window
+ * (1 s doubling per consecutive failure, capped at max(sync_interval, 5 min))
+ * on top of a 1 s floor. The jitter keeps a fleet of hosts from retrying a
+ * recovering KMS in step; the floor keeps an endpoint that has just failed
+ * out of the very next fetch (a Decrypt for an unknown key id triggers one
+ * right away). */
+#define BACKOFF_BASE_USEC (UINT64_C(1000000))
+#define BACKOFF_CAP_MIN_USEC (UINT64_C(300) * 1000000)
+#define DEFAULT_TIMEOUT_USEC (UINT64_C(5) * 1000000)
+#define VERSIONS_MAX 32
+
+#define KMIP_OBJECT_SYMMETRIC_KEY 2
+#define KMIP_ALGORITHM_AES 3
+
+struct central_client {
+        struct tls_context *tls;
+        char cert_file[PATH_MAX];         /* named when the server refuses it */
+        char group[256];
+        uint64_t timeout_usec;
+        uint64_t backoff_cap_usec;
+        size_t n_endpoints;
+        struct endpoint endpoints[CONFIG_MAX_ENDPOINTS];
+
+        /* health is written by the sync thread and read by the main one */
+        pthread_mutex_t lock;
+        struct central_endpoint_health health[CONFIG_MAX_ENDPOINTS];
+};
+
+/* One connection to one endpoint during one fetch. */
+struct session {
+        const struct central_client *cc;
+        struct tls_conn *conn;
+        struct kmip_version version;
+        const char *peer;
+};
+
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_conn *, tls_conn_free);
+
+/* Write a one-line message; truncation is acceptable (it is a message). */
+static void __attribute__((format(printf, 3, 4))) errorf(char *err, size_t err_size, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void) vsnprintf(err, err_size, fmt, ap);
+        va_end(ap);
+}
+
+static uint64_t now_realtime_usec(void) {
+        struct timespec ts;
+
+        (void) clock_gettime(CLOCK_REALTIME, &ts);
+        return (uint64_t) ts.tv_sec * UINT64_C(1000000) + (uint64_t) ts.tv_nsec / 1000;
+}
+
+int central_client_new(const struct config *c, struct central_client **ret, char *err, size_t err_size) {
+        struct central_client *cc;
+        int r;
+
+        if (c->n_endpoints == 0 || c->n_endpoints > CONFIG_MAX_ENDPOINTS) {
+                errorf(err, err_size, "[central] needs 1 to %d endpoints, got %zu",
+                       CONFIG_MAX_ENDPOINTS, c->n_endpoints);
+                return -EINVAL;
+        }
+        if (c->key_group[0] == '\0') {
+                errorf(err, err_size, "[central] key_group is empty");
+                return -EINVAL;
+        }
+
+        cc = calloc(1, sizeof(*cc));
+        if (!cc) {
+                errorf(err, err_size, "out of memory");
+                return -ENOMEM;
+        }
+        r = tls_context_new(c->ca_file, c->cert_file, c->key_file, &cc->tls, err, err_size);
+        if (r < 0) {
+                free(cc);
+                return r;
+        }
+        r = pthread_mutex_init(&cc->lock, NULL);
+        if (r != 0) {
+                tls_context_free(cc->tls);
+                free(cc);
+                errorf(err, err_size, "pthread_mutex_init: %s", strerror(r));
+                return -r;
+        }
+
+        snprintf(cc->cert_file, sizeof(cc->cert_file), "%s", c->cert_file);
+        snprintf(cc->group, sizeof(cc->group), "%s", c->key_group);
+        cc->timeout_usec = c->central_timeout_usec > 0 ? c->central_timeout_usec : DEFAULT_TIMEOUT_USEC;
+        cc->backoff_cap_usec = c->sync_interval_usec > BACKOFF_CAP_MIN_USEC ? c->sync_interval_usec
+                                                                             : BACKOFF_CAP_MIN_USEC;
+        cc->n_endpoints = c->n_endpoints;
+        for (size_t i = 0; i < c->n_endpoints; i++) {
+                const struct endpoint *e = &c->endpoints[i];
+
+                cc->endpoints[i] = *e;
+                /* IPv6 literals in brackets, as in the config file */
+                snprintf(cc->health[i].name, sizeof(cc->health[i].name),
+                         strchr(e->host, ':') ? "[%s]:%u" : "%s:%u", e->host, (unsigned) e->port);
+        }
+
+        *ret = cc;
+        return 0;
+}
+
+void central_client_free(struct central_client *cc) {
+        if (!cc)
+                return;
+        tls_context_free(cc->tls);
+        pthread_mutex_destroy(&cc->lock);
+        free(cc);
+}
+
+void central_keys_free(struct central_key *keys, size_t n) {
+        if (!keys)
+                return;
+        erase_and_free(keys, n * sizeof(*keys));
+}
+
+size_t central_client_health(struct central_client *cc, struct central_endpoint_health *ret, size_t max) {
+        pthread_mutex_lock(&cc->lock);
+        for (size_t i = 0; i < cc->n_endpoints && i < max; i++)
+                ret[i] = cc->health[i];
+        pthread_mutex_unlock(&cc->lock);
+        return cc->n_endpoints;
+}
+
+static int kmip_failure(const struct session *s, const char *op, int r, const struct kmip_error *ke,
+                        char *err, size_t err_size) {
+        if (r == -EREMOTEIO && ke->result_status == KMIP_STATUS_OPERATION_FAILED &&
+            ke->result_reason == KMIP_REASON_AUTHENTICATION_NOT_SUCCESSFUL)
+                /* PyKMIP answers so, after the handshake, to a client
+                 * certificate without the clientAuth extended key usage. */
+                errorf(err, err_size, "%s: %s failed: %s%s%s (the server did not accept our client "
+                       "certificate %.200s: it needs extendedKeyUsage clientAuth and a CN the KMS knows)",
+                       s->peer, op, kmip_result_reason_to_string(ke->result_reason),
+                       ke->message[0] ? ": " : "", ke->message, s->cc->cert_file);
+        else if (r == -EREMOTEIO && ke->result_status == KMIP_STATUS_OPERATION_FAILED)
+                errorf(err, err_size, "%s: %s failed: %s%s%s", s->peer, op,
+                       kmip_result_reason_to_string(ke->result_reason),
+                       ke->message[0] ? ": " : "", ke->message);
+        else if (r == -EREMOTEIO)
+                /* Pending (2) or Undone (3): we never ask for asynchronous
+                 * operations or batches, so neither is an answer we can use. */
+                errorf(err, err_size, "%s: %s: unexpected Result Status %d", s->peer, op,
+                       (int) ke->result_status);
+        else if (r == -EBADMSG)
+                errorf(err, err_size, "%s: %s: malformed or unexpected response", s->peer, op);
+        else
+                errorf(err, err_size, "%s: %s: %s", s->peer, op, strerror(-r));
+        return r;
+}
+
+/* Send one request and read one response (header, then the length it
+ * announces, bounded by KMIP_MESSAGE_MAX in kmip_message_length), both
+ * within one timeout. The caller wipes the response if it can hold key
+ * material; on failure a partial one is wiped here. */
+static int exchange(const struct session *s, const char *op, const uint8_t *req, size_t req_len,
+                    uint8_t **ret, size_t *ret_len, char *err, size_t err_size) {
+        uint64_t deadline = tls_now_usec() + s->cc->timeout_usec;
+        uint8_t hdr[KMIP_HEADER_SIZE];
+        uint8_t *buf;
+        char e[256];
+        int len, r;
+
+        r = tls_write(s->conn, req, req_len, deadline, e, sizeof(e));
+        if (r < 0)
+                goto fail;
+        r = tls_read(s->conn, hdr, sizeof(hdr), deadline, e, sizeof(e));
+        if (r < 0)
+                goto fail;
+        len = kmip_message_length(hdr);
+        if (len < KMIP_HEADER_SIZE) {
+                errorf(err, err_size, "%s: %s: the response is not a KMIP message "
+                       "(or longer than %u bytes)", s->peer, op, KMIP_MESSAGE_MAX);
+                return -EBADMSG;
+        }
+
+        buf = malloc((size_t) len);
+        if (!buf) {
+                errorf(err, err_size, "%s: %s: out of memory", s->peer, op);
+                return -ENOMEM;
+        }
+        memcpy(buf, hdr, sizeof(hdr));
+        r = tls_read(s->conn, buf + sizeof(hdr), (size_t) len - sizeof(hdr), deadline, e, sizeof(e));
+        if (r < 0) {
+                erase_and_free(buf, (size_t) len);
+                goto fail;
+        }
+
+        *ret = buf;
+        *ret_len = (size_t) len;
+        return 0;
+fail:
+        errorf(err, err_size, "%s (%s)", e, op);
+        return r;
+}
+
+/* KMIP 1.2 if the server speaks it (the version kmip.c knows best), else
+ * the highest 1.x it offers: 1.x messages for our four operations are
+ * compatible. 2.0 changed the attribute encoding: not ours. */
+static int choose_version(const struct session *s, const struct kmip_version *v, size_t n,
+                          struct kmip_version *ret, char *err, size_t err_size) {
+        int best = -1;
+        size_t off = 0;
+        char offered[128] = "";
+
+        for (size_t i = 0; i < n; i++)
+                if (v[i].major == 1 && v[i].minor == 2) {
+                        *ret = v[i];
+                        return 0;
+                }
+        for (size_t i = 0; i < n; i++)
+                if (v[i].major == 1 && v[i].minor > best) {
+                        best = v[i].minor;
+                        *ret = v[i];
+                }
+        if (best >= 0)
+                return 0;
+
+        for (size_t i = 0; i < n && off < sizeof(offered); i++) {
+                int w = snprintf(offered + off, sizeof(offered) - off, "%s%d.%d", i ? ", " : "",
+                                 (int) v[i].major, (int) v[i].minor);
+                if (w < 0)
+                        break;
+                off += (size_t) w;
+        }
+        errorf(err, err_size, "%s: the server offers no KMIP 1.x protocol version (offered: %s)",
+               s->peer, n ? offered : "none");
+        return -EPROTONOSUPPORT;
+}
+
+static int discover_versions(struct session *s, char *err, size_t err_size) {
+        _cleanup_free_ uint8_t *req = NULL, *resp = NULL;
+        struct kmip_version v[VERSIONS_MAX];
+        struct kmip_error ke = {};
+        size_t req_len, resp_len, n = 0;
+        int r;
+
+        r = kmip_request_discover_versions(&req, &req_len);
+        if (r < 0)
+                return kmip_failure(s, "DiscoverVersions", r, &ke, err, err_size);
+        r = exchange(s, "DiscoverVersions", req, req_len, &resp, &resp_len, err, err_size);
+        if (r < 0)
+                return r;
+        r = kmip_response_discover_versions(resp, resp_len, v, VERSIONS_MAX, &n, &ke);
+        if (r < 0)
+                return kmip_failure(s, "DiscoverVersions", r, &ke, err, err_size);
+        return choose_version(s, v, n, &s->version, err, err_size);
+}
+
+static int locate(const struct session *s, char (*uids)[KMIP_ID_MAX], size_t *ret_n,
+                  char *err, size_t err_size) {
+        _cleanup_free_ uint8_t *req = NULL, *resp = NULL;
+        struct kmip_error ke = {};
+        size_t req_len, resp_len;
+        int r;
+
+        /* State 0: every state, so that Compromised and Destroyed versions
+         * are seen (and purged) rather than silently missing. */
+        r = kmip_request_locate(&s->version, s->cc->group, 0, &req, &req_len);
+        if (r < 0)
+                return kmip_failure(s, "Locate", r, &ke, err, err_size);
+        r = exchange(s, "Locate", req, req_len, &resp, &resp_len, err, err_size);
+        if (r < 0)
+                return r;
+        r = kmip_response_locate(resp, resp_len, uids, KMIP_LOCATE_MAX, ret_n, &ke);
+        if (r < 0)
+                return kmip_failure(s, "Locate", r, &ke, err, err_size);
+        return 0;
+}
+
+/* Returns 0, 1 if the object is gone (Item Not Found), or a negative errno. */
+static int get_attributes(const struct session *s, const char *uid, struct kmip_key_attributes *ret,
+                          char *err, size_t err_size) {
+        _cleanup_free_ uint8_t *req = NULL, *resp = NULL;
+        struct kmip_error ke = {};
+        size_t req_len, resp_len;
+        int r;
+
+        r = kmip_request_get_attributes(&s->version, uid, &req, &req_len);
+        if (r < 0)
+                return kmip_failure(s, "GetAttributes", r, &ke, err, err_size);
+        r = exchange(s, "GetAttributes", req, req_len, &resp, &resp_len, err, err_size);
+        if (r < 0)
+                return r;
+        memset(ret, 0, sizeof(*ret));
+        r = kmip_response_get_attributes(resp, resp_len, ret, &ke);
+        if (r == -EREMOTEIO && ke.result_status == KMIP_STATUS_OPERATION_FAILED &&
+            ke.result_reason == KMIP_REASON_ITEM_NOT_FOUND)
+                return 1;
+        if (r < 0)
+                return kmip_failure(s, "GetAttributes", r, &ke, err, err_size);
+        if (ret->uid[0] == '\0')
+                snprintf(ret->uid, sizeof(ret->uid), "%s", uid);
+        else if (strcmp(ret->uid, uid) != 0) {
+                errorf(err, err_size, "%s: GetAttributes of %s answered for %s", s->peer, uid, ret->uid);
+                return -EBADMSG;
+        }
+        return 0;
+}
+
+/* Returns 0, 1 if the object is gone, or a negative errno. The response
+ * holds the key: wiped on every path. */
+static int get_key(const struct session *s, const char *uid, uint8_t kek[KMIP_KEY_SIZE],
+                   char *err, size_t err_size) {
+        _cleanup_free_ uint8_t *req = NULL;
+        uint8_t *resp = NULL;
+        struct kmip_error ke = {};
+        char got[KMIP_ID_MAX] = "";
+        size_t req_len, resp_len = 0;
+        int r;
+
+        r = kmip_request_get(&s->version, uid, &req, &req_len);
+        if (r < 0)
+                return kmip_failure(s, "Get", r, &ke, err, err_size);
+        r = exchange(s, "Get", req, req_len, &resp, &resp_len, err, err_size);
+        if (r < 0)
+                return r;
+        r = kmip_response_get_symmetric_key(resp, resp_len, got, kek, &ke);
+        erase_and_free(resp, resp_len);
+        if (r == -EREMOTEIO && ke.result_status == KMIP_STATUS_OPERATION_FAILED &&
+            ke.result_reason == KMIP_REASON_ITEM_NOT_FOUND)
+                return 1;
+        if (r < 0)
+                return kmip_failure(s, "Get", r, &ke, err, err_size);
+        if (got[0] != '\0' && strcmp(got, uid) != 0) {
+                explicit_bzero(kek, KMIP_KEY_SIZE);
+                errorf(err, err_size, "%s: Get of %s answered for %s", s->peer, uid, got);
+                return -EBADMSG;
+        }
+        return 0;
+}
+
+static bool state_has_material(int32_t state) {
+        return state == KMIP_STATE_PRE_ACTIVE || state == KMIP_STATE_ACTIVE ||
+               state == KMIP_STATE_DEACTIVATED;
+}
+
+/* An attribute the server left out (0) is not held against the key: the Get
+ * response is checked for AES-256 anyway. */
+static bool attributes_fit(const struct kmip_key_attributes *a) {
+        return (a->object_type == 0 || a->object_type == KMIP_OBJECT_SYMMETRIC_KEY) &&
+               (a->algorithm == 0 || a->algorithm == KMIP_ALGORITHM_AES) &&
+               (a->length == 0 || a->length == KMIP_KEY_SIZE * 8);
+}
+
+/* The whole fetch over one connection to endpoint i. */
+static int fetch_from(struct central_client *cc, size_t i, struct central_key **ret, size_t *ret_n,
+                      char *err, size_t err_size) {
+        _cleanup_(tls_conn_freep) struct tls_conn *conn = NULL;
+        _cleanup_free_ char (*uids)[KMIP_ID_MAX] = NULL;
+        struct central_key *keys = NULL;
+        struct session s = { .cc = cc, .peer = cc->health[i].name };
+        size_t n_uids = 0, n = 0;
+        int r;
+
+        r = tls_connect(cc->tls, cc->endpoints[i].host, cc->endpoints[i].port, cc->timeout_usec,
+                        &conn, err, err_size);
+        if (r < 0)
+                return r;
+        s.conn = conn;
+
+        r = discover_versions(&s, err, err_size);
+        if (r < 0)
+                return r;
+        log_debug("central: %s: %s %s, KMIP %d.%d", s.peer, tls_conn_version(conn),
+                  tls_conn_cipher(conn), (int) s.version.major, (int) s.version.minor);
+
+        uids = calloc(KMIP_LOCATE_MAX, sizeof(*uids));
+        if (!uids) {
+                errorf(err, err_size, "out of memory");
+                return -ENOMEM;
+        }
+        r = locate(&s, uids, &n_uids, err, err_size);
+        if (r < 0)
+                return r;
+        if (n_uids > KMIP_LOCATE_MAX) {
+                errorf(err, err_size, "%s: Locate: more than %d objects", s.peer, KMIP_LOCATE_MAX);
+                return -EBADMSG;
+        }
+
+        keys = calloc(n_uids > 0 ? n_uids : 1, sizeof(*keys));
+        if (!keys) {
+                errorf(err, err_size, "out of memory");
+                return -ENOMEM;
+        }
+        for (size_t k = 0; k < n_uids; k++) {
+                struct central_key *key = &keys[n];
+
+                r = get_attributes(&s, uids[k], &key->attr, err, err_size);
+                if (r < 0)
+                        goto fail;
+                if (r > 0) {
+                        /* Destroyed between Locate and GetAttributes: gone. */
+                        log_debug("central: %s: %s vanished after Locate", s.peer, uids[k]);
+                        continue;
+                }
+                if (state_has_material(key->attr.state) && attributes_fit(&key->attr)) {
+                        r = get_key(&s, uids[k], key->kek, err, err_size);
+                        if (r < 0)
+                                goto fail;
+                        if (r > 0) {
+                                explicit_bzero(key, sizeof(*key));
+                                continue;
+                        }
+                        key->has_material = true;
+                }
+                n++;
+        }
+
+        *ret = keys;
+        *ret_n = n;
+        return 0;
+fail:
+        central_keys_free(keys, n_uids);
+        return r;
+}
+
+static uint64_t backoff_usec(const struct central_client *cc, unsigned failures) {
+        uint64_t window = BACKOFF_BASE_USEC, rnd = 0, delay;
+
+        for (unsigned k = 1; k < failures && window < cc->backoff_cap_usec; k++)
+                window *= 2;
+        if (window > cc->backoff_cap_usec)
+                window = cc->backoff_cap_usec;
+        /* Jitter needs no cryptographic quality; if getrandom fails the
+         * floor alone still spaces the attempts. */
+        if (getrandom(&rnd, sizeof(rnd), GRND_NONBLOCK) != (ssize_t) sizeof(rnd))
+                rnd = 0;
+        delay = BACKOFF_BASE_USEC + rnd % (window + 1);
+        return delay < cc->backoff_cap_usec ? delay : cc->backoff_cap_usec;
+}
+
+/* Record the outcome of one attempt at endpoint i. A failure the server
+ * itself answered (-EREMOTEIO: Permission Denied, ...) counts as a failure
+ * but not for backoff: the endpoint is up and speaking KMIP. */
+static void record_attempt(struct central_client *cc, size_t i, int r, uint64_t start_usec, const char *err) {
+        struct central_endpoint_health *h = &cc->health[i];
+        uint64_t now = tls_now_usec(), real = now_realtime_usec();
+        size_t l;
+
+        pthread_mutex_lock(&cc->lock);
+        h->requests++;
+        if (r >= 0) {
+                h->last_success_usec = real;
+                h->last_latency_usec = now - start_usec;
+                h->consecutive_failures = 0;
+                h->next_attempt_usec = 0;
+                h->last_error[0] = '\0';
+        } else {
+                h->failures++;
+                h->last_failure_usec = real;
+                if (r == -EREMOTEIO) {
+                        h->consecutive_failures = 0;
+                        h->next_attempt_usec = 0;
+                } else {
+                        h->consecutive_failures++;
+                        h->next_attempt_usec = now + backoff_usec(cc, h->consecutive_failures);
+                }
+                /* The entry is named already: drop "host:port: " from err. */
+                l = strlen(h->name);
+                if (strncmp(err, h->name, l) == 0 && err[l] == ':' && err[l + 1] == ' ')
+                        err += l + 2;
+                snprintf(h->last_error, sizeof(h->last_error), "%s", err);
+        }
+        pthread_mutex_unlock(&cc->lock);
+}
+
+int central_fetch(struct central_client *cc, struct central_key **ret, size_t *ret_n,
+                  char *err, size_t err_size) {
+        size_t order[CONFIG_MAX_ENDPOINTS], n_order = 0, n_tried = 0, off = 0;
+        char all[1024] = "", e[512] = "";
+        uint64_t now = tls_now_usec();
+        int r = -EHOSTUNREACH;
+
+        *ret = NULL;
+        *ret_n = 0;
+
+        /* Endpoints out of backoff first, in the configured order; those in
+         * backoff only when none of the others answered (or all are in
+         * backoff): a KMS that is down should cost no time while another
+         * works, but never make a fetch fail that one could have served. */
+        pthread_mutex_lock(&cc->lock);
+        for (size_t i = 0; i < cc->n_endpoints; i++)
+                if (cc->health[i].next_attempt_usec <= now)
+                        order[n_order++] = i;
+        for (size_t i = 0; i < cc->n_endpoints; i++)
+                if (cc->health[i].next_attempt_usec > now)
+                        order[n_order++] = i;
+        pthread_mutex_unlock(&cc->lock);
+
+        for (size_t k = 0; k < n_order; k++) {
+                size_t i = order[k];
+                uint64_t start = tls_now_usec();
+                int w;
+
+                e[0] = '\0';
+                r = fetch_from(cc, i, ret, ret_n, e, sizeof(e));
+                record_attempt(cc, i, r, start, e);
+                n_tried++;
+                if (r >= 0)
+                        return 0;
+                if (r == -EREMOTEIO) {
+                        /* A well-formed refusal (Permission Denied, ...):
+                         * the other endpoints serve the same data and
+                         * would answer the same. Report it as it is. */
+                        errorf(err, err_size, "%s", e);
+                        return r;
+                }
+                log_debug("central: %s", e);
+                if (off < sizeof(all)) {
+                        w = snprintf(all + off, sizeof(all) - off, "%s%s", off ? "; " : "", e);
+                        if (w > 0)
+                                off += (size_t) w;
+                }
+        }
+
+        if (n_tried > 1)
+                errorf(err, err_size, "all %zu central endpoints failed: %s", n_tried, all);
+        else
+                errorf(err, err_size, "%s", all);
+        return r;
+}

@@ -17,17 +17,24 @@ struct central_endpoint_health {
         char name[300];                   /* "host:port" */
         uint64_t last_success_usec;       /* CLOCK_REALTIME, 0 never */
         uint64_t last_failure_usec;
-        uint64_t last_latency_usec;       /* of the last successful exchange */
+        uint64_t last_latency_usec;       /* of the last successful exchange (the whole fetch:
+                                           * connect, handshake and every request) */
         uint64_t next_attempt_usec;       /* backoff: not tried before (CLOCK_MONOTONIC) */
         unsigned consecutive_failures;
-        uint64_t requests, failures;      /* totals */
+        uint64_t requests, failures;      /* totals (requests: fetches tried here) */
         char last_error[256];             /* "" when the last attempt succeeded */
+        /* A failure the server answered in KMIP (Permission Denied, ...)
+         * counts in failures but not in consecutive_failures: the endpoint
+         * is up, so it is not put in backoff. */
 };
 
 /* One key version of the group as the central KMS describes it. */
 struct central_key {
         struct kmip_key_attributes attr;
-        bool has_material;                /* Get succeeded: kek is valid */
+        bool has_material;                /* Get succeeded: kek is valid. False for
+                                           * Compromised/Destroyed, and for a key whose
+                                           * attributes say it is not AES-256 (not
+                                           * fetched: the caller reports it) */
         uint8_t kek[KMIP_KEY_SIZE];
 };
 

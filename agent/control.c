@@ -19,6 +19,7 @@
 
 struct control_server {
         sd_event *event;
+        struct control_conn *conns;
         sd_event_source *listener;
         int fd;
         char *path;
@@ -28,6 +29,7 @@ struct control_server {
 
 struct control_conn {
         struct control_server *server;
+        struct control_conn *prev, *next;
         sd_event_source *io;
         sd_event_source *timer;
         int fd;
@@ -36,6 +38,12 @@ struct control_conn {
 };
 
 static void control_conn_free(struct control_conn *c) {
+        if (c->prev)
+                c->prev->next = c->next;
+        else
+                c->server->conns = c->next;
+        if (c->next)
+                c->next->prev = c->prev;
         sd_event_source_disable_unref(c->io);
         sd_event_source_disable_unref(c->timer);
         if (c->fd >= 0)
@@ -57,10 +65,29 @@ static int write_all(int fd, const char *buf, size_t len) {
         return 0;
 }
 
-static void control_conn_answer(struct control_conn *c) {
+static void control_conn_send(struct control_conn *c, int r, const char *body, size_t body_len,
+                              const char *err) {
+        char head[600];
+
+        /* The client is root's tpmkmsctl; bound a stuck one with a send
+         * timeout rather than buffering replies on the event loop. */
+        (void) setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO,
+                          &(struct timeval) { .tv_sec = 2 }, sizeof(struct timeval));
+        (void) fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) & ~O_NONBLOCK);
+        snprintf(head, sizeof(head), r < 0 ? "ERR %s\n" : "OK\n", err && *err ? err : strerror(-r));
+        if (write_all(c->fd, head, strlen(head)) >= 0 && r >= 0 && body)
+                (void) write_all(c->fd, body, body_len);
+}
+
+void control_conn_reply(struct control_conn *c, int r, const char *body, const char *err) {
+        control_conn_send(c, r, body, body ? strlen(body) : 0, err);
+        control_conn_free(c);
+}
+
+/* Returns true when the handler kept c for a deferred reply. */
+static bool control_conn_answer(struct control_conn *c) {
         char *argv[CONTROL_ARGS_MAX + 1], *save = NULL, err[512] = "";
         _cleanup_free_ char *body = NULL;
-        char head[600];
         size_t body_len = 0;
         int argc = 0, r;
         FILE *out;
@@ -83,21 +110,20 @@ static void control_conn_answer(struct control_conn *c) {
                 snprintf(err, sizeof(err), "empty command");
                 r = -EINVAL;
         } else
-                r = c->server->handler(c->server->userdata, argc, argv, out, err, sizeof(err));
+                r = c->server->handler(c->server->userdata, c, argc, argv, out, err, sizeof(err));
         if (out)
                 fclose(out);
-        if (r < 0 && !*err)
-                snprintf(err, sizeof(err), "%s", strerror(-r));
-
-        /* The client is root's tpmkmsctl; bound a stuck one with a send
-         * timeout rather than buffering replies on the event loop. */
-        (void) setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO,
-                          &(struct timeval) { .tv_sec = 2 }, sizeof(struct timeval));
-        (void) sd_event_source_set_enabled(c->io, SD_EVENT_OFF);
-        (void) fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) & ~O_NONBLOCK);
-        snprintf(head, sizeof(head), r < 0 ? "ERR %s\n" : "OK\n", err);
-        if (write_all(c->fd, head, strlen(head)) >= 0 && r >= 0 && body)
-                (void) write_all(c->fd, body, body_len);
+        if (r == CONTROL_DEFERRED) {
+                uint64_t now;
+                /* Stop reading; the answer comes when the work is done, within
+                 * the client's own timeout. */
+                (void) sd_event_source_set_enabled(c->io, SD_EVENT_OFF);
+                (void) sd_event_now(c->server->event, CLOCK_MONOTONIC, &now);
+                (void) sd_event_source_set_time(c->timer, now + CONTROL_TIMEOUT_USEC);
+                return true;
+        }
+        control_conn_send(c, r, body, body_len, err);
+        return false;
 }
 
 static int control_conn_on_io(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
@@ -123,8 +149,8 @@ static int control_conn_on_io(sd_event_source *src, int fd, uint32_t revents, vo
                 return 0;
         }
         *nl = 0;
-        control_conn_answer(c);
-        control_conn_free(c);
+        if (!control_conn_answer(c))
+                control_conn_free(c);
         return 0;
 }
 
@@ -155,6 +181,10 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
                 return 0;
         c->server = s;
         c->fd = TAKE_FD(cfd);
+        c->next = s->conns;
+        if (s->conns)
+                s->conns->prev = c;
+        s->conns = c;
         r = sd_event_add_io(s->event, &c->io, c->fd, EPOLLIN, control_conn_on_io, c);
         if (r >= 0) {
                 (void) sd_event_now(s->event, CLOCK_MONOTONIC, &now);
@@ -196,6 +226,8 @@ int control_server_new(sd_event *e, const char *path, control_handler_t handler,
 void control_server_free(struct control_server *s) {
         if (!s)
                 return;
+        while (s->conns)
+                control_conn_free(s->conns);
         sd_event_source_disable_unref(s->listener);
         if (s->fd >= 0) {
                 close(s->fd);

@@ -15,17 +15,26 @@ typedef struct sd_event sd_event;
 #define CONTROL_LINE_MAX 256
 #define CONTROL_TIMEOUT_USEC (30u * 1000000u)
 
+struct control_conn;
+
 /* Run one command. argv[0] is the command. Writes output to out. Returns 0,
- * or a negative errno with a message in err. */
-typedef int (*control_handler_t)(void *userdata, int argc, char **argv, FILE *out,
-                                 char *err, size_t err_size);
+ * or a negative errno with a message in err, or CONTROL_DEFERRED after taking
+ * conn to answer later with control_conn_reply (e.g. when a sync ends). */
+#define CONTROL_DEFERRED 1
+typedef int (*control_handler_t)(void *userdata, struct control_conn *conn, int argc, char **argv,
+                                 FILE *out, char *err, size_t err_size);
+
+/* Answer a deferred command: r < 0 sends "ERR err", else "OK" and body.
+ * Frees conn. */
+void control_conn_reply(struct control_conn *conn, int r, const char *body, const char *err);
 
 struct control_server;
 
 /* Listen on path (mode 0600; only uid 0 is answered). Returns 0 or -errno. */
 int control_server_new(sd_event *e, const char *path, control_handler_t handler, void *userdata,
                        struct control_server **ret);
-/* Accepts NULL. Closes the socket and removes its file. */
+/* Accepts NULL. Closes the socket, removes its file, and drops open
+ * connections (deferred ones included). */
 void control_server_free(struct control_server *s);
 
 /* Client: send "argv...\n" to path and copy the reply body to out. Returns 0

@@ -1,5 +1,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -18,7 +20,10 @@
 #include "daemon.h"
 #include "log.h"
 #include "plugin/plugin.h"
+#include "sync.h"
 #include "vault.h"
+
+#define PENDING_SYNC_MAX 8
 
 struct daemon {
         const struct config *config;
@@ -27,6 +32,10 @@ struct daemon {
         struct control_server *control;
         struct vault vault;
         struct keyring_slot keys;
+        pthread_mutex_t state_lock;   /* writers of cache + slot: sync, rotate, reseal */
+        struct sync *sync;            /* fleet mode, when the cache was unsealed */
+        struct control_conn *pending_sync[PENDING_SYNC_MAX];   /* tpmkmsctl sync */
+        size_t n_pending_sync;
         struct backend backend;
         bool kms_socket_ours;      /* we created the socket file (not systemd) */
         uint64_t started_usec;     /* CLOCK_REALTIME */
@@ -75,6 +84,69 @@ static void daemon_update_status(struct daemon *d) {
                                   kr ? keyring_size(kr) : 0, p ? p->id : "none");
 }
 
+static void status_central_json(struct daemon *d, FILE *out) {
+        struct central_endpoint_health h[CONFIG_MAX_ENDPOINTS];
+        size_t n = sync_endpoint_health(d->sync, h, ARRAY_SIZE(h));
+        struct sync_status st;
+        char t1[32], t2[32];
+        uint64_t age;
+
+        sync_get_status(d->sync, &st);
+        (void) sync_too_stale(d->sync, &age);
+        format_time(st.last_success_usec, t1, sizeof(t1));
+        format_time(st.last_attempt_usec, t2, sizeof(t2));
+        fprintf(out, ", \"central\": {\"key_group\": ");
+        json_string(out, d->config->key_group);
+        fprintf(out, ", \"last_sync\": \"%s\", \"last_attempt\": \"%s\", \"staleness_seconds\": %" PRIu64
+                ", \"max_staleness_seconds\": %" PRIu64 ", \"syncs_ok\": %" PRIu64 ", \"syncs_failed\": %" PRIu64
+                ", \"on_demand\": %" PRIu64 ", \"in_progress\": %s, \"last_error\": ",
+                t1, t2, age / 1000000u, d->config->max_staleness_usec / 1000000u, st.syncs_ok,
+                st.syncs_failed, st.on_demand, st.in_progress ? "true" : "false");
+        json_string(out, st.last_error);
+        fputs(", \"last_change\": ", out);
+        json_string(out, st.last_change);
+        fputs(", \"endpoints\": [", out);
+        for (size_t i = 0; i < n; i++) {
+                format_time(h[i].last_success_usec, t1, sizeof(t1));
+                format_time(h[i].last_failure_usec, t2, sizeof(t2));
+                fprintf(out, "%s{\"name\": ", i ? ", " : "");
+                json_string(out, h[i].name);
+                fprintf(out, ", \"last_success\": \"%s\", \"last_failure\": \"%s\", \"consecutive_failures\": %u"
+                        ", \"latency_ms\": %.1f, \"requests\": %" PRIu64 ", \"failures\": %" PRIu64 ", \"last_error\": ",
+                        t1, t2, h[i].consecutive_failures, h[i].last_latency_usec / 1000.0,
+                        h[i].requests, h[i].failures);
+                json_string(out, h[i].last_error);
+                fputs("}", out);
+        }
+        fputs("]}", out);
+}
+
+static void status_central_text(struct daemon *d, FILE *out) {
+        struct central_endpoint_health h[CONFIG_MAX_ENDPOINTS];
+        size_t n = sync_endpoint_health(d->sync, h, ARRAY_SIZE(h));
+        struct sync_status st;
+        char t1[32];
+        uint64_t age;
+        bool stale;
+
+        sync_get_status(d->sync, &st);
+        stale = sync_too_stale(d->sync, &age);
+        format_time(st.last_success_usec, t1, sizeof(t1));
+        fprintf(out, "central:       KMIP, key group %s\n", d->config->key_group);
+        fprintf(out, "last sync:     %s (%" PRIu64 " s ago%s)%s\n", *t1 ? t1 : "never", age / 1000000u,
+                stale ? ", over max_staleness" : "", st.in_progress ? ", sync running" : "");
+        fprintf(out, "last change:   %s\n", *st.last_change ? st.last_change : "-");
+        fprintf(out, "sync error:    %s\n", *st.last_error ? st.last_error : "-");
+        fprintf(out, "syncs:         %" PRIu64 " ok, %" PRIu64 " failed, %" PRIu64 " on demand\n",
+                st.syncs_ok, st.syncs_failed, st.on_demand);
+        for (size_t i = 0; i < n; i++) {
+                format_time(h[i].last_success_usec, t1, sizeof(t1));
+                fprintf(out, "  endpoint %s: %s, last success %s, %.1f ms%s%s\n", h[i].name,
+                        h[i].consecutive_failures ? "FAILING" : "ok", *t1 ? t1 : "never",
+                        h[i].last_latency_usec / 1000.0, *h[i].last_error ? ", error: " : "", h[i].last_error);
+        }
+}
+
 static int cmd_status(struct daemon *d, bool json, FILE *out) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
@@ -104,7 +176,10 @@ static int cmd_status(struct daemon *d, bool json, FILE *out) {
                         json_string(out, k->central_id);
                         fprintf(out, ", \"created\": \"%s\", \"first_seen\": \"%s\"}", created, seen);
                 }
-                fputs("]}\n", out);
+                fputs("]", out);
+                if (d->sync)
+                        status_central_json(d, out);
+                fputs("}\n", out);
                 return 0;
         }
 
@@ -124,10 +199,12 @@ static int cmd_status(struct daemon *d, bool json, FILE *out) {
                 fprintf(out, "  %-8s %s  created %s  first seen %s%s%s\n", key_role_to_string(k->role),
                         k->id, created, seen, *k->central_id ? "  central " : "", k->central_id);
         }
+        if (d->sync)
+                status_central_text(d, out);
         return 0;
 }
 
-static int cmd_rotate(struct daemon *d, FILE *out, char *err, size_t err_size) {
+static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_size) {
         _cleanup_(keyring_unrefp) struct keyring *old = keyring_slot_get(&d->keys);
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         _cleanup_wipe32_ uint8_t kek[KEK_SIZE];
@@ -168,7 +245,7 @@ static int cmd_rotate(struct daemon *d, FILE *out, char *err, size_t err_size) {
         return 0;
 }
 
-static int cmd_reseal(struct daemon *d, FILE *out, char *err, size_t err_size) {
+static int cmd_reseal_locked(struct daemon *d, FILE *out, char *err, size_t err_size) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
         char pcrs[64];
         int r;
@@ -189,7 +266,52 @@ static int cmd_reseal(struct daemon *d, FILE *out, char *err, size_t err_size) {
         return 0;
 }
 
-static int daemon_control(void *userdata, int argc, char **argv, FILE *out, char *err, size_t err_size) {
+/* Rotate and reseal write the cache like the sync thread does: one writer at
+ * a time, each working from the snapshot it will replace. */
+static int cmd_locked(struct daemon *d, int (*fn)(struct daemon *, FILE *, char *, size_t),
+                      FILE *out, char *err, size_t err_size) {
+        int r;
+
+        pthread_mutex_lock(&d->state_lock);
+        r = fn(d, out, err, err_size);
+        pthread_mutex_unlock(&d->state_lock);
+        return r;
+}
+
+static int cmd_sync(struct daemon *d, struct control_conn *conn, char *err, size_t err_size) {
+        if (!d->sync) {
+                snprintf(err, err_size, "%s", d->vault.refused ? "refusing to sync: the sealed cache was refused"
+                                                               : "standalone mode ([central] type = none): nothing to sync");
+                return -EOPNOTSUPP;
+        }
+        if (d->n_pending_sync == PENDING_SYNC_MAX) {
+                snprintf(err, err_size, "too many sync requests waiting");
+                return -EBUSY;
+        }
+        d->pending_sync[d->n_pending_sync++] = conn;
+        sync_request(d->sync);
+        return CONTROL_DEFERRED;
+}
+
+static void on_sync_done(void *userdata) {
+        struct daemon *d = userdata;
+        struct sync_status st;
+        char body[600];
+
+        /* Decrypts parked for an unknown key id get their final answer. */
+        kms_server_retry_parked(d->kms);
+        daemon_update_status(d);
+        if (d->n_pending_sync == 0)
+                return;
+        sync_get_status(d->sync, &st);
+        snprintf(body, sizeof(body), "%s\n", st.last_change);
+        for (size_t i = 0; i < d->n_pending_sync; i++)
+                control_conn_reply(d->pending_sync[i], *st.last_error ? -EREMOTEIO : 0, body, st.last_error);
+        d->n_pending_sync = 0;
+}
+
+static int daemon_control(void *userdata, struct control_conn *conn, int argc, char **argv,
+                          FILE *out, char *err, size_t err_size) {
         struct daemon *d = userdata;
 
         if (strcmp(argv[0], "status") == 0 && argc <= 2) {
@@ -201,9 +323,11 @@ static int daemon_control(void *userdata, int argc, char **argv, FILE *out, char
                 return cmd_status(d, json, out);
         }
         if (strcmp(argv[0], "rotate") == 0 && argc == 1)
-                return cmd_rotate(d, out, err, err_size);
+                return cmd_locked(d, cmd_rotate_locked, out, err, err_size);
         if (strcmp(argv[0], "reseal") == 0 && argc == 1)
-                return cmd_reseal(d, out, err, err_size);
+                return cmd_locked(d, cmd_reseal_locked, out, err, err_size);
+        if (strcmp(argv[0], "sync") == 0 && argc == 1)
+                return cmd_sync(d, conn, err, err_size);
         snprintf(err, err_size, "unknown command '%s'", argv[0]);
         return -EINVAL;
 }
@@ -255,6 +379,8 @@ static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si,
         (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
         control_server_free(d->control);
         d->control = NULL;
+        d->n_pending_sync = 0;   /* their connections went with the control server */
+        kms_server_retry_parked(d->kms);
         kms_server_shutdown(d->kms, on_drained, d);
         return 0;
 }
@@ -295,23 +421,26 @@ int daemon_run(const struct config *c) {
         int r, fd, status = 1;
 
         harden_process();
+        /* Before any thread exists: threads inherit the mask, so SIGTERM
+         * reaches only the event loop's signalfd, never the sync thread. */
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigprocmask(SIG_BLOCK, &mask, NULL);
+        (void) signal(SIGPIPE, SIG_IGN);
         /* tpm/ explains TPM failures through tpm_log; tpm2-tss's own stderr
          * lines would only repeat them without context. */
         (void) setenv("TSS2_LOG", "all+none", 0);
         tpm_set_log(tpm_log);
         d.started_usec = now_realtime_usec();
         keyring_slot_init(&d.keys);
+        pthread_mutex_init(&d.state_lock, NULL);
 
         r = keyring_secure_heap_init();
         if (r < 0) {
                 log_error_errno(r, "Cannot set up locked memory for keys (raise LimitMEMLOCK / ulimit -l): %m");
                 goto out;
         }
-        if (c->central_type == CENTRAL_KMIP) {
-                log_error("[central] type = kmip: central sync is not available in this build; use type = none");
-                goto out;
-        }
-
         r = vault_open(&d.vault, c, c->central_type == CENTRAL_NONE, &kr);
         if (r < 0)
                 goto out;
@@ -327,11 +456,14 @@ int daemon_run(const struct config *c) {
                 log_error_errno(r, "Cannot create the event loop: %m");
                 goto out;
         }
-        sigemptyset(&mask);
-        sigaddset(&mask, SIGTERM);
-        sigaddset(&mask, SIGINT);
-        sigprocmask(SIG_BLOCK, &mask, NULL);
-        (void) signal(SIGPIPE, SIG_IGN);
+        /* A host whose cache was refused for measured boot does not fetch
+         * keys from the central KMS either (DESIGN.md, "Measured boot"). */
+        if (c->central_type == CENTRAL_KMIP && !d.vault.refused) {
+                r = sync_new(c, &d.vault, &d.state_lock, &d.keys, d.event, on_sync_done, &d, &d.sync);
+                if (r < 0)
+                        goto out;
+                d.backend.sync = d.sync;
+        }
         if (sd_event_add_signal(d.event, NULL, SIGTERM, on_stop_signal, &d) < 0 ||
             sd_event_add_signal(d.event, NULL, SIGINT, on_stop_signal, &d) < 0 ||
             sd_event_add_post(d.event, NULL, on_post, NULL) < 0) {
@@ -373,11 +505,13 @@ int daemon_run(const struct config *c) {
         status = 0;
         log_info("Stopped");
 out:
+        sync_free(d.sync);
         control_server_free(d.control);
         kms_server_free(d.kms);
         if (d.kms_socket_ours)
                 (void) unlink(c->kms_socket);
         keyring_slot_done(&d.keys);
+        pthread_mutex_destroy(&d.state_lock);
         vault_done(&d.vault);
         sd_event_unref(d.event);
         log_flush();

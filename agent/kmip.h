@@ -18,6 +18,8 @@
 #define KMIP_ID_MAX 128             /* Unique Identifier (text) */
 #define KMIP_LOCATE_MAX 1024        /* Maximum Items we ask for and accept */
 #define KMIP_KEY_SIZE 32            /* AES-256 */
+#define KMIP_GROUP_MAX 255          /* Object Group (text) we send in a Locate */
+#define KMIP_VERSIONS_MAX 3         /* versions we offer in DiscoverVersions: 1.2, 1.1, 1.0 */
 
 /* KMIP 1.2 section 9.1.3.2.17 State */
 enum kmip_state {
@@ -34,11 +36,31 @@ struct kmip_version {
         int32_t major, minor;
 };
 
+/* KMIP 1.2 section 9.1.3.2.28 Result Status */
+enum kmip_result_status {
+        KMIP_STATUS_SUCCESS = 0,
+        KMIP_STATUS_OPERATION_FAILED = 1,
+        KMIP_STATUS_OPERATION_PENDING = 2,
+        KMIP_STATUS_OPERATION_UNDONE = 3,
+};
+
+/* KMIP 1.2 section 9.1.3.2.29 Result Reason (the ones sync tells apart) */
+enum kmip_result_reason {
+        KMIP_REASON_ITEM_NOT_FOUND = 0x01,
+        KMIP_REASON_AUTHENTICATION_NOT_SUCCESSFUL = 0x03,
+        KMIP_REASON_INVALID_MESSAGE = 0x04,
+        KMIP_REASON_OPERATION_NOT_SUPPORTED = 0x05,
+        KMIP_REASON_PERMISSION_DENIED = 0x0C,
+        KMIP_REASON_KEY_FORMAT_TYPE_NOT_SUPPORTED = 0x10,
+        KMIP_REASON_GENERAL_FAILURE = 0x100,
+};
+
 /* What a failed operation said (KMIP 1.2 section 6.9-6.11). */
 struct kmip_error {
         int32_t result_status;      /* 1 failed, 2 pending, 3 undone */
-        int32_t result_reason;      /* e.g. 1 item not found, 4 permission denied */
-        char message[256];          /* Result Message, printable ASCII only */
+        int32_t result_reason;      /* e.g. 1 item not found, 12 permission denied; 0 if absent */
+        char message[256];          /* Result Message, printable ASCII only: other bytes
+                                     * become '?', and a longer one is cut (diagnostic) */
 };
 /* "Item Not Found" etc. for a Result Reason; "reason N" for unknown ones. */
 const char *kmip_result_reason_to_string(int32_t reason);
@@ -55,13 +77,18 @@ struct kmip_key_attributes {
 };
 
 /* Total length of a message whose first KMIP_HEADER_SIZE bytes are hdr
- * (header + value). Returns it, or -EBADMSG (not a structure, or longer than
- * KMIP_MESSAGE_MAX). */
+ * (header + value). Returns it, or -EBADMSG (not a structure, a tag outside
+ * 0x42xxxx, i.e. a peer not speaking KMIP, a length that is not a multiple of
+ * 8, or longer than KMIP_MESSAGE_MAX in total). */
 int kmip_message_length(const uint8_t hdr[KMIP_HEADER_SIZE]);
 
 /* Request builders: a complete Request Message with one batch item, protocol
- * version `version` (1.2 by default: pass NULL). *ret is malloc'ed. Return 0
- * or a negative errno. */
+ * version `version` (1.2 by default: pass NULL; only 1.x, whose message layout
+ * this module speaks: -EINVAL otherwise). *ret is malloc'ed. Return 0 or a
+ * negative errno (-EINVAL: NULL, empty or over-long uid or group, unknown
+ * state; -ENOMEM). */
+/* Sent as a 1.2 message offering 1.2, 1.1 and 1.0 (KMIP 1.2 section 4.26):
+ * the server answers with the ones it supports, in its order of preference. */
 int kmip_request_discover_versions(uint8_t **ret, size_t *ret_len);
 /* Locate objects of the Object Group `group` of Object Type Symmetric Key;
  * state 0 = any state, else that State only. */
@@ -72,17 +99,28 @@ int kmip_request_get(const struct kmip_version *version, const char *uid,
 int kmip_request_get_attributes(const struct kmip_version *version, const char *uid,
                                 uint8_t **ret, size_t *ret_len);
 
-/* Response parsers: check the response header, the batch item's operation and
- * Result Status; on failure fill err and return -EREMOTEIO. */
+/* Response parsers: buf is one whole Response Message (len = what
+ * kmip_message_length() said). They check the response header (protocol
+ * major version 1, Batch Count 1, exactly one Batch Item), the batch item's
+ * operation and Result Status; on failure fill err (which may be NULL) and
+ * return -EREMOTEIO. A list longer than `max` is refused with -ENOBUFS, never
+ * truncated; *ret_n is 0 after any failure. */
 int kmip_response_discover_versions(const uint8_t *buf, size_t len, struct kmip_version *ret,
                                     size_t max, size_t *ret_n, struct kmip_error *err);
-/* Unique Identifiers found, in the server's order. */
+/* Unique Identifiers found, in the server's order (pass max = KMIP_LOCATE_MAX,
+ * the Maximum Items the request asks for). */
 int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX],
                          size_t max, size_t *ret_n, struct kmip_error *err);
-/* A Symmetric Key, Key Format Type Raw, AES, 256 bits: its 32 bytes in key
- * (wiped on failure; -EBADMSG for any other kind of object or format). The
- * response buffer holds key material: the caller wipes it. */
+/* A Symmetric Key, Key Format Type Raw (or Transparent Symmetric Key, which
+ * some servers answer with), unwrapped, AES, 256 bits: its 32 bytes in key
+ * (wiped on failure; -EBADMSG for any other kind of object or format) and its
+ * Unique Identifier in uid (may be NULL). The response buffer holds key
+ * material: the caller wipes it. */
 int kmip_response_get_symmetric_key(const uint8_t *buf, size_t len, char uid[KMIP_ID_MAX],
                                     uint8_t key[KMIP_KEY_SIZE], struct kmip_error *err);
+/* Attributes the server did not return are left 0 / "" (PyKMIP has no
+ * Activation Date, for instance); a duplicated single-valued attribute, a
+ * value of the wrong type or a Unique Identifier attribute that differs from
+ * the payload's is -EBADMSG. */
 int kmip_response_get_attributes(const uint8_t *buf, size_t len, struct kmip_key_attributes *ret,
                                  struct kmip_error *err);

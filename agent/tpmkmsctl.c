@@ -12,6 +12,7 @@ static void usage(FILE *f) {
                 "Usage: tpmkmsctl [--config FILE] COMMAND\n"
                 "Commands:\n"
                 "  status [--json]  keys and their roles, seal state, PCR policy\n"
+                "  sync             fleet mode: sync with the central KMS now, print what changed\n"
                 "  rotate           standalone mode: make a new primary key (old ones stay readable)\n"
                 "  reseal           re-seal the key cache to the current PCRs (after a verified update)\n"
                 "Options:\n"

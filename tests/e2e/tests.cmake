@@ -55,3 +55,14 @@ add_test(NAME e2e_demo COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo.
          ${CMAKE_BINARY_DIR})
 set_tests_properties(e2e_demo PROPERTIES
   ENVIRONMENT "${E2E_ENV}" TIMEOUT 120 LABELS e2e)
+
+# Fleet sync against a real central KMS: PyKMIP 0.10's server (python3-pykmip,
+# run by /usr/bin/python3) with certificates made by openssl.
+foreach(tool openssl pykmip-server)
+  find_program(E2E_${tool} ${tool} REQUIRED)
+endforeach()
+e2e_test(test_fleet 300 LOAD)
+add_test(NAME e2e_demo_fleet
+         COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo_fleet.py ${CMAKE_BINARY_DIR})
+set_tests_properties(e2e_demo_fleet PROPERTIES
+  ENVIRONMENT "${E2E_ENV}" TIMEOUT 180 LABELS e2e RESOURCE_LOCK tpmkms-e2e-load)

@@ -1,0 +1,61 @@
+/* Fleet sync: a thread that keeps the keyring in step with the central KMS
+ * (DESIGN.md, "Key lifecycle"). Every sync_interval (with jitter), on request
+ * (tpmkmsctl sync) or on demand (a Decrypt for an unknown key id, rate
+ * limited), it fetches the key group's versions, computes each one's role:
+ *
+ *   Pre-Active -> staged; newest Active -> primary; older Active or
+ *   Deactivated -> retired; Compromised, Destroyed or gone -> purged
+ *
+ * (versions ordered by Initial Date, ties by Unique Identifier), persists the
+ * sealed cache and only then publishes the new snapshot. A failed fetch
+ * changes nothing: keys are dropped only because the server said so. Key
+ * material that changes under the same Unique Identifier is refused and
+ * alarmed. The request path never waits on any of this. */
+#pragma once
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "central.h"
+#include "config.h"
+#include "keyring.h"
+#include "vault.h"
+
+typedef struct sd_event sd_event;
+
+#define SYNC_ON_DEMAND_INTERVAL_USEC (5u * 1000000u)   /* at most one per 5 s */
+
+struct sync_status {
+        uint64_t last_success_usec;   /* CLOCK_REALTIME; 0 never */
+        uint64_t last_attempt_usec;
+        uint64_t syncs_ok, syncs_failed, on_demand;
+        bool in_progress;
+        char last_error[512];         /* "" when the last sync succeeded */
+        char last_change[512];        /* what the last successful sync changed */
+};
+
+struct sync;
+
+/* Start the sync thread. state_lock serialises writers of the cache and the
+ * keyring slot (sync, rotate, reseal). on_done(userdata) runs on the event
+ * loop after every sync attempt. Returns 0 or a negative errno (logged). */
+int sync_new(const struct config *c, struct vault *v, pthread_mutex_t *state_lock,
+             struct keyring_slot *keys, sd_event *e, void (*on_done)(void *userdata),
+             void *userdata, struct sync **ret);
+/* Stop the thread (waiting for a fetch in progress at most the configured
+ * timeout) and free. Accepts NULL. */
+void sync_free(struct sync *s);
+
+/* Sync now. */
+void sync_request(struct sync *s);
+/* For a Decrypt with an unknown key id: start a sync unless one ran on
+ * demand within SYNC_ON_DEMAND_INTERVAL_USEC. Returns true when a sync is
+ * running or starting (park the call), false when rate limited. */
+bool sync_request_on_demand(struct sync *s);
+
+void sync_get_status(struct sync *s, struct sync_status *ret);
+size_t sync_endpoint_health(struct sync *s, struct central_endpoint_health *ret, size_t max);
+/* Seconds since the last successful sync (or since start when none), and
+ * whether that exceeds [central] max_staleness (never when it is off). */
+bool sync_too_stale(struct sync *s, uint64_t *ret_age_usec);

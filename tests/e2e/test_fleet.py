@@ -1,0 +1,484 @@
+#!/usr/bin/python3
+"""Fleet mode: tpmkmsd hosts sync their KEK versions from a real central KMS
+(PyKMIP 0.10) over KMIP with mutual TLS, and a real gRPC client checks that
+the hosts agree (DESIGN.md, "Key lifecycle").
+
+Each test has its own PyKMIP server (own port and database) and its own
+hosts (temp dir, swtpm, daemon, client certificate CN=node-a / node-b); the
+certificates are made once for the module. The operator is PyKMIP's own
+client as CN=kms-admin, creating versions with the "shared" operation policy.
+
+Not tested: key material that changes under the same Unique Identifier (the
+daemon must refuse it). PyKMIP cannot provoke it: a Symmetric Key's value is
+immutable once created or registered, and identifiers are never reused.
+"""
+import os
+import re
+import secrets
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import tpmkmstest as t  # noqa: E402
+import tpmkmstest_kmip as k  # noqa: E402
+from grpc import StatusCode  # noqa: E402
+
+GROUP = "cluster-a-kek"
+KEY_ID_RE = re.compile(r"^kmip:%s/([A-Za-z0-9._:-]+)\.([0-9a-f]{16})$" % re.escape(GROUP))
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+NO_PRIMARY = "no primary key in the cache"
+CONVERGE = 6.0      # seconds: a few sync intervals (1 s) plus a slow PyKMIP round
+RECOVER = 30.0      # after an outage: exponential backoff may delay the next try
+APISERVER_DEADLINE = 3.0
+
+PKI = None
+
+
+def setUpModule():
+    global PKI
+    PKI = k.Pki()
+
+
+def tearDownModule():
+    if PKI is not None:
+        PKI.close()
+
+
+class FleetCase(unittest.TestCase):
+    """Helpers shared by the fleet tests."""
+
+    def setUp(self):
+        self.kms = k.KmipServer(PKI, self)
+        self.kms.start()
+        self._kcv = {}
+
+    def host(self, cn="node-a", start=True, **kw):
+        w = k.FleetWorld(self, self.kms, cn=cn, group=GROUP, **kw)
+        if start:
+            w.start()
+        return w
+
+    def key_id(self, uid):
+        """What every host must call version uid: kmip:<group>/<uid>.<check value>,
+        the check value computed here from the key material PyKMIP holds."""
+        if uid not in self._kcv:     # key material never changes under a uid
+            self._kcv[uid] = k.key_check_value(self.kms.get(uid))
+        return "kmip:%s/%s.%s" % (GROUP, uid, self._kcv[uid])
+
+    def wait_roles(self, hosts, want, timeout=CONVERGE):
+        """Wait until every host's cache holds exactly want ({uid: role})."""
+        for w in hosts:
+            k.wait_for(lambda w=w: w.roles() == want, timeout,
+                       "%s: cache roles %r" % (w.cn, want))
+
+    def wait_synced(self, w, timeout=CONVERGE):
+        """Wait for the host's first successful sync."""
+        return k.wait_for(lambda: RFC3339.match(w.central().get("last_sync") or ""), timeout,
+                          "%s: a first successful sync" % w.cn)
+
+    def wait_primary(self, hosts, uid, timeout=CONVERGE):
+        kid = self.key_id(uid)
+        for w in hosts:
+            stub = w.stub()
+            k.wait_for(lambda: t.status(stub).key_id == kid, timeout,
+                       "%s: Status key_id %s" % (w.cn, kid))
+        return kid
+
+    def assert_keys(self, w, expected):
+        """status --json lists exactly expected ([(uid, role)] in Initial Date
+        order) with the fleet-wide key ids."""
+        keys = w.status_json()["keys"]
+        self.assertEqual([(x["central_id"], x["role"]) for x in keys], expected, w.cn)
+        for x in keys:
+            self.assertEqual(x["id"], self.key_id(x["central_id"]), w.cn)
+            self.assertRegex(x["id"], KEY_ID_RE)
+
+    def assert_serving(self, w, key_id):
+        stub = w.stub()
+        st = t.status(stub)
+        self.assertEqual((st.version, st.healthz, st.key_id), ("v2", "ok", key_id), w.cn)
+        pt = secrets.token_bytes(32)
+        r = t.encrypt(stub, pt)
+        self.assertEqual(r.key_id, key_id, w.cn)
+        self.assertEqual(t.decrypt(stub, r.ciphertext, r.key_id), pt, w.cn)
+        return r, pt
+
+    def seal(self, w):
+        """(ciphertext, key_id, plaintext) made by host w."""
+        pt = secrets.token_bytes(32)
+        r = t.encrypt(w.stub(), pt)
+        return r.ciphertext, r.key_id, pt
+
+    def assert_decrypts(self, w, sealed):
+        ct, kid, pt = sealed
+        self.assertEqual(t.decrypt(w.stub(), ct, kid), pt, "%s: decrypt under %s" % (w.cn, kid))
+
+
+class RotationTest(FleetCase):
+    def test_no_key_in_group_is_unavailable(self):
+        a = self.host("node-a")
+        self.wait_synced(a)
+        stub = a.stub()
+        st = t.status(stub)
+        self.assertEqual(st.version, "v2")
+        self.assertEqual(st.healthz, NO_PRIMARY)
+        self.assertEqual(t.rpc_code(t.encrypt, stub, secrets.token_bytes(32)),
+                         StatusCode.UNAVAILABLE)
+        js = a.status_json()
+        self.assertEqual((js["state"], js["mode"], js["keys"]), ("serving", "kmip", []))
+        ep = a.endpoint_health(self.kms.endpoint)
+        self.assertEqual(ep["last_error"], "", ep)
+        self.assertRegex(ep["last_success"], RFC3339)
+        self.assertEqual(ep["consecutive_failures"], 0)
+
+    def test_two_hosts_rotate_together(self):
+        a = self.host("node-a")
+        b = self.host("node-b")
+        hosts = (a, b)
+
+        # 1. Pre-Active: staged everywhere, decrypt-only, not the Status key_id
+        v1 = self.kms.create_version(GROUP)
+        self.wait_roles(hosts, {v1: "staged"})
+        for w in hosts:
+            self.assert_keys(w, [(v1, "staged")])
+            stub = w.stub()
+            st = t.status(stub)
+            self.assertEqual(st.healthz, NO_PRIMARY, w.cn)
+            self.assertNotEqual(st.key_id, self.key_id(v1), w.cn)
+            self.assertEqual(t.rpc_code(t.encrypt, stub, b"x" * 32), StatusCode.UNAVAILABLE, w.cn)
+
+        # 2. Activate: primary on both, the same key_id on both
+        self.kms.activate(v1)
+        kid1 = self.wait_primary(hosts, v1)
+        self.assertRegex(kid1, KEY_ID_RE)
+        self.assertEqual(KEY_ID_RE.match(kid1).group(1), v1)
+        for w in hosts:
+            self.assert_keys(w, [(v1, "primary")])
+            self.assert_serving(w, kid1)
+        s1a, s1b = self.seal(a), self.seal(b)
+        self.assertEqual((s1a[1], s1b[1]), (kid1, kid1))
+        self.assert_decrypts(b, s1a)
+        self.assert_decrypts(a, s1b)
+
+        # 3. The next version Pre-Active: staged, the primary does not change
+        v2 = self.kms.create_version(GROUP)
+        self.wait_roles(hosts, {v1: "primary", v2: "staged"})
+        for w in hosts:
+            self.assert_keys(w, [(v1, "primary"), (v2, "staged")])
+            self.assertEqual(t.status(w.stub()).key_id, kid1, w.cn)
+
+        # 4. Activate it: the newest Active is primary, the older Active retired
+        self.kms.activate(v2)
+        kid2 = self.wait_primary(hosts, v2)
+        self.assertNotEqual(kid2, kid1)
+        self.wait_roles(hosts, {v1: "retired", v2: "primary"})
+        for w in hosts:
+            self.assert_keys(w, [(v1, "retired"), (v2, "primary")])
+            self.assert_serving(w, kid2)
+            self.assert_decrypts(w, s1a)      # old ciphertexts still decrypt
+            self.assert_decrypts(w, s1b)
+        s2a, s2b = self.seal(a), self.seal(b)
+        self.assertEqual((s2a[1], s2b[1]), (kid2, kid2))
+        self.assert_decrypts(b, s2a)
+        self.assert_decrypts(a, s2b)
+
+        # 5. Deactivated (revoked, cessation of operation): still retired
+        self.kms.deactivate(v1)
+        self.assertEqual(self.kms.state(v1), "DEACTIVATED")
+        time.sleep(2.5)                        # two sync intervals: nothing may change
+        for w in hosts:
+            self.assert_keys(w, [(v1, "retired"), (v2, "primary")])
+            self.assert_decrypts(w, s1a)
+
+        # 6. Compromised: purged on both; its ciphertexts are NOT_FOUND
+        self.kms.compromise(v1)
+        self.wait_roles(hosts, {v2: "primary"})
+        for w in hosts:
+            self.assert_keys(w, [(v2, "primary")])
+            for ct, kid, _ in (s1a, s1b):
+                self.assertEqual(t.rpc_code(t.decrypt, w.stub(), ct, kid), StatusCode.NOT_FOUND,
+                                 "%s: decrypt under the compromised %s" % (w.cn, kid))
+            self.assert_serving(w, kid2)
+            self.assert_decrypts(w, s2a)
+
+        # 7. Destroyed (a staged version withdrawn): purged too
+        v3 = self.kms.create_version(GROUP)
+        self.wait_roles(hosts, {v2: "primary", v3: "staged"})
+        self.kms.destroy(v3)
+        self.wait_roles(hosts, {v2: "primary"})
+        for w in hosts:
+            self.assert_serving(w, kid2)
+            self.assertTrue(w.alive(), w.log())
+
+    def test_ctl_sync_syncs_now(self):
+        a = self.host("node-a", sync_interval="1h")
+        self.wait_synced(a)
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        r = a.ctl("sync")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(r.stdout.strip(), "sync printed nothing")
+        self.assertNotIn("no change", r.stdout.lower())
+        # synced when the command returns: no waiting for the next interval
+        self.assert_keys(a, [(v1, "primary")])
+        self.assert_serving(a, self.key_id(v1))
+        r = a.ctl("sync")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("no change", r.stdout.lower())
+        v2 = self.kms.create_version(GROUP)
+        r = a.ctl("sync")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertNotIn("no change", r.stdout.lower())
+        self.assert_keys(a, [(v1, "primary"), (v2, "staged")])
+
+    def test_staged_version_decrypts(self):
+        """A host that synced a version while it was Pre-Active decrypts what a
+        host that already promoted it encrypted (rotation's first phase)."""
+        a = self.host("node-a")
+        b = self.host("node-b", sync_interval="1h")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        self.wait_primary((a,), v1)
+        b.ctl("sync", check=True)
+        v2 = self.kms.create_version(GROUP)
+        b.ctl("sync", check=True)
+        self.assert_keys(b, [(v1, "primary"), (v2, "staged")])
+        self.kms.activate(v2)
+        kid2 = self.wait_primary((a,), v2)
+        sealed = self.seal(a)
+        self.assertEqual(sealed[1], kid2)
+        self.assert_decrypts(b, sealed)
+        self.assert_keys(b, [(v1, "primary"), (v2, "staged")])    # b has not synced since
+        self.assertEqual(t.status(b.stub()).key_id, self.key_id(v1))
+
+    def test_key_material_changed_under_same_uid(self):
+        self.skipTest("PyKMIP cannot change a key's material under the same Unique "
+                      "Identifier (values are immutable, identifiers never reused)")
+
+
+class OutageTest(FleetCase):
+    def test_central_down_keeps_serving_then_resumes(self):
+        a = self.host("node-a")
+        b = self.host("node-b")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        kid1 = self.wait_primary((a, b), v1)
+        sealed = self.seal(a)
+
+        self.kms.stop()
+        t_stop = time.monotonic()
+        for w in (a, b):
+            self.assert_serving(w, kid1)
+        for w in (a, b):
+            ep = k.wait_for(lambda w=w: (lambda e: e if e["last_error"] else None)(
+                w.endpoint_health(self.kms.endpoint)), CONVERGE,
+                "%s: the endpoint's failure in status --json" % w.cn)
+            self.assertGreaterEqual(ep["consecutive_failures"], 1, ep)
+            self.assertRegex(ep["last_success"], RFC3339, ep)
+        for w in (a, b):
+            c = w.central()
+            self.assertRegex(c["last_sync"], RFC3339, c)
+            s0 = c["staleness_seconds"]
+            self.assertIsInstance(s0, (int, float))
+            self.assertGreaterEqual(s0, 0)
+            k.wait_for(lambda w=w, s0=s0: w.central()["staleness_seconds"] > s0, 4.0,
+                       "%s: staleness growing past %r" % (w.cn, s0))
+            # still fully serving, cross-host too, Status healthy
+            self.assert_serving(w, kid1)
+            self.assert_decrypts(w, sealed)
+            self.assertTrue(w.alive(), w.log())
+        self.assertGreater(time.monotonic() - t_stop, 1.0)
+
+        self.kms.start()
+        v2 = self.kms.create_version(GROUP)
+        for w in (a, b):
+            k.wait_for(lambda w=w: w.endpoint_health(self.kms.endpoint)["last_error"] == "",
+                       RECOVER, "%s: sync resumed (last_error empty)" % w.cn)
+        self.wait_roles((a, b), {v1: "primary", v2: "staged"}, RECOVER)
+        for w in (a, b):
+            ep = w.endpoint_health(self.kms.endpoint)
+            self.assertEqual(ep["consecutive_failures"], 0, ep)
+            self.assertLess(w.central()["staleness_seconds"], 5, w.central())
+            self.assert_serving(w, kid1)
+
+    def test_max_staleness_stops_encrypt_until_recovery(self):
+        a = self.host("node-a", max_staleness="3s")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        kid1 = self.wait_primary((a,), v1)
+        sealed = self.seal(a)
+        stub = a.stub()
+
+        self.kms.stop()
+        t_stop = time.monotonic()
+        self.assertEqual(t.status(stub).healthz, "ok")      # not stale yet
+        st = k.wait_for(lambda: (lambda s: s if s.healthz != "ok" else None)(t.status(stub)),
+                        15, "healthz no longer ok with max_staleness = 3s")
+        self.assertGreater(time.monotonic() - t_stop, 1.5,
+                           "unhealthy before max_staleness could have passed")
+        self.assertTrue(st.healthz.startswith("central KMS unreachable"), st.healthz)
+        self.assertEqual(t.rpc_code(t.encrypt, stub, secrets.token_bytes(32)),
+                         StatusCode.UNAVAILABLE)
+        self.assertTrue(a.alive(), a.log())
+
+        self.kms.start()
+        k.wait_for(lambda: t.status(stub).healthz == "ok", RECOVER,
+                   "healthz ok again after the central KMS is back")
+        self.assert_serving(a, kid1)
+        self.assert_decrypts(a, sealed)
+
+    def test_failover_to_second_endpoint(self):
+        dead = "127.0.0.1:%d" % k.dead_port()
+        a = self.host("node-a", endpoints=[dead, self.kms.endpoint])
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        kid1 = self.wait_primary((a,), v1)
+        self.assert_serving(a, kid1)
+        eps = a.central()["endpoints"]
+        self.assertEqual([e["name"] for e in eps], [dead, self.kms.endpoint])
+        bad, good = eps
+        self.assertNotEqual(bad["last_error"], "", bad)
+        self.assertGreaterEqual(bad["consecutive_failures"], 1, bad)
+        self.assertEqual(bad["last_success"], "", bad)
+        self.assertEqual(good["last_error"], "", good)
+        self.assertRegex(good["last_success"], RFC3339, good)
+
+
+class TlsTest(FleetCase):
+    """A broken TLS setup: the daemon stays up, says what is wrong for the
+    endpoint, and keeps serving the keys it cached with a good one."""
+
+    def cached_then_broken(self, breaker, error_re):
+        a = self.host("node-a")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        kid1 = self.wait_primary((a,), v1)
+        sealed = self.seal(a)
+        self.assertEqual(a.stop_daemon(), 0, a.log())
+        breaker(a)
+        a.write_config()
+        log_off = self.kms.log_offset()
+        a.start_daemon()
+        v2 = self.kms.create_version(GROUP)     # must not reach this host
+        ep = k.wait_for(lambda: (lambda e: e if e["last_error"] else None)(
+            a.endpoint_health(self.kms.endpoint)), CONVERGE,
+            "an endpoint error in status --json")
+        self.assertRegex(ep["last_error"], error_re, ep)
+        self.assertGreaterEqual(ep["consecutive_failures"], 1, ep)
+        time.sleep(1.5)                          # a few more failed rounds
+        self.assertTrue(a.alive(), a.log())
+        self.assert_keys(a, [(v1, "primary")])
+        self.assert_serving(a, kid1)
+        self.assert_decrypts(a, sealed)
+        self.assertNotIn(v2, a.roles())
+        return log_off
+
+    def test_wrong_ca(self):
+        def breaker(a):
+            a.ca = PKI.crt("ca2")
+        self.cached_then_broken(breaker, re.compile(r"verif|certificate|unknown ca", re.I))
+
+    def test_client_cert_rejected(self):
+        def breaker(a):
+            a.cert, a.key = PKI.crt("noeku"), PKI.key("noeku")
+        self.cached_then_broken(
+            breaker, re.compile(r"authenticat|certificate|handshake|permission|denied", re.I))
+
+    def test_server_cert_for_another_name(self):
+        def breaker(a):
+            self.kms.restart(server_cert="server-other")
+        self.cached_then_broken(breaker, re.compile(r"mismatch|hostname|name", re.I))
+
+
+class OnDemandTest(FleetCase):
+    def test_unknown_key_id_syncs_on_demand(self):
+        a = self.host("node-a")
+        b = self.host("node-b", sync_interval="1h")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        self.wait_primary((a,), v1)
+        b.ctl("sync", check=True)
+        self.assert_keys(b, [(v1, "primary")])
+        v2 = self.kms.create_version(GROUP)
+        self.kms.activate(v2)
+        kid2 = self.wait_primary((a,), v2)
+        self.assertNotIn(v2, b.roles())          # b has not seen v2
+        ct, kid, pt = self.seal(a)
+        self.assertEqual(kid, kid2)
+        t0 = time.monotonic()
+        got = t.decrypt(b.stub(), ct, kid, timeout=APISERVER_DEADLINE)
+        self.assertLess(time.monotonic() - t0, APISERVER_DEADLINE)
+        self.assertEqual(got, pt)
+        self.assertEqual(b.roles(), {v1: "retired", v2: "primary"})
+
+    def test_unknown_key_id_not_found_and_rate_limited(self):
+        b = self.host("node-b", sync_interval="1h")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        b.ctl("sync", check=True)
+        kid1 = self.key_id(v1)
+        self.assert_serving(b, kid1)
+        ct, _, _ = self.seal(b)
+        time.sleep(0.5)                          # let the last session's lines land
+        off = self.kms.log_offset()
+        on_demand0 = b.central().get("on_demand")
+        daemon_log_off = len(b.log())
+        bogus = "kmip:%s/%s.%s" % (GROUP, "999999", "0123456789abcdef")
+        stub = b.stub()
+        t0 = time.monotonic()
+        codes = []
+        for _ in range(20):
+            s = time.monotonic()
+            codes.append(t.rpc_code(t.decrypt, stub, ct, bogus, timeout=APISERVER_DEADLINE))
+            self.assertLess(time.monotonic() - s, APISERVER_DEADLINE)
+        burst = time.monotonic() - t0
+        self.assertEqual(codes, [StatusCode.NOT_FOUND] * 20)
+        self.assertLess(burst, 2.5, "20 unknown-id Decrypts took %.1fs" % burst)
+        time.sleep(1.0)                          # any sync the burst triggered has run
+        syncs = self.kms.sessions_from("node-b", off)
+        lines = [ln for ln in b.log()[daemon_log_off:].splitlines() if re.search("sync", ln, re.I)]
+        self.assertGreaterEqual(len(syncs), 1,
+                                "an unknown key id triggered no sync; daemon log:\n%s"
+                                % "\n".join(lines))
+        self.assertLessEqual(len(syncs), 2,
+                             "%d KMIP connections for 20 unknown-id Decrypts in %.1fs; "
+                             "daemon log:\n%s" % (len(syncs), burst, "\n".join(lines)))
+        on_demand = [ln for ln in lines if re.search(r"demand", ln, re.I)]
+        self.assertLessEqual(len(on_demand), 2, "\n".join(lines))
+        if on_demand0 is not None:               # status --json counts them too
+            self.assertLessEqual(b.central()["on_demand"] - on_demand0, 2, b.central())
+        self.assert_serving(b, kid1)
+
+
+class MeasuredBootTest(FleetCase):
+    def test_refused_host_does_not_sync(self):
+        a = self.host("node-a")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        kid1 = self.wait_primary((a,), v1)
+        sealed = self.seal(a)
+        self.assertEqual(a.stop_daemon(), 0, a.log())
+        a.tpm.pcr_extend(7)
+        off = self.kms.log_offset()
+        a.write_config()
+        a.start_daemon()
+        stub = a.stub()
+        js = a.status_json()
+        self.assertEqual(js["state"], "refused", js)
+        self.assertTrue(t.status(stub).healthz.startswith("sealed cache:"))
+        self.assertEqual(t.rpc_code(t.decrypt, stub, sealed[0], kid1),
+                         StatusCode.FAILED_PRECONDITION)
+        # an unknown key id must not make it fetch either
+        self.assertEqual(t.rpc_code(t.decrypt, stub, sealed[0], "kmip:%s/424242.0123456789abcdef"
+                                    % GROUP), StatusCode.FAILED_PRECONDITION)
+        a.ctl("sync")                           # whatever it answers, it must not fetch
+        time.sleep(3.5)                          # three sync intervals
+        self.assertEqual(self.kms.sessions_from("node-a", off), set(),
+                         "a host refused for measured boot talked to the central KMS")
+        self.assertTrue(a.alive(), a.log())
+        self.assertEqual(a.status_json()["state"], "refused")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,99 @@
+/* libFuzzer target: the TTLV decoder (agent/ttlv.c) and every KMIP response
+ * parser (agent/kmip.c) on arbitrary bytes. Seeds: real PyKMIP responses from
+ * KMIP_INTEROP_CORPUS=DIR /usr/bin/python3 tests/unit/kmip-interop.py HELPER.
+ *
+ * Beyond "no crash": anything ttlv_parse() accepts must be walkable to the
+ * leaves with every accessor agreeing with the item's type, and a parser that
+ * fails must leave nothing behind (a Get's key wiped, counts zero). */
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "agent/kmip.h"
+#include "agent/ttlv.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static void walk(const struct ttlv_item *item) {
+        struct ttlv_iter it;
+        struct ttlv_item child;
+        const uint8_t *p;
+        const char *s;
+        size_t n;
+        int32_t i32;
+        int64_t i64;
+        uint32_t u32;
+        bool b;
+        char buf[64];
+        int r;
+
+        /* exactly one typed accessor accepts each item */
+        int ok = (ttlv_get_integer(item, &i32) == 0) + (ttlv_get_long(item, &i64) == 0) +
+                 (ttlv_get_enum(item, &u32) == 0) + (ttlv_get_bool(item, &b) == 0) +
+                 (ttlv_get_datetime(item, &i64) == 0) + (ttlv_get_interval(item, &u32) == 0) +
+                 (ttlv_get_text(item, &s, &n) == 0) + (ttlv_get_bytes(item, &p, &n) == 0) +
+                 (item->type == TTLV_STRUCTURE);
+        if (ok != 1)
+                abort();
+        r = ttlv_copy_text(item, buf, sizeof(buf));
+        if (r >= 0 && (item->type != TTLV_TEXT_STRING || strlen(buf) != (size_t) r))
+                abort();
+
+        if (item->type != TTLV_STRUCTURE)
+                return;
+        if (ttlv_iter_init(&it, item) < 0)
+                abort();
+        while ((r = ttlv_iter_next(&it, &child)) > 0) {
+                if (child.depth != item->depth + 1 || child.depth > TTLV_DEPTH_MAX)
+                        abort();
+                walk(&child);
+        }
+        if (r < 0)              /* ttlv_parse() validated all of it */
+                abort();
+        if (ttlv_count(item, 0) < 0)
+                abort();
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+        struct ttlv_item root;
+        struct kmip_error err;
+        struct kmip_version versions[KMIP_VERSIONS_MAX];
+        static char ids[16][KMIP_ID_MAX];
+        char uid[KMIP_ID_MAX];
+        uint8_t key[KMIP_KEY_SIZE];
+        static const uint8_t zero[KMIP_KEY_SIZE];
+        struct kmip_key_attributes attr;
+        size_t n;
+        int r;
+
+        if (ttlv_parse(data, size, &root) == 0)
+                walk(&root);
+        if (size >= KMIP_HEADER_SIZE) {
+                r = kmip_message_length(data);
+                if (r >= 0 && (r < KMIP_HEADER_SIZE || (size_t) r > KMIP_MESSAGE_MAX))
+                        abort();
+        }
+
+        r = kmip_response_discover_versions(data, size, versions, KMIP_VERSIONS_MAX, &n, &err);
+        if ((r < 0 && n != 0) || n > KMIP_VERSIONS_MAX)
+                abort();
+        r = kmip_response_locate(data, size, ids, 16, &n, &err);
+        if ((r < 0 && n != 0) || n > 16)
+                abort();
+        for (size_t i = 0; r >= 0 && i < n; i++)
+                if (ids[i][0] == 0 || strlen(ids[i]) >= KMIP_ID_MAX)
+                        abort();
+        memset(key, 0xAA, sizeof(key));
+        r = kmip_response_get_symmetric_key(data, size, uid, key, &err);
+        if (r < 0 && memcmp(key, zero, sizeof(key)) != 0)
+                abort();
+        if (r == -EREMOTEIO && strlen(err.message) >= sizeof(err.message))
+                abort();
+        r = kmip_response_get_attributes(data, size, &attr, &err);
+        if (r < 0 && attr.uid[0] != 0)
+                abort();
+        return 0;
+}

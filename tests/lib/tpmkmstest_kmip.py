@@ -1,0 +1,543 @@
+"""A real central KMS for the fleet tests: PyKMIP 0.10's server on 127.0.0.1.
+
+    pki = Pki()                       # test CAs and certificates (openssl), once
+    kms = KmipServer(pki)             # free port, own sqlite database, own log
+    kms.start()                       # waits until the operation policy is loaded
+    uid = kms.create_version("cluster-a-kek")   # as CN=kms-admin: Pre-Active
+    kms.activate(uid)
+    w = FleetWorld(self, kms, cn="node-a")      # a tpmkmsd with [central] type = kmip
+    w.start()
+    kms.stop(); kms.start()           # an outage on the same port and database
+
+PyKMIP runs as /usr/bin/python3 (Debian's python3-pykmip) in its own session
+(setsid: it forks a policy monitor and a manager), is stopped with SIGINT
+(SIGTERM waits for a 10 s accept timeout) and then its process group is
+killed. It gets SIGINT when the test process dies (PR_SET_PDEATHSIG) and is
+stopped at interpreter exit, so no server outlives its test.
+
+Every key the admin creates uses the operation policy "shared" (Get,
+GetAttributes, Locate allowed to every authenticated client): that is how
+several hosts, each with its own client certificate, read the same KEK
+versions. The owner of an object is the CN of the client certificate that
+created it.
+"""
+import atexit
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpmkmstest as t  # noqa: E402
+
+PYKMIP_PYTHON = "/usr/bin/python3"     # the python that has Debian's kmip module
+PYKMIP_SERVER = "/usr/bin/pykmip-server"
+START_TIMEOUT = 20
+STOP_TIMEOUT = 15
+KCV_LABEL = b"tpmkms key check value v1"    # agent/keyring.h, key_id_make
+
+SHARED_POLICY = """{
+  "shared": {
+    "preset": {
+      "SYMMETRIC_KEY": {
+        "LOCATE": "ALLOW_ALL",
+        "CHECK": "ALLOW_ALL",
+        "GET": "ALLOW_ALL",
+        "GET_ATTRIBUTES": "ALLOW_ALL",
+        "GET_ATTRIBUTE_LIST": "ALLOW_ALL",
+        "ADD_ATTRIBUTE": "ALLOW_OWNER",
+        "MODIFY_ATTRIBUTE": "ALLOW_OWNER",
+        "DELETE_ATTRIBUTE": "ALLOW_OWNER",
+        "SET_ATTRIBUTE": "ALLOW_OWNER",
+        "ACTIVATE": "ALLOW_OWNER",
+        "REVOKE": "ALLOW_OWNER",
+        "DESTROY": "ALLOW_OWNER"
+      }
+    }
+  }
+}
+"""
+
+
+def _kmip():
+    """PyKMIP's modules (imported late: only the fleet tests need them)."""
+    warnings.simplefilter("ignore")     # PyKMIP 0.10 warns about ssl.wrap_socket
+    try:
+        from kmip.pie.client import ProxyKmipClient
+        from kmip.core import enums
+        from kmip.core import objects as cobjects
+        from kmip.core.factories import attributes as attr_factory
+    except ImportError as e:
+        raise RuntimeError("PyKMIP missing (%s): install python3-pykmip and run the "
+                           "tests with /usr/bin/python3" % e)
+    return ProxyKmipClient, enums, cobjects, attr_factory
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dead_port():
+    """A loopback port nothing listens on (connect is refused)."""
+    return free_port()
+
+
+# --- certificates ---------------------------------------------------------
+
+class Pki:
+    """Throwaway certificates made with openssl in a temp dir:
+
+    ca            the test CA (signs everything below except ca2's)
+    server        KMIP server cert, SAN IP:127.0.0.1, DNS:localhost, EKU serverAuth
+    server-other  a server cert of the same CA for another name (kms.other.example,
+                  IP 192.0.2.7): a client dialing 127.0.0.1 must refuse it
+    node-a/b      host client certs (CN=node-a, CN=node-b), EKU clientAuth
+    kms-admin     the operator's client cert that creates the KEK versions
+    noeku         a client cert of the test CA without the clientAuth EKU
+                  (no EKU extension at all): PyKMIP refuses it
+    ca2           a second, unrelated CA (a daemon trusting only it must refuse
+                  the server)
+    Keys are mode 0600 (the daemon refuses a key file others can read)."""
+
+    CLIENTS = ("node-a", "node-b", "node-c", "kms-admin")
+
+    def __init__(self, directory=None):
+        self.owns_dir = directory is None
+        self.dir = directory or tempfile.mkdtemp(prefix="tpmkms-pki-")
+        self._make()
+
+    def crt(self, name):
+        return os.path.join(self.dir, name + ".crt")
+
+    def key(self, name):
+        return os.path.join(self.dir, name + ".key")
+
+    def _openssl(self, *args):
+        r = subprocess.run(["openssl"] + list(args), cwd=self.dir, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError("openssl %s: %s" % (" ".join(args), r.stderr))
+        return r.stdout
+
+    def _ca(self, name, cn):
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
+                      "-days", "30", "-keyout", self.key(name), "-out", self.crt(name),
+                      "-subj", "/CN=" + cn,
+                      "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+    def _leaf(self, name, cn, ext_lines, ca="ca"):
+        ext = os.path.join(self.dir, name + ".ext")
+        with open(ext, "w") as f:
+            f.write("basicConstraints=CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature,keyEncipherment\n")
+            f.write("".join(line + "\n" for line in ext_lines))
+        csr = os.path.join(self.dir, name + ".csr")
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key(name),
+                      "-out", csr, "-subj", "/CN=" + cn)
+        self._openssl("x509", "-req", "-in", csr, "-CA", self.crt(ca), "-CAkey", self.key(ca),
+                      "-CAcreateserial", "-days", "30", "-sha256", "-extfile", ext,
+                      "-out", self.crt(name))
+
+    def _make(self):
+        self._ca("ca", "tpmkms test KMIP CA")
+        self._ca("ca2", "tpmkms unrelated CA")
+        self._leaf("server", "127.0.0.1", ["extendedKeyUsage=serverAuth",
+                                           "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        self._leaf("server-other", "kms.other.example",
+                   ["extendedKeyUsage=serverAuth",
+                    "subjectAltName=DNS:kms.other.example,IP:192.0.2.7"])
+        for cn in self.CLIENTS:
+            self._leaf(cn, cn, ["extendedKeyUsage=clientAuth"])
+        self._leaf("noeku", "node-noeku", [])
+        for n in os.listdir(self.dir):
+            if n.endswith(".key"):
+                os.chmod(os.path.join(self.dir, n), 0o600)
+        self._openssl("verify", "-CAfile", self.crt("ca"), self.crt("server"),
+                      self.crt("server-other"), self.crt("node-a"), self.crt("noeku"))
+
+    def close(self):
+        if self.owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- the server -------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_running = set()
+
+
+def _sigint_with_parent():
+    """preexec_fn (after setsid): SIGINT the server if the test process dies."""
+    _libc.prctl(1, signal.SIGINT, 0, 0, 0)    # PR_SET_PDEATHSIG
+
+
+@atexit.register
+def _stop_all():
+    for s in list(_running):
+        try:
+            s.stop()
+        except Exception:   # noqa: BLE001  best effort at exit
+            pass
+
+
+class KmipServer:
+    """PyKMIP 0.10 on 127.0.0.1:port, TLS 1.2, client certificates required."""
+
+    def __init__(self, pki, testcase=None, port=None, directory=None):
+        self.pki = pki
+        self.port = port or free_port()
+        self.owns_dir = directory is None
+        self.dir = directory or tempfile.mkdtemp(prefix="tpmkms-kmip-")
+        self.policy_dir = os.path.join(self.dir, "policies")
+        os.makedirs(self.policy_dir, exist_ok=True)
+        with open(os.path.join(self.policy_dir, "shared.json"), "w") as f:
+            f.write(SHARED_POLICY)
+        self.db = os.path.join(self.dir, "pykmip.db")
+        self.log_path = os.path.join(self.dir, "server.log")
+        self.stdout_path = os.path.join(self.dir, "stdout.log")
+        self.proc = None
+        self.server_cert = "server"
+        self._last_create = 0
+        if testcase is not None:
+            testcase.addCleanup(self.close)
+
+    @property
+    def endpoint(self):
+        return "127.0.0.1:%d" % self.port
+
+    def _write_conf(self):
+        conf = os.path.join(self.dir, "server.conf")
+        with open(conf, "w") as f:
+            f.write("[server]\nhostname=127.0.0.1\nport=%d\n"
+                    "certificate_path=%s\nkey_path=%s\nca_path=%s\n"
+                    "auth_suite=TLS1.2\npolicy_path=%s\nenable_tls_client_auth=True\n"
+                    "logging_level=INFO\ndatabase_path=%s\n"
+                    % (self.port, self.pki.crt(self.server_cert), self.pki.key(self.server_cert),
+                       self.pki.crt("ca"), self.policy_dir, self.db))
+        return conf
+
+    def _log_size(self):
+        try:
+            return os.path.getsize(self.log_path)
+        except FileNotFoundError:
+            return 0
+
+    def start(self, server_cert="server"):
+        """Start (again: same port, same database) presenting server_cert (a Pki
+        name); returns when it accepts connections with the policy loaded."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.server_cert = server_cert
+        conf = self._write_conf()
+        offset = self._log_size()
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        self._stdout = open(self.stdout_path, "ab")
+        for attempt in range(20):
+            self.proc = subprocess.Popen(
+                [PYKMIP_PYTHON, PYKMIP_SERVER, "-f", conf, "-l", self.log_path],
+                stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True, preexec_fn=_sigint_with_parent)
+            _running.add(self)
+            try:
+                self._wait_ready(offset)
+                return self
+            except _BindFailed:
+                # the port is still held (a previous run's TIME_WAIT is fine with
+                # SO_REUSEADDR, a lingering child is not): wait, try again
+                self._kill_group()
+                time.sleep(0.25)
+                offset = self._log_size()
+        raise RuntimeError("PyKMIP could not bind %s:\n%s" % (self.endpoint, self.log(offset)))
+
+    def _wait_ready(self, offset):
+        """Ready = "Starting connection service" logged (listen() done) and the
+        policy file loaded (~1 s after start): objects with the "shared" policy are
+        invisible before that. No TCP probes: they log handshake tracebacks."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            new = self.log(offset)
+            if "failed to bind" in new:
+                raise _BindFailed()
+            if self.proc.poll() is not None:
+                raise RuntimeError("PyKMIP exited with %d:\n%s\n%s"
+                                   % (self.proc.returncode, new, self._stdout_text()))
+            if "Starting connection service" in new and \
+                    "Loading policies for file" in new and "shared.json" in new:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("PyKMIP not ready within %ds:\n%s" % (START_TIMEOUT, self.log(offset)))
+
+    def _stdout_text(self):
+        try:
+            with open(self.stdout_path, "rb") as f:
+                return f.read().decode(errors="replace")[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def _kill_group(self):
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop(self):
+        """SIGINT (it stops in 1-2 s), SIGKILL after STOP_TIMEOUT, then kill
+        whatever is left of its process group (the policy monitor, the manager)."""
+        if self.proc is None:
+            return
+        p = self.proc
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+        _running.discard(self)
+        if getattr(self, "_stdout", None) is not None:
+            self._stdout.close()
+            self._stdout = None
+        # the port must be free again before anyone (start, a test) relies on it
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2):
+                    pass
+                time.sleep(0.05)
+            except OSError:
+                break
+
+    def restart(self, server_cert="server"):
+        self.stop()
+        return self.start(server_cert)
+
+    def log(self, offset=0):
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_offset(self):
+        return self._log_size()
+
+    def requests_from(self, cn, offset=0):
+        """How many KMIP requests the client cert CN=cn made since log offset."""
+        return len(re.findall(r"Session client identity: %s\b" % re.escape(cn), self.log(offset)))
+
+    def sessions_from(self, cn, offset=0):
+        """The KMIP connections (PyKMIP sessions) that authenticated as CN=cn
+        since log offset: tpmkmsd opens one connection per sync."""
+        return set(re.findall(r"kmip\.server\.session\.(\S+) - INFO - Session client identity: %s\s"
+                              % re.escape(cn), self.log(offset)))
+
+    def operations(self, name, offset=0):
+        """How many times the engine processed operation `name` since offset."""
+        return len(re.findall(r"Processing operation: %s\b" % re.escape(name), self.log(offset)))
+
+    def close(self):
+        self.stop()
+        if self.owns_dir and not os.environ.get("TPMKMS_KEEP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif self.owns_dir:
+            sys.stderr.write("kept %s\n" % self.dir)
+
+    # --- the operator: PyKMIP's own client as CN=kms-admin -----------------
+
+    def client(self, cn="kms-admin"):
+        ProxyKmipClient, enums, _, _ = _kmip()
+        return ProxyKmipClient(hostname="127.0.0.1", port=self.port,
+                               cert=self.pki.crt(cn), key=self.pki.key(cn),
+                               ca=self.pki.crt("ca"), ssl_version="PROTOCOL_TLSv1_2",
+                               kmip_version=enums.KMIPVersion.KMIP_1_2,
+                               config_file="/dev/null")   # no ~/.pykmip or /etc/pykmip
+
+    def create_version(self, group, distinct_second=True):
+        """A new KEK version: AES-256, Object Group = group, policy "shared",
+        state Pre-Active. Returns its Unique Identifier.
+
+        distinct_second: PyKMIP's Initial Date has 1 s resolution and its
+        identifiers are decimal ("9" < "10" as strings): wait for a new second so
+        that the creation order is the Initial Date order, unambiguously."""
+        _, enums, cobjects, attr_factory = _kmip()
+        if distinct_second:
+            while int(time.time()) <= self._last_create:
+                time.sleep(0.02)
+        af = attr_factory.AttributeFactory()
+        with self.client() as c:
+            attrs = c._build_key_attributes(enums.CryptographicAlgorithm.AES, 256,
+                                            [enums.CryptographicUsageMask.ENCRYPT,
+                                             enums.CryptographicUsageMask.DECRYPT])
+            attrs.extend(c._build_common_attributes("shared"))
+            attrs.append(af.create_attribute(enums.AttributeType.OBJECT_GROUP, group))
+            attrs.append(af.create_attribute(enums.AttributeType.NAME,
+                                             "%s-%d" % (group, int(time.time() * 1000))))
+            r = c.proxy.create(enums.ObjectType.SYMMETRIC_KEY,
+                               cobjects.TemplateAttribute(attributes=attrs))
+            if r.result_status.value != enums.ResultStatus.SUCCESS:
+                raise RuntimeError("KMIP Create failed: %s %s"
+                                   % (r.result_reason, r.result_message))
+            uid = r.uuid
+        self._last_create = int(time.time())
+        return uid
+
+    def activate(self, uid):
+        with self.client() as c:
+            c.activate(uid)
+
+    def deactivate(self, uid):
+        """Revoke (Cessation of Operation): Deactivated, still readable."""
+        _, enums, _, _ = _kmip()
+        with self.client() as c:
+            c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid, "rotated")
+
+    def compromise(self, uid):
+        """Revoke (Key Compromise): Compromised."""
+        _, enums, _, _ = _kmip()
+        with self.client() as c:
+            c.revoke(enums.RevocationReasonCode.KEY_COMPROMISE, uid, "compromised")
+
+    def destroy(self, uid):
+        with self.client() as c:
+            c.destroy(uid)
+
+    def get(self, uid, cn="kms-admin"):
+        """The key material (32 bytes)."""
+        with self.client(cn) as c:
+            return bytes(c.get(uid).value)
+
+    def state(self, uid):
+        """The KMIP State's name, e.g. "PRE_ACTIVE"."""
+        with self.client() as c:
+            attrs = c.get_attributes(uid, ["State"])[1]
+            return attrs[0].attribute_value.value.name
+
+    def locate(self, group, cn="kms-admin"):
+        _, enums, _, attr_factory = _kmip()
+        af = attr_factory.AttributeFactory()
+        with self.client(cn) as c:
+            return c.locate(attributes=[af.create_attribute(enums.AttributeType.OBJECT_GROUP,
+                                                            group)])
+
+
+class _BindFailed(Exception):
+    pass
+
+
+def key_check_value(kek):
+    """The 16 hex digits a key id ends with (agent/keyring.h)."""
+    import hashlib
+    import hmac
+    return hmac.new(kek, KCV_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+# --- a host in fleet mode ----------------------------------------------------
+
+class FleetWorld(t.World):
+    """A tpmkmsd whose [central] section points at KMIP endpoints.
+
+    tpmkmstest.World writes "[central] type = none" itself; this subclass writes
+    the whole config instead (same [kms], [tpm], [state], [control], [metrics]).
+    Attributes may be changed between restarts (restart_daemon rewrites the
+    config): endpoints, ca, cert, key, group, sync_interval, timeout,
+    max_staleness (None: not written, the daemon's default)."""
+
+    def __init__(self, testcase, kms, cn="node-a", group="cluster-a-kek",
+                 sync_interval="1s", timeout="2s", max_staleness=None,
+                 endpoints=None, ca="ca", tpm=None, pcrs="sha256:7"):
+        super().__init__(testcase, tpm=tpm, pcrs=pcrs)
+        self.kms = kms
+        self.cn = cn
+        self.endpoints = endpoints or [kms.endpoint]
+        self.ca = kms.pki.crt(ca)
+        self.cert = kms.pki.crt(cn)
+        self.key = kms.pki.key(cn)
+        self.group = group
+        self.sync_interval = sync_interval
+        self.timeout = timeout
+        self.max_staleness = max_staleness
+
+    def write_config(self, kms_sock=None, tcti=None, ctl_sock=None, state_dir=None):
+        central = ("[central]\ntype = kmip\nendpoints = %s\nca_file = %s\ncert_file = %s\n"
+                   "key_file = %s\nkey_group = %s\nsync_interval = %s\ntimeout = %s\n"
+                   % (", ".join(self.endpoints), self.ca, self.cert, self.key, self.group,
+                      self.sync_interval, self.timeout))
+        if self.max_staleness is not None:
+            central += "max_staleness = %s\n" % self.max_staleness
+        with open(self.config, "w") as f:
+            f.write("[kms]\nsocket = %s\nallowed_uids = 0\n"
+                    "[tpm]\ntcti = %s\npcrs = %s\n"
+                    "[state]\ndir = %s\n"
+                    "%s"
+                    "[control]\nsocket = %s\n"
+                    "[metrics]\nlisten =\n%s"
+                    % (kms_sock or self.kms_sock, tcti or self.tpm.tcti, self.pcrs,
+                       state_dir or self.state_dir, central, ctl_sock or self.ctl_sock,
+                       self.extra_config))
+        return self.config
+
+    # views of `tpmkmsctl status --json`
+
+    def keys(self):
+        """{central_id: key dict} of the cached versions."""
+        return {k["central_id"]: k for k in self.status_json()["keys"]}
+
+    def roles(self):
+        """{central_id: role}."""
+        return {cid: k["role"] for cid, k in self.keys().items()}
+
+    def central(self):
+        return self.status_json()["central"]
+
+    def endpoint_health(self, name):
+        for e in self.central()["endpoints"]:
+            if e["name"] == name:
+                return e
+        raise AssertionError("endpoint %s not in status --json: %r" % (name, self.central()))
+
+    def sync_lines(self):
+        return [ln for ln in self.log().splitlines() if re.search(r"sync", ln, re.I)]
+
+
+def wait_for(pred, timeout, what, interval=0.1):
+    """Poll pred() until it returns something true; returns that value. On the
+    deadline raise AssertionError naming what and the last value seen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = pred()
+            if last:
+                return last
+        except (AssertionError, KeyError, ValueError) as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s: not within %.1fs (last: %r)" % (what, timeout, last))
+        time.sleep(interval)
