@@ -132,6 +132,12 @@ static int sync_compute(struct sync *s, struct central_key *ck, size_t n, const 
 
                 if (!state_has_material(a->state))
                         continue;   /* compromised or destroyed: purged below */
+                if (!ck[i].has_material && (a->algorithm != 3 || a->length != 256)) {
+                        /* Not an AES-256 key: cannot be a KEK version. */
+                        log_warning("Central key %s in group %s is not AES-256 (algorithm %d, %d bits): ignored",
+                                    a->uid, s->config->key_group, a->algorithm, a->length);
+                        continue;
+                }
                 if (!ck[i].has_material) {
                         snprintf(err, err_size, "central key %s (%s) came without key material",
                                  a->uid, kmip_state_to_string(a->state));
