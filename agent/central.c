@@ -454,7 +454,8 @@ static uint64_t backoff_usec(const struct central_client *cc, unsigned failures)
 
 /* Record the outcome of one attempt at endpoint i. A failure the server
  * itself answered (-EREMOTEIO: Permission Denied, ...) counts as a failure
- * but not for backoff: the endpoint is up and speaking KMIP. */
+ * (the endpoint is failing us) but puts it in no backoff: it is up and
+ * speaking KMIP, and retrying it is cheap and will show when it is fixed. */
 static void record_attempt(struct central_client *cc, size_t i, int r, uint64_t start_usec, const char *err) {
         struct central_endpoint_health *h = &cc->health[i];
         uint64_t now = tls_now_usec(), real = now_realtime_usec();
@@ -471,13 +472,8 @@ static void record_attempt(struct central_client *cc, size_t i, int r, uint64_t 
         } else {
                 h->failures++;
                 h->last_failure_usec = real;
-                if (r == -EREMOTEIO) {
-                        h->consecutive_failures = 0;
-                        h->next_attempt_usec = 0;
-                } else {
-                        h->consecutive_failures++;
-                        h->next_attempt_usec = now + backoff_usec(cc, h->consecutive_failures);
-                }
+                h->consecutive_failures++;
+                h->next_attempt_usec = r == -EREMOTEIO ? 0 : now + backoff_usec(cc, h->consecutive_failures);
                 /* The entry is named already: drop "host:port: " from err. */
                 l = strlen(h->name);
                 if (strncmp(err, h->name, l) == 0 && err[l] == ':' && err[l + 1] == ' ')

@@ -304,8 +304,8 @@ static void test_central_fetch_client_cert_rejected(void **state) {
         assert_int_equal(central_client_health(cc, h, 2), 2);
         assert_int_equal(h[0].requests, 1);
         assert_int_equal(h[0].failures, 1);
-        assert_int_equal(h[0].consecutive_failures, 0);
-        assert_int_equal(h[0].next_attempt_usec, 0);
+        assert_int_equal(h[0].consecutive_failures, 1);   /* failing us */
+        assert_int_equal(h[0].next_attempt_usec, 0);         /* but no backoff */
         assert_int_equal(h[1].requests, 0);
         central_client_free(cc);
 }
