@@ -94,8 +94,14 @@ static int backend_decrypt(void *userdata, struct kms_call *call, const char *ke
                 /* A version the fleet staged before this host synced it:
                  * park the call for one rate-limited sync (answered when it
                  * ends, see kms_server_retry_parked). Not audited yet. */
-                if (!k && call->may_defer && b->sync && sync_request_on_demand(b->sync))
-                        return -EAGAIN;
+                if (!k && call->may_defer && b->sync) {
+                        uint64_t token = sync_request_on_demand(b->sync);
+                        if (token > 0) {
+                                if (token > b->parked_token)
+                                        b->parked_token = token;
+                                return -EAGAIN;
+                        }
+                }
                 if (!k) {
                         snprintf(call->error, sizeof(call->error), "unknown key id");
                         r = -ENOENT;

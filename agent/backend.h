@@ -3,6 +3,8 @@
  * and an audit record per call. Never touches the TPM or the network. */
 #pragma once
 
+#include <stdint.h>
+
 #include "keyring.h"
 #include "plugin/plugin.h"
 
@@ -12,6 +14,7 @@ struct backend {
         struct keyring_slot *keys;
         const char *refusal;      /* non-NULL: the sealed cache was refused; why */
         struct sync *sync;        /* fleet mode: staleness and on-demand sync */
+        uint64_t parked_token;    /* parked Decrypts wait for this sync (0: none) */
 };
 
 extern const struct kms_backend_ops backend_ops;

@@ -22,7 +22,7 @@ struct central_endpoint_health {
         uint64_t next_attempt_usec;       /* backoff: not tried before (CLOCK_MONOTONIC) */
         unsigned consecutive_failures;
         uint64_t requests, failures;      /* totals (requests: fetches tried here) */
-        char last_error[256];             /* "" when the last attempt succeeded */
+        char last_error[512];             /* "" when the last attempt succeeded */
         /* A failure the server answered in KMIP (Permission Denied, ...)
          * counts in failures but not in consecutive_failures: the endpoint
          * is up, so it is not put in backoff. */

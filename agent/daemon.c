@@ -34,8 +34,12 @@ struct daemon {
         struct keyring_slot keys;
         pthread_mutex_t state_lock;   /* writers of cache + slot: sync, rotate, reseal */
         struct sync *sync;            /* fleet mode, when the cache was unsealed */
-        struct control_conn *pending_sync[PENDING_SYNC_MAX];   /* tpmkmsctl sync */
+        struct pending_sync {                   /* tpmkmsctl sync, waiting */
+                struct control_conn *conn;
+                uint64_t token;
+        } pending_sync[PENDING_SYNC_MAX];
         size_t n_pending_sync;
+        char notified_status[512];              /* last STATUS= sent */
         struct backend backend;
         bool kms_socket_ours;      /* we created the socket file (not systemd) */
         uint64_t started_usec;     /* CLOCK_REALTIME */
@@ -76,12 +80,18 @@ static void json_string(FILE *f, const char *s) {
 static void daemon_update_status(struct daemon *d) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
+        char status[sizeof(d->notified_status)];
 
         if (d->vault.refused)
-                (void) sd_notifyf(false, "STATUS=Refusing: %s", d->vault.reason);
+                snprintf(status, sizeof(status), "Refusing: %s", d->vault.reason);
         else
-                (void) sd_notifyf(false, "STATUS=Serving %zu key(s), primary %s",
-                                  kr ? keyring_size(kr) : 0, p ? p->id : "none");
+                snprintf(status, sizeof(status), "Serving %zu key(s), primary %s",
+                         kr ? keyring_size(kr) : 0, p ? p->id : "none");
+        /* Only changes: every sync ends here, most change nothing. */
+        if (strcmp(status, d->notified_status) == 0)
+                return;
+        memcpy(d->notified_status, status, sizeof(status));
+        (void) sd_notifyf(false, "STATUS=%s", status);
 }
 
 static void status_central_json(struct daemon *d, FILE *out) {
@@ -288,26 +298,37 @@ static int cmd_sync(struct daemon *d, struct control_conn *conn, char *err, size
                 snprintf(err, err_size, "too many sync requests waiting");
                 return -EBUSY;
         }
-        d->pending_sync[d->n_pending_sync++] = conn;
-        sync_request(d->sync);
+        d->pending_sync[d->n_pending_sync++] = (struct pending_sync) {
+                .conn = conn,
+                .token = sync_request(d->sync),
+        };
         return CONTROL_DEFERRED;
 }
 
+/* After every sync: answer what waited for a sync that has now finished. */
 static void on_sync_done(void *userdata) {
         struct daemon *d = userdata;
+        uint64_t done = sync_done_generation(d->sync);
         struct sync_status st;
         char body[600];
+        size_t kept = 0;
 
         /* Decrypts parked for an unknown key id get their final answer. */
-        kms_server_retry_parked(d->kms);
+        if (d->backend.parked_token && done >= d->backend.parked_token) {
+                d->backend.parked_token = 0;
+                kms_server_retry_parked(d->kms);
+        }
         daemon_update_status(d);
-        if (d->n_pending_sync == 0)
-                return;
         sync_get_status(d->sync, &st);
         snprintf(body, sizeof(body), "%s\n", st.last_change);
-        for (size_t i = 0; i < d->n_pending_sync; i++)
-                control_conn_reply(d->pending_sync[i], *st.last_error ? -EREMOTEIO : 0, body, st.last_error);
-        d->n_pending_sync = 0;
+        for (size_t i = 0; i < d->n_pending_sync; i++) {
+                if (done < d->pending_sync[i].token)
+                        d->pending_sync[kept++] = d->pending_sync[i];
+                else
+                        control_conn_reply(d->pending_sync[i].conn, *st.last_error ? -EREMOTEIO : 0,
+                                           body, st.last_error);
+        }
+        d->n_pending_sync = kept;
 }
 
 static int daemon_control(void *userdata, struct control_conn *conn, int argc, char **argv,

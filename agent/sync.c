@@ -35,6 +35,7 @@ struct sync {
         pthread_mutex_t lock;              /* guards everything below */
         pthread_cond_t cond;
         bool stop, requested;
+        uint64_t gen_started, gen_done;    /* syncs started / finished (see sync.h) */
         uint64_t last_on_demand;           /* CLOCK_MONOTONIC */
         struct sync_status status;
         struct central_client *central;    /* NULL until it could be set up */
@@ -292,6 +293,7 @@ static void *sync_thread(void *userdata) {
                 if (s->stop)
                         break;
                 s->requested = false;
+                s->gen_started++;
                 s->status.in_progress = true;
                 pthread_mutex_unlock(&s->lock);
 
@@ -325,6 +327,7 @@ static void *sync_thread(void *userdata) {
                 (void) RAND_bytes((unsigned char *) &rnd, sizeof(rnd));
                 uint64_t iv = s->config->sync_interval_usec;
                 next = now_usec(CLOCK_MONOTONIC) + iv - iv / 10 + (iv / 5) * (rnd % 1000) / 1000;
+                s->gen_done = s->gen_started;
                 (void) eventfd_write(s->done_fd, 1);
         }
         pthread_mutex_unlock(&s->lock);
@@ -410,29 +413,42 @@ void sync_free(struct sync *s) {
         free(s);
 }
 
-void sync_request(struct sync *s) {
+uint64_t sync_request(struct sync *s) {
+        uint64_t token;
+
         pthread_mutex_lock(&s->lock);
         s->requested = true;
+        token = s->gen_started + 1;   /* the next sync to start */
         pthread_cond_signal(&s->cond);
         pthread_mutex_unlock(&s->lock);
+        return token;
 }
 
-bool sync_request_on_demand(struct sync *s) {
-        uint64_t now = now_usec(CLOCK_MONOTONIC);
-        bool go;
+uint64_t sync_request_on_demand(struct sync *s) {
+        uint64_t now = now_usec(CLOCK_MONOTONIC), token = 0;
 
         pthread_mutex_lock(&s->lock);
-        go = s->status.in_progress || s->requested;
-        if (!go && (s->last_on_demand == 0 || now >= s->last_on_demand + SYNC_ON_DEMAND_INTERVAL_USEC)) {
+        if (s->requested)
+                token = s->gen_started + 1;   /* join the queued one */
+        else if (s->last_on_demand == 0 || now >= s->last_on_demand + SYNC_ON_DEMAND_INTERVAL_USEC) {
                 s->last_on_demand = now;
                 s->status.on_demand++;
                 s->requested = true;
+                token = s->gen_started + 1;
                 pthread_cond_signal(&s->cond);
-                go = true;
                 log_info("Sync (on demand): a Decrypt named a key id this host does not have");
         }
         pthread_mutex_unlock(&s->lock);
-        return go;
+        return token;
+}
+
+uint64_t sync_done_generation(struct sync *s) {
+        uint64_t done;
+
+        pthread_mutex_lock(&s->lock);
+        done = s->gen_done;
+        pthread_mutex_unlock(&s->lock);
+        return done;
 }
 
 void sync_get_status(struct sync *s, struct sync_status *ret) {

@@ -47,12 +47,20 @@ int sync_new(const struct config *c, struct vault *v, pthread_mutex_t *state_loc
  * timeout) and free. Accepts NULL. */
 void sync_free(struct sync *s);
 
-/* Sync now. */
-void sync_request(struct sync *s);
-/* For a Decrypt with an unknown key id: start a sync unless one ran on
- * demand within SYNC_ON_DEMAND_INTERVAL_USEC. Returns true when a sync is
- * running or starting (park the call), false when rate limited. */
-bool sync_request_on_demand(struct sync *s);
+/* Requests are answered by a sync that STARTS after them: one already
+ * running may have read the central state before the change the caller
+ * wants to see. Each request returns a token, the number of that sync;
+ * sync_done_generation() >= token means it has finished. */
+
+/* Sync now. Returns the token. */
+uint64_t sync_request(struct sync *s);
+/* For a Decrypt with an unknown key id: join a sync that is queued but not
+ * started, or queue one unless an on-demand sync was queued within
+ * SYNC_ON_DEMAND_INTERVAL_USEC. Returns the token (park the call until it is
+ * done), or 0 when rate limited (answer now). */
+uint64_t sync_request_on_demand(struct sync *s);
+/* The number of the last sync that finished (0: none yet). */
+uint64_t sync_done_generation(struct sync *s);
 
 void sync_get_status(struct sync *s, struct sync_status *ret);
 size_t sync_endpoint_health(struct sync *s, struct central_endpoint_health *ret, size_t max);

@@ -15,7 +15,9 @@ immutable once created or registered, and identifiers are never reused.
 import os
 import re
 import secrets
+import subprocess
 import sys
+import threading
 import time
 import unittest
 
@@ -364,6 +366,8 @@ class TlsTest(FleetCase):
         ep = k.wait_for(lambda: (lambda e: e if e["last_error"] else None)(
             a.endpoint_health(self.kms.endpoint)), CONVERGE,
             "an endpoint error in status --json")
+        if os.environ.get("TPMKMS_VERBOSE"):
+            sys.stderr.write("\n%s: %s\n" % (self.id(), ep["last_error"]))
         self.assertRegex(ep["last_error"], error_re, ep)
         self.assertGreaterEqual(ep["consecutive_failures"], 1, ep)
         time.sleep(1.5)                          # a few more failed rounds
@@ -377,18 +381,18 @@ class TlsTest(FleetCase):
     def test_wrong_ca(self):
         def breaker(a):
             a.ca = PKI.crt("ca2")
-        self.cached_then_broken(breaker, re.compile(r"verif|certificate|unknown ca", re.I))
+        self.cached_then_broken(breaker, re.compile(r"verif(y|ication) fail", re.I))
 
     def test_client_cert_rejected(self):
         def breaker(a):
             a.cert, a.key = PKI.crt("noeku"), PKI.key("noeku")
         self.cached_then_broken(
-            breaker, re.compile(r"authenticat|certificate|handshake|permission|denied", re.I))
+            breaker, re.compile(r"authenticat|client certificate|handshake", re.I))
 
     def test_server_cert_for_another_name(self):
         def breaker(a):
             self.kms.restart(server_cert="server-other")
-        self.cached_then_broken(breaker, re.compile(r"mismatch|hostname|name", re.I))
+        self.cached_then_broken(breaker, re.compile(r"mismatch", re.I))
 
 
 class OnDemandTest(FleetCase):
@@ -449,6 +453,83 @@ class OnDemandTest(FleetCase):
         if on_demand0 is not None:               # status --json counts them too
             self.assertLessEqual(b.central()["on_demand"] - on_demand0, 2, b.central())
         self.assert_serving(b, kid1)
+
+
+class InProgressSyncTest(FleetCase):
+    """A sync that started before a request cannot answer it: it may have
+    read the key group before the change the request is about. A proxy stalls
+    a sync after its Locate was answered; meanwhile the central KMS changes."""
+
+    def stalled_host(self, cn, **kw):
+        self.proxy = k.HoldingProxy(self.kms.port)
+        self.addCleanup(self.proxy.close)
+        return self.host(cn, endpoints=[self.proxy.endpoint], sync_interval="1h",
+                         timeout="10s", **kw)
+
+    def stall_a_sync(self, w):
+        """Start a sync on w (tpmkmsctl sync, in the background) and hold it
+        after its Locate was answered. Returns the tpmkmsctl process."""
+        off = self.kms.log_offset()
+        self.proxy.arm(3)
+        p = subprocess.Popen([w.tpmkmsctl, "--config", w.config, "sync"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(p.wait)
+        self.addCleanup(self.proxy.release)
+        self.assertTrue(self.proxy.held.wait(5), "the proxy never held the sync")
+        time.sleep(0.2)
+        # the harness's own precondition: the stalled sync has read the group
+        self.assertEqual(self.kms.operations("Locate", off), 1, self.kms.log(off))
+        return p
+
+    def test_ctl_sync_waits_for_a_sync_that_started_after_it(self):
+        a = self.stalled_host("node-a")
+        v0 = self.kms.create_version(GROUP)
+        self.kms.activate(v0)
+        a.ctl("sync", check=True)
+        self.assertEqual(a.roles(), {v0: "primary"})
+        first = self.stall_a_sync(a)
+        v1 = self.kms.create_version(GROUP)         # after the stalled sync's Locate
+        second = subprocess.Popen([a.tpmkmsctl, "--config", a.config, "sync"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)                              # the request reaches the daemon
+        self.proxy.release()
+        out, err = second.communicate(timeout=30)
+        roles = a.roles()
+        self.assertEqual(second.returncode, 0, err)
+        self.assertIn(v1, roles, "`tpmkmsctl sync` returned (%r) before a sync that started "
+                      "after it: the version created before the command is missing" % out)
+        first.communicate(timeout=30)
+
+    def test_on_demand_decrypt_does_not_settle_for_an_older_sync(self):
+        a = self.host("node-a")
+        b = self.stalled_host("node-b")
+        v0 = self.kms.create_version(GROUP)
+        self.kms.activate(v0)
+        self.wait_primary((a,), v0)
+        b.ctl("sync", check=True)
+        self.stall_a_sync(b)
+        v1 = self.kms.create_version(GROUP)         # after b's stalled Locate
+        self.kms.activate(v1)
+        kid1 = self.wait_primary((a,), v1)
+        ct, kid, pt = self.seal(a)
+        self.assertEqual(kid, kid1)
+        result = {}
+
+        def call():
+            t0 = time.monotonic()
+            try:
+                result["pt"] = t.decrypt(b.stub(), ct, kid, timeout=APISERVER_DEADLINE)
+            except t.grpc.RpcError as e:
+                result["code"] = e.code()
+            result["t"] = time.monotonic() - t0
+        th = threading.Thread(target=call)
+        th.start()
+        time.sleep(0.3)                              # parked behind the stalled sync
+        self.proxy.release()
+        th.join(10)
+        self.assertEqual(result.get("pt"), pt,
+                         "Decrypt for a version created before it: %r (the on-demand sync "
+                         "joined a sync that had read the group before)" % result)
 
 
 class MeasuredBootTest(FleetCase):

@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -451,6 +452,95 @@ class _BindFailed(Exception):
     pass
 
 
+class HoldingProxy:
+    """A TCP forwarder 127.0.0.1:port -> 127.0.0.1:target_port that can stall
+    a sync half-way: arm(n) makes it hold, on the next connection, the
+    client's n-th TLS application-data record (TLS record headers are in the
+    clear) until release(). With one KMIP request per record, holding record 3
+    stalls a sync after DiscoverVersions and Locate were answered: the sync is
+    then "in progress" with a view of the key group that is already old."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.held = threading.Event()
+        self._release = threading.Event()
+        self._arm = None
+        self._closed = False
+        self._socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self):
+        return "127.0.0.1:%d" % self.port
+
+    def arm(self, record):
+        self.held.clear()
+        self._release.clear()
+        self._arm = record
+
+    def release(self):
+        self._release.set()
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target_port), 5)
+            except OSError:
+                c.close()
+                continue
+            hold, self._arm = self._arm, None
+            self._socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u, hold), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, None), daemon=True).start()
+
+    def _pump(self, src, dst, hold):
+        buf, n_app = b"", 0
+        try:
+            while True:
+                d = src.recv(65536)
+                if not d:
+                    break
+                if hold is None:
+                    dst.sendall(d)
+                    continue
+                buf += d
+                while len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[3:5], "big"):
+                    n = 5 + int.from_bytes(buf[3:5], "big")
+                    rec, buf = buf[:n], buf[n:]
+                    if rec[0] == 0x17:               # application data
+                        n_app += 1
+                        if n_app == hold:
+                            self.held.set()
+                            self._release.wait(30)
+                    dst.sendall(rec)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._closed = True
+        self._release.set()
+        self.lsock.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
 def key_check_value(kek):
     """The 16 hex digits a key id ends with (agent/keyring.h)."""
     import hashlib
@@ -502,6 +592,41 @@ class FleetWorld(t.World):
                        state_dir or self.state_dir, central, ctl_sock or self.ctl_sock,
                        self.extra_config))
         return self.config
+
+    # NOTIFY_SOCKET: in fleet mode tpmkmsd sends STATUS= after syncs. systemd
+    # reads its notify socket all the time; a test socket nobody reads fills up
+    # and sd_notify() then blocks the daemon's event loop in sendmsg(). Drain
+    # it in the background while the daemon runs, like PID 1 would.
+
+    def wait_ready(self, timeout=t.READY_TIMEOUT):
+        super().wait_ready(timeout)
+        self._stop_drain()
+        self._drain_stop = threading.Event()
+        notify, stop = self.notify, self._drain_stop
+
+        def drain():
+            while not stop.is_set():
+                try:
+                    notify.drain(0.2)
+                except OSError:
+                    return
+        self._drainer = threading.Thread(target=drain, daemon=True)
+        self._drainer.start()
+        return self
+
+    def _stop_drain(self):
+        if getattr(self, "_drainer", None) is not None:
+            self._drain_stop.set()
+            self._drainer.join()
+            self._drainer = None
+
+    def stop_daemon(self, timeout=t.STOP_TIMEOUT):
+        self._stop_drain()
+        return super().stop_daemon(timeout)
+
+    def close(self):
+        self._stop_drain()
+        super().close()
 
     # views of `tpmkmsctl status --json`
 
