@@ -165,8 +165,9 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                 (void) tpm_pcr_values_format(&v->sealed.pcrs, expected, sizeof(expected));
                 (void) tpm_pcr_values_format(&current, actual, sizeof(actual));
                 log_error("Measured boot mismatch: the cache was sealed to PCRs %s, the TPM now has %s. "
-                          "If this boot is a planned update you have verified, restore the keys by "
-                          "re-sealing from a host state that matches, or re-sync them (README, recovery).",
+                          "If this boot was not planned, treat the host as compromised. If it was, boot "
+                          "the previous software and follow the README's planned-update runbook; a fleet "
+                          "host can instead be re-provisioned from the central KMS (README, recovery).",
                           expected, actual);
                 return vault_refuse(v, -EPERM, "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
         case -EXDEV:

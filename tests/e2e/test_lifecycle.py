@@ -117,6 +117,33 @@ class LifecycleTest(unittest.TestCase):
         st = t.status(self.w.stub())
         self.assertTrue(st.healthz.startswith("sealed cache:"), st.healthz)
 
+    def test_planned_update_reseal_to_other_pcrs_and_back(self):
+        """The README runbook for a planned change of a bound PCR: re-seal to
+        a selection the update leaves alone, update and reboot, then re-seal
+        back to the policy. The cache names the PCRs it was sealed to, so a
+        daemon whose config names other PCRs still unseals it."""
+        pt, ct, kid = self.encrypt_sample()
+        self.w.pcrs = "sha256:8"
+        self.w.restart_daemon()                  # writes the new config
+        self.assertEqual(t.status(self.w.stub()).healthz, "ok")
+        r = self.w.ctl("reseal")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("sha256:8", r.stdout)
+        self.w.tpm.pcr_extend(7)                 # the update changes PCR 7
+        self.w.restart_daemon()
+        self.assertEqual(t.status(self.w.stub()).healthz, "ok")
+        self.assertEqual(t.decrypt(self.w.stub(), ct, kid), pt)
+        self.w.pcrs = "sha256:7"                 # back to the policy, new value
+        self.w.restart_daemon()
+        r = self.w.ctl("reseal")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.w.restart_daemon()
+        self.assertEqual(self.w.status_json()["pcrs"], "sha256:7")
+        self.assertEqual(t.decrypt(self.w.stub(), ct, kid), pt)
+        self.w.tpm.pcr_extend(7)                 # bound to PCR 7 again
+        self.w.restart_daemon()
+        self.assertTrue(t.status(self.w.stub()).healthz.startswith("sealed cache: measured boot"))
+
     def test_reseal_refused_while_refused(self):
         pt, ct, kid = self.encrypt_sample()
         self.assertEqual(self.w.stop_daemon(), 0)
