@@ -481,7 +481,7 @@ static const struct config_item config_table[] = {
         { "central", "max_staleness", parse_optional_duration_item, FIELD(max_staleness_usec),
           USEC_PER_SEC, 30 * 24 * USEC_PER_HOUR, "off" },
         { "control", "socket", parse_socket_item, FIELD(control_socket), 1, 0, "/run/tpmkms/control.sock" },
-        { "metrics", "listen", parse_listen_item, FIELD(metrics_listen), 0, 0, "127.0.0.1:9740" },
+        { "metrics", "listen", parse_listen_item, FIELD(metrics_listen), 0, 0, "" },
 };
 
 static bool section_known(const char *s, size_t n) {

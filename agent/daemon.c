@@ -462,6 +462,10 @@ int daemon_run(const struct config *c) {
                 log_error_errno(r, "Cannot set up locked memory for keys (raise LimitMEMLOCK / ulimit -l): %m");
                 goto out;
         }
+        if (c->metrics_listen[0])
+                log_warning("[metrics] listen = %s: this version serves no metrics yet; the setting is ignored",
+                            c->metrics_listen);
+
         r = vault_open(&d.vault, c, c->central_type == CENTRAL_NONE, &kr);
         if (r < 0)
                 goto out;

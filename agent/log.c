@@ -49,17 +49,22 @@ static const char *prio_name(int prio) {
         return names[prio & 7];
 }
 
-static void log_emit(int prio, const char *msg) {
-        if (log_to_journal)
-                sd_journal_send("MESSAGE=%s", msg, "PRIORITY=%i", prio,
-                                "SYSLOG_IDENTIFIER=%s", program_invocation_short_name, NULL);
-        else {
-                fprintf(stderr, "%s: %s%s%s\n", program_invocation_short_name,
-                        prio <= LOG_WARNING ? prio_name(prio) : "",
-                        prio <= LOG_WARNING ? ": " : "", msg);
-                if (prio <= LOG_ERR)
-                        fflush(stderr);
+static void log_emit(int prio, int error, const char *msg) {
+        if (log_to_journal) {
+                int r = error
+                        ? sd_journal_send("MESSAGE=%s", msg, "PRIORITY=%i", prio, "ERRNO=%i", error,
+                                          "SYSLOG_IDENTIFIER=%s", program_invocation_short_name, NULL)
+                        : sd_journal_send("MESSAGE=%s", msg, "PRIORITY=%i", prio,
+                                          "SYSLOG_IDENTIFIER=%s", program_invocation_short_name, NULL);
+                /* A record the journal did not take goes to stderr rather than nowhere. */
+                if (r >= 0)
+                        return;
         }
+        fprintf(stderr, "%s: %s%s%s\n", program_invocation_short_name,
+                prio <= LOG_WARNING ? prio_name(prio) : "",
+                prio <= LOG_WARNING ? ": " : "", msg);
+        if (prio <= LOG_ERR)
+                fflush(stderr);
 }
 
 int log_internal(int prio, int error, const char *fmt, ...) {
@@ -72,7 +77,7 @@ int log_internal(int prio, int error, const char *fmt, ...) {
         va_start(ap, fmt);
         vsnprintf(msg, sizeof(msg), fmt, ap);
         va_end(ap);
-        log_emit(prio, msg);
+        log_emit(prio, abs(error), msg);
         return error == 0 ? 0 : -abs(error);
 }
 
@@ -96,8 +101,8 @@ void log_audit(const char *op, const char *key_id, const char *request_uid,
 
         if (!res)
                 res = "error";
-        if (log_to_journal) {
-                sd_journal_send("MESSAGE=audit %s key_id=%s uid=%s peer_uid=%u result=%s",
+        if (log_to_journal &&
+            sd_journal_send("MESSAGE=audit %s key_id=%s uid=%s peer_uid=%u result=%s",
                                 op, printable(key_id, kbuf, sizeof(kbuf)),
                                 printable(request_uid, ubuf, sizeof(ubuf)),
                                 (unsigned) peer->uid, res,
@@ -109,9 +114,8 @@ void log_audit(const char *op, const char *key_id, const char *request_uid,
                                 "TPMKMS_REQUEST_UID=%s", request_uid ? request_uid : "",
                                 "TPMKMS_PEER_UID=%u", (unsigned) peer->uid,
                                 "TPMKMS_PEER_PID=%i", (int) peer->pid,
-                                "TPMKMS_RESULT=%s", res, NULL);
+                                "TPMKMS_RESULT=%s", res, NULL) >= 0)
                 return;
-        }
         if (LOG_INFO > log_max_prio)
                 return;
         fprintf(stderr, "%s: audit op=%s key_id=%s uid=%s peer_uid=%u peer_pid=%i result=%s\n",
@@ -128,13 +132,12 @@ void log_key_event(const char *message_id, const char *key_id, const char *role,
         va_start(ap, fmt);
         vsnprintf(msg, sizeof(msg), fmt, ap);
         va_end(ap);
-        if (log_to_journal) {
-                sd_journal_send("MESSAGE=%s", msg, "PRIORITY=%i", LOG_NOTICE,
-                                "MESSAGE_ID=%s", message_id,
-                                "SYSLOG_IDENTIFIER=%s", program_invocation_short_name,
-                                "TPMKMS_KEY_ID=%s", key_id ? key_id : "",
-                                "TPMKMS_KEY_ROLE=%s", role ? role : "", NULL);
+        if (log_to_journal &&
+            sd_journal_send("MESSAGE=%s", msg, "PRIORITY=%i", LOG_NOTICE,
+                            "MESSAGE_ID=%s", message_id,
+                            "SYSLOG_IDENTIFIER=%s", program_invocation_short_name,
+                            "TPMKMS_KEY_ID=%s", key_id ? key_id : "",
+                            "TPMKMS_KEY_ROLE=%s", role ? role : "", NULL) >= 0)
                 return;
-        }
-        log_emit(LOG_NOTICE, msg);
+        log_emit(LOG_NOTICE, 0, msg);
 }

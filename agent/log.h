@@ -37,5 +37,6 @@ void log_audit(const char *op, const char *key_id, const char *request_uid,
 #define LOG_MESSAGE_KEY_ROLE      "9e47d0c3a1b24d6c8f05e7a9b2c31d44"
 #define LOG_MESSAGE_CACHE_REFUSED "2b8e6f1d4c7a4e0f9d3b5a1c8e7f6d20"
 #define LOG_MESSAGE_CACHE_RESEALED "d41f7a2c9e3b4856a0c1f2e3d4b5a697"
+#define LOG_MESSAGE_KEY_MATERIAL_CHANGED "7f3c9a1e5b2d4c80a6e1f9d3b7c5a214"
 void log_key_event(const char *message_id, const char *key_id, const char *role,
                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));

@@ -17,7 +17,6 @@
 #include "log.h"
 #include "sync.h"
 
-#define LOG_MESSAGE_KEY_MATERIAL_CHANGED "7f3c9a1e5b2d4c80a6e1f9d3b7c5a214"
 
 struct sync {
         const struct config *config;
