@@ -15,6 +15,7 @@
 
 #include "central.h"
 #include "common/macro.h"
+#include "common/util.h"
 #include "log.h"
 #include "tls.h"
 
@@ -56,21 +57,6 @@ struct session {
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_conn *, tls_conn_free);
 
-/* Write a one-line message; truncation is acceptable (it is a message). */
-static void __attribute__((format(printf, 3, 4))) errorf(char *err, size_t err_size, const char *fmt, ...) {
-        va_list ap;
-
-        va_start(ap, fmt);
-        (void) vsnprintf(err, err_size, fmt, ap);
-        va_end(ap);
-}
-
-static uint64_t now_realtime_usec(void) {
-        struct timespec ts;
-
-        (void) clock_gettime(CLOCK_REALTIME, &ts);
-        return (uint64_t) ts.tv_sec * UINT64_C(1000000) + (uint64_t) ts.tv_nsec / 1000;
-}
 
 int central_client_new(const struct config *c, struct central_client **ret, char *err, size_t err_size) {
         struct central_client *cc;
@@ -177,7 +163,7 @@ static int kmip_failure(const struct session *s, const char *op, int r, const st
  * material; on failure a partial one is wiped here. */
 static int exchange(const struct session *s, const char *op, const uint8_t *req, size_t req_len,
                     uint8_t **ret, size_t *ret_len, char *err, size_t err_size) {
-        uint64_t deadline = tls_now_usec() + s->cc->timeout_usec;
+        uint64_t deadline = now_usec(CLOCK_MONOTONIC) + s->cc->timeout_usec;
         uint8_t hdr[KMIP_HEADER_SIZE];
         uint8_t *buf;
         char e[256];
@@ -458,7 +444,7 @@ static uint64_t backoff_usec(const struct central_client *cc, unsigned failures)
  * speaking KMIP, and retrying it is cheap and will show when it is fixed. */
 static void record_attempt(struct central_client *cc, size_t i, int r, uint64_t start_usec, const char *err) {
         struct central_endpoint_health *h = &cc->health[i];
-        uint64_t now = tls_now_usec(), real = now_realtime_usec();
+        uint64_t now = now_usec(CLOCK_MONOTONIC), real = now_usec(CLOCK_REALTIME);
         size_t l;
 
         pthread_mutex_lock(&cc->lock);
@@ -487,7 +473,7 @@ int central_fetch(struct central_client *cc, struct central_key **ret, size_t *r
                   char *err, size_t err_size) {
         size_t order[CONFIG_MAX_ENDPOINTS], n_order = 0, n_tried = 0, off = 0;
         char all[1024] = "", e[512] = "";
-        uint64_t now = tls_now_usec();
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
         int r = -EHOSTUNREACH;
 
         *ret = NULL;
@@ -508,7 +494,7 @@ int central_fetch(struct central_client *cc, struct central_key **ret, size_t *r
 
         for (size_t k = 0; k < n_order; k++) {
                 size_t i = order[k];
-                uint64_t start = tls_now_usec();
+                uint64_t start = now_usec(CLOCK_MONOTONIC);
                 int w;
 
                 e[0] = '\0';

@@ -31,9 +31,9 @@
 
 #include "agent/config.h"
 #include "common/macro.h"
+#include "common/util.h"
 
 #define USEC_PER_MSEC UINT64_C(1000)
-#define USEC_PER_SEC UINT64_C(1000000)
 #define USEC_PER_MIN (60 * USEC_PER_SEC)
 #define USEC_PER_HOUR (60 * USEC_PER_MIN)
 

@@ -16,6 +16,7 @@
 
 #include "backend.h"
 #include "common/macro.h"
+#include "common/util.h"
 #include "control.h"
 #include "daemon.h"
 #include "log.h"
@@ -45,13 +46,6 @@ struct daemon {
         uint64_t started_usec;     /* CLOCK_REALTIME */
         uint64_t last_rotation_usec;
 };
-
-static uint64_t now_realtime_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_REALTIME, &ts);
-        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
-}
 
 static void format_time(uint64_t usec, char *buf, size_t size) {
         time_t t = (time_t) (usec / 1000000u);
@@ -246,7 +240,7 @@ static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_
                 return r;
         }
         keyring_slot_publish(&d->keys, kr);
-        d->last_rotation_usec = now_realtime_usec();
+        d->last_rotation_usec = now_usec(CLOCK_REALTIME);
         if (prev)
                 log_key_event(LOG_MESSAGE_KEY_ROLE, prev->id, "retired", "Key %s retired (decrypt only)", prev->id);
         log_key_event(LOG_MESSAGE_KEY_CREATED, next.id, "primary", "Rotated: key %s is the new primary", next.id);
@@ -453,7 +447,7 @@ int daemon_run(const struct config *c) {
          * lines would only repeat them without context. */
         (void) setenv("TSS2_LOG", "all+none", 0);
         tpm_set_log(tpm_log);
-        d.started_usec = now_realtime_usec();
+        d.started_usec = now_usec(CLOCK_REALTIME);
         keyring_slot_init(&d.keys);
         pthread_mutex_init(&d.state_lock, NULL);
 

@@ -227,20 +227,50 @@ static void put_attribute_enum(struct ttlv_writer *w, const char *name, uint32_t
         ttlv_end(w);
 }
 
+/* Check the version, allocate the buffer and open the message for op. */
+static int request_start(const struct kmip_version *version, uint32_t op, struct ttlv_writer *w,
+                         uint8_t **buf) {
+        struct kmip_version v;
+        int r;
+
+        r = check_version(version, &v);
+        if (r < 0)
+                return r;
+        *buf = malloc(REQUEST_MAX);
+        if (!*buf)
+                return -ENOMEM;
+        ttlv_writer_init(w, *buf, REQUEST_MAX);
+        request_begin(w, &v, op);
+        return 0;
+}
+
+/* Get and GetAttributes name one object by its Unique Identifier first. */
+static int request_start_uid(const struct kmip_version *version, uint32_t op, const char *uid,
+                             struct ttlv_writer *w, uint8_t **buf) {
+        int r = check_text(uid, KMIP_ID_MAX - 1);
+
+        if (r < 0)
+                return r;
+        r = request_start(version, op, w, buf);
+        if (r < 0)
+                return r;
+        ttlv_put_text(w, TAG_UNIQUE_IDENTIFIER, uid, strlen(uid));
+        return 0;
+}
+
 int kmip_request_discover_versions(uint8_t **ret, size_t *ret_len) {
         /* Ours, highest preference first (section 4.26): the server answers
          * with those it supports too. */
         static const struct kmip_version ours[KMIP_VERSIONS_MAX] = { { 1, 2 }, { 1, 1 }, { 1, 0 } };
         _cleanup_free_ uint8_t *buf = NULL;
         struct ttlv_writer w;
+        int r;
 
         if (!ret || !ret_len)
                 return -EINVAL;
-        buf = malloc(REQUEST_MAX);
-        if (!buf)
-                return -ENOMEM;
-        ttlv_writer_init(&w, buf, REQUEST_MAX);
-        request_begin(&w, &ours[0], OP_DISCOVER_VERSIONS);
+        r = request_start(&ours[0], OP_DISCOVER_VERSIONS, &w, &buf);
+        if (r < 0)
+                return r;
         for (size_t i = 0; i < ARRAY_SIZE(ours); i++) {
                 ttlv_begin(&w, TAG_PROTOCOL_VERSION);
                 ttlv_put_integer(&w, TAG_PROTOCOL_VERSION_MAJOR, ours[i].major);
@@ -253,26 +283,19 @@ int kmip_request_discover_versions(uint8_t **ret, size_t *ret_len) {
 int kmip_request_locate(const struct kmip_version *version, const char *group, int32_t state,
                         uint8_t **ret, size_t *ret_len) {
         _cleanup_free_ uint8_t *buf = NULL;
-        struct kmip_version v;
         struct ttlv_writer w;
         int r;
 
         if (!ret || !ret_len)
                 return -EINVAL;
-        r = check_version(version, &v);
-        if (r < 0)
-                return r;
         r = check_text(group, KMIP_GROUP_MAX);
         if (r < 0)
                 return r;
         if (state < 0 || state > KMIP_STATE_DESTROYED_COMPROMISED)
                 return -EINVAL;
-
-        buf = malloc(REQUEST_MAX);
-        if (!buf)
-                return -ENOMEM;
-        ttlv_writer_init(&w, buf, REQUEST_MAX);
-        request_begin(&w, &v, OP_LOCATE);
+        r = request_start(version, OP_LOCATE, &w, &buf);
+        if (r < 0)
+                return r;
         /* Section 4.9 Locate: Maximum Items, then the Attributes an object must
          * all match. */
         ttlv_put_integer(&w, TAG_MAXIMUM_ITEMS, KMIP_LOCATE_MAX);
@@ -286,26 +309,15 @@ int kmip_request_locate(const struct kmip_version *version, const char *group, i
 int kmip_request_get(const struct kmip_version *version, const char *uid,
                      uint8_t **ret, size_t *ret_len) {
         _cleanup_free_ uint8_t *buf = NULL;
-        struct kmip_version v;
         struct ttlv_writer w;
         int r;
 
         if (!ret || !ret_len)
                 return -EINVAL;
-        r = check_version(version, &v);
+        r = request_start_uid(version, OP_GET, uid, &w, &buf);
         if (r < 0)
                 return r;
-        r = check_text(uid, KMIP_ID_MAX - 1);
-        if (r < 0)
-                return r;
-
-        buf = malloc(REQUEST_MAX);
-        if (!buf)
-                return -ENOMEM;
-        ttlv_writer_init(&w, buf, REQUEST_MAX);
-        request_begin(&w, &v, OP_GET);
         /* Section 4.11 Get: ask for the key in Raw format, unwrapped. */
-        ttlv_put_text(&w, TAG_UNIQUE_IDENTIFIER, uid, strlen(uid));
         ttlv_put_enum(&w, TAG_KEY_FORMAT_TYPE, KEY_FORMAT_RAW);
         return request_end(&w, &buf, ret, ret_len);
 }
@@ -317,26 +329,15 @@ int kmip_request_get_attributes(const struct kmip_version *version, const char *
                 ATTR_ALGORITHM, ATTR_LENGTH, ATTR_NAME,
         };
         _cleanup_free_ uint8_t *buf = NULL;
-        struct kmip_version v;
         struct ttlv_writer w;
         int r;
 
         if (!ret || !ret_len)
                 return -EINVAL;
-        r = check_version(version, &v);
-        if (r < 0)
-                return r;
-        r = check_text(uid, KMIP_ID_MAX - 1);
-        if (r < 0)
-                return r;
-
-        buf = malloc(REQUEST_MAX);
-        if (!buf)
-                return -ENOMEM;
-        ttlv_writer_init(&w, buf, REQUEST_MAX);
-        request_begin(&w, &v, OP_GET_ATTRIBUTES);
         /* Section 4.12 Get Attributes: Unique Identifier, Attribute Names. */
-        ttlv_put_text(&w, TAG_UNIQUE_IDENTIFIER, uid, strlen(uid));
+        r = request_start_uid(version, OP_GET_ATTRIBUTES, uid, &w, &buf);
+        if (r < 0)
+                return r;
         for (size_t i = 0; i < ARRAY_SIZE(names); i++)
                 ttlv_put_text(&w, TAG_ATTRIBUTE_NAME, names[i], strlen(names[i]));
         return request_end(&w, &buf, ret, ret_len);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "common/macro.h"
+#include "common/util.h"
 #include "log.h"
 #include "sync.h"
 
@@ -42,13 +43,6 @@ struct sync {
         uint64_t started_usec;             /* CLOCK_REALTIME */
         _Atomic uint64_t last_success_usec;   /* read on the request path */
 };
-
-static uint64_t now_usec(clockid_t clock) {
-        struct timespec ts;
-
-        clock_gettime(clock, &ts);
-        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
-}
 
 /* "kmip:<group>/<uid>", with bytes outside key_id_make's alphabet
  * percent-encoded so that distinct central identities stay distinct. */

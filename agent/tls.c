@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "common/macro.h"
+#include "common/util.h"
 #include "tls.h"
 
 /* TLS 1.2 suites, best first. All are ECDHE (forward secret) with AEAD
@@ -59,21 +60,6 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct addrinfo *, freeaddrinfo);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_context *, tls_context_free);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_conn *, tls_conn_free);
 
-/* Write a one-line message; truncation is acceptable (it is a message). */
-static void __attribute__((format(printf, 3, 4))) errorf(char *err, size_t err_size, const char *fmt, ...) {
-        va_list ap;
-
-        va_start(ap, fmt);
-        (void) vsnprintf(err, err_size, fmt, ap);
-        va_end(ap);
-}
-
-uint64_t tls_now_usec(void) {
-        struct timespec ts;
-
-        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * UINT64_C(1000000) + (uint64_t) ts.tv_nsec / 1000;
-}
 
 /* The oldest queued OpenSSL error as text, then clear the queue (it is
  * per thread and would otherwise confuse the next call). */
@@ -272,7 +258,7 @@ void tls_context_free(struct tls_context *t) {
 static int wait_fd(int fd, short events, uint64_t deadline_usec) {
         for (;;) {
                 struct pollfd p = { .fd = fd, .events = events };
-                uint64_t now = tls_now_usec(), left_ms;
+                uint64_t now = now_usec(CLOCK_MONOTONIC), left_ms;
                 int r;
 
                 if (now >= deadline_usec)
@@ -335,7 +321,7 @@ static int tcp_connect(const char *host, uint16_t port, uint64_t timeout_usec, i
         }
 
         /* One deadline for all the addresses: the bound is per operation. */
-        deadline = tls_now_usec() + timeout_usec;
+        deadline = now_usec(CLOCK_MONOTONIC) + timeout_usec;
         r = -EHOSTUNREACH;
         for (const struct addrinfo *ai = res; ai; ai = ai->ai_next) {
                 r = connect_addr(ai, deadline, ret_fd);
@@ -529,7 +515,7 @@ int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t
 
         /* The handshake gets its own deadline: connect and handshake are
          * separate operations, each bounded by the timeout. */
-        deadline = tls_now_usec() + timeout_usec;
+        deadline = now_usec(CLOCK_MONOTONIC) + timeout_usec;
         r = ssl_run(c, OP_HANDSHAKE, NULL, 0, NULL, "TLS handshake", deadline, err, err_size);
         if (r < 0)
                 return r;
@@ -538,8 +524,11 @@ int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t
         return 0;
 }
 
-int tls_write(struct tls_conn *c, const void *buf, size_t len, uint64_t deadline_usec,
-              char *err, size_t err_size) {
+/* Move all len bytes one way before the deadline. Without
+ * SSL_MODE_ENABLE_PARTIAL_WRITE SSL_write_ex writes all or asks to be retried
+ * with the same arguments, which the loop does; reads come in pieces. */
+static int tls_transfer(struct tls_conn *c, int op, uint8_t *buf, size_t len, const char *what,
+                        uint64_t deadline_usec, char *err, size_t err_size) {
         size_t done = 0;
         int r;
 
@@ -547,13 +536,10 @@ int tls_write(struct tls_conn *c, const void *buf, size_t len, uint64_t deadline
                 errorf(err, err_size, "%s: connection unusable after an earlier error", c->peer);
                 return -ENOTCONN;
         }
-        /* Without SSL_MODE_ENABLE_PARTIAL_WRITE SSL_write_ex writes all or
-         * asks to be retried with the same arguments, which the loop does. */
         while (done < len) {
                 size_t n = 0;
 
-                r = ssl_run(c, OP_WRITE, (uint8_t *) buf + done, len - done, &n,
-                            "sending the request", deadline_usec, err, err_size);
+                r = ssl_run(c, op, buf + done, len - done, &n, what, deadline_usec, err, err_size);
                 if (r < 0)
                         return r;
                 done += n;
@@ -561,25 +547,15 @@ int tls_write(struct tls_conn *c, const void *buf, size_t len, uint64_t deadline
         return 0;
 }
 
+int tls_write(struct tls_conn *c, const void *buf, size_t len, uint64_t deadline_usec,
+              char *err, size_t err_size) {
+        return tls_transfer(c, OP_WRITE, (uint8_t *) buf, len, "sending the request",
+                            deadline_usec, err, err_size);
+}
+
 int tls_read(struct tls_conn *c, void *buf, size_t len, uint64_t deadline_usec,
              char *err, size_t err_size) {
-        size_t done = 0;
-        int r;
-
-        if (c->broken) {
-                errorf(err, err_size, "%s: connection unusable after an earlier error", c->peer);
-                return -ENOTCONN;
-        }
-        while (done < len) {
-                size_t n = 0;
-
-                r = ssl_run(c, OP_READ, (uint8_t *) buf + done, len - done, &n,
-                            "reading the response", deadline_usec, err, err_size);
-                if (r < 0)
-                        return r;
-                done += n;
-        }
-        return 0;
+        return tls_transfer(c, OP_READ, buf, len, "reading the response", deadline_usec, err, err_size);
 }
 
 const char *tls_conn_version(const struct tls_conn *c) {

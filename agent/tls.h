@@ -22,9 +22,6 @@
 struct tls_context;
 struct tls_conn;
 
-/* The current CLOCK_MONOTONIC time in microseconds: deadlines are in it. */
-uint64_t tls_now_usec(void);
-
 /* Load the CA file (the only trust anchors: no system store), our certificate
  * chain and our key. The key file must be a regular file that neither group
  * nor others may access (like OpenSSH's identity files): -EPERM otherwise,
@@ -43,7 +40,7 @@ int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t
                 struct tls_conn **ret, char *err, size_t err_size);
 
 /* Write all len bytes, or read exactly len bytes, before deadline_usec
- * (tls_now_usec() clock). Returns 0 or a negative errno. */
+ * (now_usec(CLOCK_MONOTONIC), common/util.h). Returns 0 or a negative errno. */
 int tls_write(struct tls_conn *c, const void *buf, size_t len, uint64_t deadline_usec,
               char *err, size_t err_size);
 int tls_read(struct tls_conn *c, void *buf, size_t len, uint64_t deadline_usec,

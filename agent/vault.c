@@ -9,17 +9,11 @@
 #include <time.h>
 
 #include "common/macro.h"
+#include "common/util.h"
 #include "log.h"
 #include "vault.h"
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct tpm *, tpm_close);
-
-static uint64_t now_realtime_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_REALTIME, &ts);
-        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
-}
 
 static const char *tpm_error_hint(int r) {
         switch (r) {
@@ -56,7 +50,7 @@ int vault_new_local_version(struct key_version *ret, uint8_t kek[KEK_SIZE]) {
                 .role = KEY_ROLE_PRIMARY,
                 .kek = kek,
         };
-        ret->created_usec = ret->first_seen_usec = now_realtime_usec();
+        ret->created_usec = ret->first_seen_usec = now_usec(CLOCK_REALTIME);
         r = key_id_make(identity, kek, ret->id, sizeof(ret->id));
         if (r < 0)
                 return r;

@@ -12,41 +12,11 @@ import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
-
-
-class DemoFailed(Exception):
-    pass
-
-
-def step(n, title, why):
-    print("\n== %d. %s" % (n, title))
-    print(textwrap.indent(textwrap.fill(why, 76), "   "))
-
-
-def show(label, value):
-    print("   %-22s %s" % (label + ":", value))
-
-
-def check(cond, what):
-    if not cond:
-        raise DemoFailed(what)
-    print("   ok: " + what)
+from tpmkmsdemo import DemoFailed, check, show, step, use_build_dir  # noqa: E402
 
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: %s BUILD_DIR" % sys.argv[0])
-    build = os.path.abspath(sys.argv[1])
-    os.environ.setdefault("TPMKMSD", os.path.join(build, "agent", "tpmkmsd"))
-    os.environ.setdefault("TPMKMSCTL", os.path.join(build, "agent", "tpmkmsctl"))
-    stubs = os.path.join(build, "tests", "e2e", "stubs")
-    if os.path.isdir(stubs):
-        os.environ.setdefault("TPMKMS_STUBS", stubs)
-    os.environ.setdefault("TPMKMS_SOURCE_DIR", os.path.join(HERE, "..", ".."))
-    for b in ("TPMKMSD", "TPMKMSCTL"):
-        if not os.access(os.environ[b], os.X_OK):
-            sys.exit("%s not found: build first (cmake -B %s && cmake --build %s)"
-                     % (os.environ[b], build, build))
+    use_build_dir(sys.argv, os.path.join(HERE, "..", ".."))
 
     import tpmkmstest as t          # the e2e tests' harness: swtpm, daemon, client
     from grpc import StatusCode
