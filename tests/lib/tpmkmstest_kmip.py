@@ -98,23 +98,29 @@ class Pki:
     """Throwaway certificates made with openssl in a temp dir:
 
     ca            the test CA (signs everything below except ca2's)
+    ca2           a second, unrelated CA (a daemon trusting only it must refuse
+                  the server)
     server        KMIP server cert, SAN IP:127.0.0.1, DNS:localhost, EKU serverAuth
     server-other  a server cert of the same CA for another name (kms.other.example,
                   IP 192.0.2.7): a client dialing 127.0.0.1 must refuse it
-    node-a/b      host client certs (CN=node-a, CN=node-b), EKU clientAuth
+    node-a/b/c    host client certs (CN=node-a, ...), EKU clientAuth
     kms-admin     the operator's client cert that creates the KEK versions
     noeku         a client cert of the test CA without the clientAuth EKU
                   (no EKU extension at all): PyKMIP refuses it
-    ca2           a second, unrelated CA (a daemon trusting only it must refuse
-                  the server)
+
+    minimal=True makes only ca, ca2 and server; add others with make_client,
+    make_server, make_leaf (and make_ca, copy_key). A certificate is named
+    by its file name (NAME.crt, NAME.key in dir), not by its CN.
     Keys are mode 0600 (the daemon refuses a key file others can read)."""
 
     CLIENTS = ("node-a", "node-b", "node-c", "kms-admin")
 
-    def __init__(self, directory=None):
+    def __init__(self, directory=None, minimal=False, days=30):
         self.owns_dir = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="tpmkms-pki-")
-        self._make()
+        os.makedirs(self.dir, exist_ok=True)
+        self.days = days
+        self._make(minimal)
 
     def crt(self, name):
         return os.path.join(self.dir, name + ".crt")
@@ -129,14 +135,19 @@ class Pki:
             raise RuntimeError("openssl %s: %s" % (" ".join(args), r.stderr))
         return r.stdout
 
-    def _ca(self, name, cn):
+    def make_ca(self, name, cn):
+        """A self-signed CA certificate NAME.crt with its key."""
         self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
-                      "-days", "30", "-keyout", self.key(name), "-out", self.crt(name),
+                      "-days", str(self.days), "-keyout", self.key(name), "-out", self.crt(name),
                       "-subj", "/CN=" + cn,
                       "-addext", "basicConstraints=critical,CA:TRUE",
                       "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        os.chmod(self.key(name), 0o600)
+        return self
 
-    def _leaf(self, name, cn, ext_lines, ca="ca"):
+    def make_leaf(self, name, cn, ext_lines=(), ca="ca"):
+        """An end-entity certificate signed by ca: CA:FALSE, digitalSignature and
+        keyEncipherment, plus ext_lines (openssl extension config lines)."""
         ext = os.path.join(self.dir, name + ".ext")
         with open(ext, "w") as f:
             f.write("basicConstraints=CA:FALSE\n"
@@ -146,25 +157,42 @@ class Pki:
         self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key(name),
                       "-out", csr, "-subj", "/CN=" + cn)
         self._openssl("x509", "-req", "-in", csr, "-CA", self.crt(ca), "-CAkey", self.key(ca),
-                      "-CAcreateserial", "-days", "30", "-sha256", "-extfile", ext,
+                      "-CAcreateserial", "-days", str(self.days), "-sha256", "-extfile", ext,
                       "-out", self.crt(name))
+        os.chmod(self.key(name), 0o600)
+        return self
 
-    def _make(self):
-        self._ca("ca", "tpmkms test KMIP CA")
-        self._ca("ca2", "tpmkms unrelated CA")
-        self._leaf("server", "127.0.0.1", ["extendedKeyUsage=serverAuth",
-                                           "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        self._leaf("server-other", "kms.other.example",
-                   ["extendedKeyUsage=serverAuth",
-                    "subjectAltName=DNS:kms.other.example,IP:192.0.2.7"])
+    def make_server(self, name, cn, san, ca="ca"):
+        """EKU serverAuth, subjectAltName san (e.g. "IP:127.0.0.1,DNS:localhost")."""
+        return self.make_leaf(name, cn, ["extendedKeyUsage=serverAuth", "subjectAltName=" + san],
+                              ca=ca)
+
+    def make_client(self, name, cn=None, ca="ca"):
+        """EKU clientAuth, CN cn (default: name)."""
+        return self.make_leaf(name, cn or name, ["extendedKeyUsage=clientAuth"], ca=ca)
+
+    def copy_key(self, name, new, mode):
+        """NEW.key: a copy of NAME.key with the given file mode."""
+        shutil.copyfile(self.key(name), self.key(new))
+        os.chmod(self.key(new), mode)
+        return self
+
+    def verify(self, *names, ca="ca"):
+        self._openssl("verify", "-CAfile", self.crt(ca), *[self.crt(n) for n in names])
+
+    def _make(self, minimal):
+        self.make_ca("ca", "tpmkms test KMIP CA")
+        self.make_ca("ca2", "tpmkms unrelated CA")
+        self.make_server("server", "127.0.0.1", "IP:127.0.0.1,DNS:localhost")
+        if minimal:
+            self.verify("server")
+            return
+        self.make_server("server-other", "kms.other.example",
+                         "DNS:kms.other.example,IP:192.0.2.7")
         for cn in self.CLIENTS:
-            self._leaf(cn, cn, ["extendedKeyUsage=clientAuth"])
-        self._leaf("noeku", "node-noeku", [])
-        for n in os.listdir(self.dir):
-            if n.endswith(".key"):
-                os.chmod(os.path.join(self.dir, n), 0o600)
-        self._openssl("verify", "-CAfile", self.crt("ca"), self.crt("server"),
-                      self.crt("server-other"), self.crt("node-a"), self.crt("noeku"))
+            self.make_client(cn)
+        self.make_leaf("noeku", "node-noeku", [])
+        self.verify("server", "server-other", "node-a", "noeku")
 
     def close(self):
         if self.owns_dir:
@@ -182,6 +210,31 @@ def _sigint_with_parent():
     _libc.prctl(1, signal.SIGINT, 0, 0, 0)    # PR_SET_PDEATHSIG
 
 
+def stop_group(proc, timeout=STOP_TIMEOUT):
+    """Stop a process started with start_new_session=True: SIGINT (PyKMIP stops
+    in 1-2 s; SIGTERM would wait for its 10 s accept timeout), SIGKILL after
+    timeout, then SIGKILL whatever is left of its process group (PyKMIP's
+    policy monitor and manager). Returns True if it had stopped on SIGINT."""
+    if proc is None:
+        return True
+    clean = True
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            clean = False
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    return clean
+
+
 @atexit.register
 def _stop_all():
     for s in list(_running):
@@ -194,8 +247,9 @@ def _stop_all():
 class KmipServer:
     """PyKMIP 0.10 on 127.0.0.1:port, TLS 1.2, client certificates required."""
 
-    def __init__(self, pki, testcase=None, port=None, directory=None):
+    def __init__(self, pki, testcase=None, port=None, directory=None, log_level="INFO"):
         self.pki = pki
+        self.log_level = log_level
         self.port = port or free_port()
         self.owns_dir = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="tpmkms-kmip-")
@@ -222,9 +276,9 @@ class KmipServer:
             f.write("[server]\nhostname=127.0.0.1\nport=%d\n"
                     "certificate_path=%s\nkey_path=%s\nca_path=%s\n"
                     "auth_suite=TLS1.2\npolicy_path=%s\nenable_tls_client_auth=True\n"
-                    "logging_level=INFO\ndatabase_path=%s\n"
+                    "logging_level=%s\ndatabase_path=%s\n"
                     % (self.port, self.pki.crt(self.server_cert), self.pki.key(self.server_cert),
-                       self.pki.crt("ca"), self.policy_dir, self.db))
+                       self.pki.crt("ca"), self.policy_dir, self.log_level, self.db))
         return conf
 
     def _log_size(self):
@@ -304,21 +358,7 @@ class KmipServer:
         whatever is left of its process group (the policy monitor, the manager)."""
         if self.proc is None:
             return
-        p = self.proc
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(self.proc)
         self.proc = None
         _running.discard(self)
         if getattr(self, "_stdout", None) is not None:
@@ -371,6 +411,8 @@ class KmipServer:
             sys.stderr.write("kept %s\n" % self.dir)
 
     # --- the operator: PyKMIP's own client as CN=kms-admin -----------------
+    # cn below is the Pki name of the client certificate (for the standard
+    # certificates it is also the CN, the owner of what it creates).
 
     def client(self, cn="kms-admin"):
         ProxyKmipClient, enums, _, _ = _kmip()
@@ -380,53 +422,61 @@ class KmipServer:
                                kmip_version=enums.KMIPVersion.KMIP_1_2,
                                config_file="/dev/null")   # no ~/.pykmip or /etc/pykmip
 
-    def create_version(self, group, distinct_second=True):
-        """A new KEK version: AES-256, Object Group = group, policy "shared",
-        state Pre-Active. Returns its Unique Identifier.
-
-        distinct_second: PyKMIP's Initial Date has 1 s resolution and its
-        identifiers are decimal ("9" < "10" as strings): wait for a new second so
-        that the creation order is the Initial Date order, unambiguously."""
+    def create_key(self, group, name=None, cn="kms-admin", policy="shared"):
+        """An AES-256 key (Encrypt, Decrypt) in Object Group group (None: in no
+        group) with operation policy policy (None: PyKMIP's default) and Name
+        name (default: group-milliseconds), state Pre-Active, created as cn.
+        Returns its Unique Identifier."""
         _, enums, cobjects, attr_factory = _kmip()
-        if distinct_second:
-            while int(time.time()) <= self._last_create:
-                time.sleep(0.02)
         af = attr_factory.AttributeFactory()
-        with self.client() as c:
+        with self.client(cn) as c:
             attrs = c._build_key_attributes(enums.CryptographicAlgorithm.AES, 256,
                                             [enums.CryptographicUsageMask.ENCRYPT,
                                              enums.CryptographicUsageMask.DECRYPT])
-            attrs.extend(c._build_common_attributes("shared"))
-            attrs.append(af.create_attribute(enums.AttributeType.OBJECT_GROUP, group))
-            attrs.append(af.create_attribute(enums.AttributeType.NAME,
+            attrs.extend(c._build_common_attributes(policy))
+            if group is not None:
+                attrs.append(af.create_attribute(enums.AttributeType.OBJECT_GROUP, group))
+            attrs.append(af.create_attribute(enums.AttributeType.NAME, name or
                                              "%s-%d" % (group, int(time.time() * 1000))))
             r = c.proxy.create(enums.ObjectType.SYMMETRIC_KEY,
                                cobjects.TemplateAttribute(attributes=attrs))
             if r.result_status.value != enums.ResultStatus.SUCCESS:
                 raise RuntimeError("KMIP Create failed: %s %s"
                                    % (r.result_reason, r.result_message))
-            uid = r.uuid
+            return r.uuid
+
+    def create_version(self, group, distinct_second=True):
+        """A new KEK version: create_key(group) as kms-admin, policy "shared",
+        state Pre-Active. Returns its Unique Identifier.
+
+        distinct_second: PyKMIP's Initial Date has 1 s resolution and its
+        identifiers are decimal ("9" < "10" as strings): wait for a new second so
+        that the creation order is the Initial Date order, unambiguously."""
+        if distinct_second:
+            while int(time.time()) <= self._last_create:
+                time.sleep(0.02)
+        uid = self.create_key(group)
         self._last_create = int(time.time())
         return uid
 
-    def activate(self, uid):
-        with self.client() as c:
+    def activate(self, uid, cn="kms-admin"):
+        with self.client(cn) as c:
             c.activate(uid)
 
-    def deactivate(self, uid):
+    def deactivate(self, uid, cn="kms-admin", message="rotated"):
         """Revoke (Cessation of Operation): Deactivated, still readable."""
         _, enums, _, _ = _kmip()
-        with self.client() as c:
-            c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid, "rotated")
+        with self.client(cn) as c:
+            c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid, message)
 
-    def compromise(self, uid):
+    def compromise(self, uid, cn="kms-admin", message="compromised"):
         """Revoke (Key Compromise): Compromised."""
         _, enums, _, _ = _kmip()
-        with self.client() as c:
-            c.revoke(enums.RevocationReasonCode.KEY_COMPROMISE, uid, "compromised")
+        with self.client(cn) as c:
+            c.revoke(enums.RevocationReasonCode.KEY_COMPROMISE, uid, message)
 
-    def destroy(self, uid):
-        with self.client() as c:
+    def destroy(self, uid, cn="kms-admin"):
+        with self.client(cn) as c:
             c.destroy(uid)
 
     def get(self, uid, cn="kms-admin"):
@@ -434,11 +484,19 @@ class KmipServer:
         with self.client(cn) as c:
             return bytes(c.get(uid).value)
 
-    def state(self, uid):
-        """The KMIP State's name, e.g. "PRE_ACTIVE"."""
-        with self.client() as c:
+    def _state(self, uid, cn):
+        with self.client(cn) as c:
             attrs = c.get_attributes(uid, ["State"])[1]
-            return attrs[0].attribute_value.value.name
+            return attrs[0].attribute_value.value      # enums.State
+
+    def state(self, uid, cn="kms-admin"):
+        """The KMIP State's name, e.g. "PRE_ACTIVE"."""
+        return self._state(uid, cn).name
+
+    def state_value(self, uid, cn="kms-admin"):
+        """The KMIP State's number: 1 Pre-Active, 2 Active, 3 Deactivated,
+        4 Compromised, 5 Destroyed, 6 Destroyed Compromised."""
+        return self._state(uid, cn).value
 
     def locate(self, group, cn="kms-admin"):
         _, enums, _, attr_factory = _kmip()

@@ -13,22 +13,16 @@ Env:   KMIP_INTEROP_KEEP=1 keeps the temporary directory;
        KMIP_INTEROP_CORPUS=DIR saves the raw responses (fuzz seeds).
 A missing dependency fails the test; it never skips.
 """
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
-warnings.simplefilter("ignore")
-from kmip.core import enums                                # noqa: E402
-from kmip.core import objects as cobjects                  # noqa: E402
-from kmip.core.factories import attributes as attr_factory  # noqa: E402
-from kmip.pie.client import ProxyKmipClient                # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import tpmkmstest_kmip as kt  # noqa: E402
 
 GROUP = "cluster-a-kek"
 EREMOTEIO = 121
@@ -41,129 +35,9 @@ def check(cond, what):
         FAILURES.append(what)
 
 
-def sh(*args, cwd):
-    subprocess.run(args, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def make_certs(d):
-    """CA, server cert for 127.0.0.1, two client certs with EKU clientAuth."""
-    os.makedirs(d)
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2",
-       "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=tpmkms interop CA",
-       "-addext", "basicConstraints=critical,CA:TRUE",
-       "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    exts = {
-        "server": "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                  "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
-        "client": "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                  "extendedKeyUsage=clientAuth\n",
-    }
-    for name, cn, ext in (("server", "127.0.0.1", "server"), ("admin", "kek-admin", "client"),
-                          ("node", "node-a", "client")):
-        with open(os.path.join(d, name + ".ext"), "w") as f:
-            f.write(exts[ext])
-        sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", name + ".key",
-           "-out", name + ".csr", "-subj", "/CN=" + cn, cwd=d)
-        sh("openssl", "x509", "-req", "-in", name + ".csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-           "-CAcreateserial", "-days", "2", "-sha256", "-extfile", name + ".ext",
-           "-out", name + ".crt", cwd=d)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_pykmip(d, port):
-    certs = os.path.join(d, "certs")
-    pol = os.path.join(d, "policies")
-    os.makedirs(pol)
-    # Hosts other than the creator may locate, read and get the keys.
-    with open(os.path.join(pol, "shared.json"), "w") as f:
-        json.dump({"shared": {"preset": {"SYMMETRIC_KEY": {
-            "LOCATE": "ALLOW_ALL", "GET": "ALLOW_ALL", "GET_ATTRIBUTES": "ALLOW_ALL",
-            "GET_ATTRIBUTE_LIST": "ALLOW_ALL", "CHECK": "ALLOW_ALL",
-            "ADD_ATTRIBUTE": "ALLOW_OWNER", "MODIFY_ATTRIBUTE": "ALLOW_OWNER",
-            "DELETE_ATTRIBUTE": "ALLOW_OWNER", "SET_ATTRIBUTE": "ALLOW_OWNER",
-            "ACTIVATE": "ALLOW_OWNER", "REVOKE": "ALLOW_OWNER", "DESTROY": "ALLOW_OWNER"}}}}, f)
-    conf = os.path.join(d, "server.conf")
-    with open(conf, "w") as f:
-        f.write("[server]\nhostname=127.0.0.1\nport=%d\n"
-                "certificate_path=%s/server.crt\nkey_path=%s/server.key\nca_path=%s/ca.crt\n"
-                "auth_suite=TLS1.2\npolicy_path=%s\nenable_tls_client_auth=True\n"
-                "logging_level=DEBUG\ndatabase_path=%s/pykmip.db\n"
-                % (port, certs, certs, certs, pol, d))
-    log = os.path.join(d, "server.log")
-    open(log, "w").close()
-    out = open(os.path.join(d, "stdout.log"), "w")
-    # Own session and process group: PyKMIP forks helpers; SIGINT stops it.
-    proc = subprocess.Popen(["/usr/bin/python3", "/usr/bin/pykmip-server", "-f", conf, "-l", log],
-                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("pykmip exited: " + open(os.path.join(d, "stdout.log")).read()[-2000:])
-        text = open(log).read()
-        # listening, and the policy monitor has loaded shared.json (~1 s)
-        if "Starting connection service" in text and "Loading policies for file" in text:
-            return proc
-        time.sleep(0.1)
-    stop_pykmip(proc)
-    raise RuntimeError("pykmip not ready after 30 s")
-
-
-def stop_pykmip(proc):
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)     # leftovers of the group
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def admin_client(certs, port):
-    return ProxyKmipClient(hostname="127.0.0.1", port=port,
-                           cert=certs + "/admin.crt", key=certs + "/admin.key", ca=certs + "/ca.crt",
-                           ssl_version="PROTOCOL_TLSv1_2", kmip_version=enums.KMIPVersion.KMIP_1_2,
-                           config_file="/dev/null")
-
-
-def create_key(c, name, group):
-    af = attr_factory.AttributeFactory()
-    attrs = [
-        af.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_ALGORITHM,
-                            enums.CryptographicAlgorithm.AES),
-        af.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_LENGTH, 256),
-        af.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_USAGE_MASK,
-                            [enums.CryptographicUsageMask.ENCRYPT,
-                             enums.CryptographicUsageMask.DECRYPT]),
-        af.create_attribute(enums.AttributeType.OPERATION_POLICY_NAME, "shared"),
-        af.create_attribute(enums.AttributeType.NAME, name),
-    ]
-    if group:
-        attrs.append(af.create_attribute(enums.AttributeType.OBJECT_GROUP, group))
-    r = c.proxy.create(enums.ObjectType.SYMMETRIC_KEY, cobjects.TemplateAttribute(attributes=attrs))
-    if r.result_status.value != enums.ResultStatus.SUCCESS:
-        raise RuntimeError("create failed: %s %s" % (r.result_reason, r.result_message))
-    return r.uuid
-
-
 class Helper:
-    def __init__(self, exe, port, certs, corpus):
-        self.exe, self.port, self.certs, self.corpus, self.n = exe, port, certs, corpus, 0
+    def __init__(self, exe, port, pki, corpus):
+        self.exe, self.port, self.pki, self.corpus, self.n = exe, port, pki, corpus, 0
 
     def __call__(self, op, *args, version=None):
         cmd = [self.exe]
@@ -172,43 +46,51 @@ class Helper:
         if self.corpus:
             self.n += 1
             cmd += ["-o", os.path.join(self.corpus, "pykmip-%s-%d" % (op, self.n))]
-        cmd += ["127.0.0.1", str(self.port), self.certs + "/ca.crt", self.certs + "/node.crt",
-                self.certs + "/node.key", op] + [str(a) for a in args]
+        cmd += ["127.0.0.1", str(self.port), self.pki.crt("ca"), self.pki.crt("node"),
+                self.pki.key("node"), op] + [str(a) for a in args]
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
         if p.returncode != 0:
             raise RuntimeError("%s failed (%d): %s %s" % (cmd, p.returncode, p.stdout, p.stderr))
         fields = {}
         for line in p.stdout.splitlines():
-            k, _, v = line.partition(" ")
-            fields.setdefault(k, []).append(v)
+            name, _, v = line.partition(" ")
+            fields.setdefault(name, []).append(v)
         fields["rc"] = int(fields["rc"][0])
         return fields
 
 
 def run(exe, d):
-    certs = os.path.join(d, "certs")
-    make_certs(certs)
-    port = free_port()
-    proc = start_pykmip(d, port)
+    kt._kmip()                  # PyKMIP importable, or fail now
+    # CA, server cert for 127.0.0.1, an administrator and a host client cert
+    pki = kt.Pki(os.path.join(d, "certs"), minimal=True, days=2)
+    pki.make_client("admin", "kek-admin").make_client("node", "node-a")
+    # DEBUG: the whole exchange is in server.log, printed on a failure
+    kms = kt.KmipServer(pki, directory=d, log_level="DEBUG")
+    proc = None
     try:
+        kms.start()
+        proc = kms.proc
         corpus = os.environ.get("KMIP_INTEROP_CORPUS")
         if corpus:
             os.makedirs(corpus, exist_ok=True)
-        helper = Helper(exe, port, certs, corpus)
+        helper = Helper(exe, kms.port, pki, corpus)
         t0 = int(time.time())
 
-        # Seed: four versions in the group, one key outside it.
-        with admin_client(certs, port) as c:
-            k_old = create_key(c, "kek-v1", GROUP)         # will be Deactivated
-            k_cur = create_key(c, "kek-v2", GROUP)         # Active
-            k_new = create_key(c, "kek-v3", GROUP)         # Pre-Active (staged)
-            k_bad = create_key(c, "kek-v0", GROUP)         # Compromised
-            k_other = create_key(c, "elsewhere", "other-group")
-            for k in (k_old, k_cur, k_bad, k_other):
-                c.activate(k)
-            c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, k_old, "rotated")
-            c.revoke(enums.RevocationReasonCode.KEY_COMPROMISE, k_bad, "leaked")
-            values = {k: c.get(k).value.hex() for k in (k_old, k_cur, k_new)}
+        # Seed as the administrator, operation policy "shared" (hosts other
+        # than the creator may locate, read and get the keys): four versions
+        # in the group, one key outside it.
+        def create(name, group):
+            return kms.create_key(group, name, cn="admin", policy="shared")
+        k_old = create("kek-v1", GROUP)         # will be Deactivated
+        k_cur = create("kek-v2", GROUP)         # Active
+        k_new = create("kek-v3", GROUP)         # Pre-Active (staged)
+        k_bad = create("kek-v0", GROUP)         # Compromised
+        k_other = create("elsewhere", "other-group")
+        for key in (k_old, k_cur, k_bad, k_other):
+            kms.activate(key, cn="admin")
+        kms.deactivate(k_old, cn="admin", message="rotated")
+        kms.compromise(k_bad, cn="admin", message="leaked")
+        values = {key: kms.get(key, cn="admin").hex() for key in (k_old, k_cur, k_new)}
         print("seeded old=%s cur=%s new=%s bad=%s other=%s" % (k_old, k_cur, k_new, k_bad, k_other))
 
         r = helper("discover")
@@ -256,8 +138,8 @@ def run(exe, d):
                   and r.get("reason_name") == ["Item Not Found"],
                   "%s of a nonexistent uid: -EREMOTEIO, Item Not Found (got %s)" % (op, r))
     finally:
-        stop_pykmip(proc)
-    check(proc.poll() is not None, "PyKMIP stopped")
+        kms.close()
+    check(proc is not None and proc.poll() is not None and not kms.running(), "PyKMIP stopped")
 
 
 def main():
@@ -265,25 +147,28 @@ def main():
         print(__doc__)
         return 2
     exe = os.path.abspath(sys.argv[1])
+    # SIGTERM (ctest, CI) unwinds through run()'s finally like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     d = tempfile.mkdtemp(prefix="tpmkms-kmip-interop-")
     try:
-        run(exe, d)
-    except Exception as e:                  # noqa: BLE001 -- report, then fail
-        FAILURES.append(repr(e))
-        print("ERROR", repr(e), flush=True)
-    if FAILURES:
-        for name in ("server.log", "stdout.log"):
-            p = os.path.join(d, name)
-            if os.path.exists(p):
-                print("---- %s (tail)" % name)
-                print(open(p, errors="replace").read()[-4000:])
-        print("%d check(s) failed" % len(FAILURES))
-    if os.environ.get("KMIP_INTEROP_KEEP"):
-        print("kept", d)
-    else:
-        shutil.rmtree(d, ignore_errors=True)
+        try:
+            run(exe, d)
+        except Exception as e:              # noqa: BLE001 -- report, then fail
+            FAILURES.append(repr(e))
+            print("ERROR", repr(e), flush=True)
+        if FAILURES:
+            for name in ("server.log", "stdout.log"):
+                p = os.path.join(d, name)
+                if os.path.exists(p):
+                    print("---- %s (tail)" % name)
+                    print(open(p, errors="replace").read()[-4000:])
+            print("%d check(s) failed" % len(FAILURES))
+    finally:
+        if os.environ.get("KMIP_INTEROP_KEEP"):
+            print("kept", d)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
     return 1 if FAILURES else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
