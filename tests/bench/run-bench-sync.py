@@ -21,7 +21,9 @@ usage: run-bench-sync.py [--quick] [--keep] [--versions N] [--rounds N]
    the request path, other threads = the sync thread) and PyKMIP's CPU. Then
    the same with PyKMIP (and swtpm, and the sync loop) pinned to CPU 0 and the
    daemon + kmsbench to CPU 1, to tell CPU contention from the daemon's own
-   behaviour. Target: p99(sync) <= 1.5 x p99(idle).
+   behaviour; and once more with the daemon's sync thread moved to CPU 0 as
+   well ("split"), so that only the request path shares CPU 1 with kmsbench.
+   Target: p99(sync) <= 1.5 x p99(idle).
 3. One sync after adding one Pre-Active version, and one after activating it
    (both change the cache: the sync seals it to the TPM).
 
@@ -203,6 +205,17 @@ class Host:
                 out.append((int(m.group(3)), m.group(4), False))
         return out
 
+    def wait_sync_lines(self, want=1, timeout=5.0):
+        """new_sync_lines(), waiting for at least want of them: the daemon
+        buffers stderr (a file, not the journal) and flushes it once per
+        event-loop iteration, which may come just after it answered tpmkmsctl."""
+        deadline = time.monotonic() + timeout
+        lines = self.new_sync_lines()
+        while len(lines) < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+            lines += self.new_sync_lines()
+        return lines
+
     def mark_log(self):
         self._log_seen = len(self.w.log())
 
@@ -365,7 +378,7 @@ def repeated_syncs(host, cpu, count):
     for _ in range(count):
         wall, out = host.sync()
         walls.append(wall)
-        lines = host.new_sync_lines()
+        lines = host.wait_sync_lines()
         if not lines or not lines[-1][2]:
             raise BenchError("no successful sync logged after tpmkmsctl sync (%r)" % lines)
         if lines[-1][1] != "no change" or out != "no change":
@@ -396,7 +409,9 @@ def decrypt_rounds(host, cpu, bench, rounds, secs, pin, cfg):
             res = kmsbench(bench, w.kms_sock, w.proc.pid, secs, label, pin=cli_pin)
             d = CpuProbe.delta(c0, cpu.sample())
             walls = loop.stop() if loop else []
-            lines = host.new_sync_lines()
+            # one `tpmkmsctl sync` = one sync (each waits for one that starts
+            # after it asked, and the loop asks only when the last returned)
+            lines = host.wait_sync_lines(len(walls)) if loop else host.new_sync_lines()
             if any(not ok for _, _, ok in lines):
                 raise BenchError("a sync failed during %s: %r" % (label, lines))
             if ph == "idle" and lines:
@@ -416,18 +431,24 @@ def decrypt_rounds(host, cpu, bench, rounds, secs, pin, cfg):
     return out
 
 
-def pin_all(host, kms_sid, tpm_pid, on):
+def pin_all(host, kms_sid, tpm_pid, on, split=False):
     """on: PyKMIP, swtpm and this script on CPU 0, the daemon (every thread) on
     CPU 1 (kmsbench is started with taskset -c 1, the sync loop's tpmkmsctl with
-    -c 0). off: everything back on every CPU."""
+    -c 0); split: the same but the daemon's other threads (the sync thread) on
+    CPU 0, only its main thread (event loop, request path) on CPU 1. off:
+    everything back on every CPU."""
     allc = "0-%d" % ((os.cpu_count() or 1) - 1)
-    targets = [(p, "0" if on else allc) for p in session_pids(kms_sid)]
+    targets = [(p, "0" if on else allc, "-a") for p in session_pids(kms_sid)]
     if tpm_pid:
-        targets.append((tpm_pid, "0" if on else allc))
-    targets.append((host.w.proc.pid, "1" if on else allc))
-    for pid, cpus in targets:
-        r = subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True,
-                           text=True)
+        targets.append((tpm_pid, "0" if on else allc, "-a"))
+    dpid = host.w.proc.pid
+    targets.append((dpid, "1" if on else allc, "-a"))
+    if on and split:
+        targets += [(int(t), "0", None) for t in os.listdir("/proc/%d/task" % dpid)
+                    if int(t) != dpid]
+    for pid, cpus, every in targets:
+        r = subprocess.run(["taskset"] + ([every] if every else []) +
+                           ["-p", "-c", cpus, str(pid)], capture_output=True, text=True)
         if r.returncode != 0:
             raise BenchError("taskset %s %d: %s" % (cpus, pid, r.stderr.strip()))
     os.sched_setaffinity(0, {0} if on else set(range(os.cpu_count() or 1)))
@@ -584,7 +605,7 @@ def main():
 
         cpu = CpuProbe(world.proc.pid, kms_sid)
         host.sync()    # warm: connection set up, first KMIP round trip done
-        host.new_sync_lines()
+        host.wait_sync_lines()
         walls, dms, dcpu = repeated_syncs(host, cpu, nsync)
         print("%d x tpmkmsctl sync, no change: CLI wall %s; daemon-logged %s" % (
             nsync, fmt_stats(walls), fmt_stats([float(x) for x in dms])))
@@ -603,10 +624,17 @@ def main():
         if pin:
             print("pinned: PyKMIP + swtpm + sync loop on CPU 0, daemon + kmsbench on CPU 1",
                   flush=True)
-            pin_all(host, kms_sid, world.tpm.proc.pid if world.tpm.proc else None, True)
+            tpm_pid = world.tpm.proc.pid if world.tpm.proc else None
+            pin_all(host, kms_sid, tpm_pid, True)
             pinned = True
             results["pinned"] = decrypt_rounds(host, cpu, bench, rounds, secs, True, "pinned")
-            pin_all(host, kms_sid, world.tpm.proc.pid if world.tpm.proc else None, False)
+            # The same, with only the daemon's main thread left on CPU 1: what
+            # remains of the slowdown is not the sync thread's CPU.
+            print("split: as pinned, but the daemon's sync thread on CPU 0 too (only the "
+                  "main thread, the request path, on CPU 1 with kmsbench)", flush=True)
+            pin_all(host, kms_sid, tpm_pid, True, split=True)
+            results["split"] = decrypt_rounds(host, cpu, bench, rounds, secs, True, "split")
+            pin_all(host, kms_sid, tpm_pid, False)
             pinned = False
 
         # ---- 3. syncs that change the cache ----
@@ -615,12 +643,12 @@ def main():
         t_create = ms(t0)
         host.mark_log()
         w1, out1 = host.sync()
-        l1 = host.new_sync_lines()
+        l1 = host.wait_sync_lines()
         t0 = time.monotonic()
         kms.activate(new)
         t_act = ms(t0)
         w2, out2 = host.sync()
-        l2 = host.new_sync_lines()
+        l2 = host.wait_sync_lines()
         if "new (staged)" not in out1 or "staged -> primary" not in out2:
             failures.append("unexpected changes: %r / %r" % (out1, out2))
         nkeys = len(host.keys() or [])
