@@ -1,7 +1,11 @@
 /* tpmkmsctl: operate a running tpmkmsd through its control socket. */
 #include <errno.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <getopt.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "config.h"
@@ -15,8 +19,83 @@ static void usage(FILE *f) {
                 "  sync             fleet mode: sync with the central KMS now, print what changed\n"
                 "  rotate           standalone mode: make a new primary key (old ones stay readable)\n"
                 "  reseal           re-seal the key cache to the current PCRs (after a verified update)\n"
+                "  encryption-config [--name NAME] [--timeout DURATION] [RESOURCE...]\n"
+                "                   print a kube-apiserver EncryptionConfiguration using this plugin\n"
+                "                   (default resource: secrets; fail-closed: no identity provider)\n"
                 "Options:\n"
                 "  -c, --config FILE  find the control socket from FILE (default " CONFIG_DEFAULT_PATH ")\n");
+}
+
+/* Resource names as the apiserver takes them: "secrets", "configmaps",
+ * "deployments.apps", "*.", "*.*"; anything else would break the YAML. */
+static bool resource_valid(const char *r) {
+        if (!*r || strlen(r) > 253)
+                return false;
+        for (const char *c = r; *c; c++)
+                if (!((*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || strchr(".-*", *c)))
+                        return false;
+        return true;
+}
+
+/* Runs here, not in the daemon: it needs only the configuration. */
+static int encryption_config(const struct config *c, int argc, char **argv) {
+        static const struct option options[] = {
+                { "name", required_argument, NULL, 'n' },
+                { "timeout", required_argument, NULL, 't' },
+                {},
+        };
+        const char *name = "tpmkms", *timeout = "3s";
+        uint64_t usec;
+        int opt;
+
+        optind = 1;
+        while ((opt = getopt_long(argc, argv, "n:t:", options, NULL)) >= 0) {
+                switch (opt) {
+                case 'n': name = optarg; break;
+                case 't': timeout = optarg; break;
+                default: return 2;
+                }
+        }
+        if (!resource_valid(name)) {
+                fprintf(stderr, "tpmkmsctl: --name: lowercase letters, digits, '.' and '-' only\n");
+                return 1;
+        }
+        if (parse_duration(timeout, &usec) < 0 || usec == 0 || usec % 1000000u != 0) {
+                fprintf(stderr, "tpmkmsctl: --timeout: whole seconds, e.g. 3s\n");
+                return 1;
+        }
+        /* Written unquoted into YAML: only plain path characters. */
+        if (strspn(c->kms_socket, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-") !=
+            strlen(c->kms_socket)) {
+                fprintf(stderr, "tpmkmsctl: [kms] socket '%s' has characters that need quoting in YAML; "
+                        "write the file by hand\n", c->kms_socket);
+                return 1;
+        }
+        for (int i = optind; i < argc; i++)
+                if (!resource_valid(argv[i])) {
+                        fprintf(stderr, "tpmkmsctl: not a resource name: '%s'\n", argv[i]);
+                        return 1;
+                }
+
+        printf("# kube-apiserver --encryption-provider-config=FILE\n"
+               "# Fail-closed: no identity provider follows, so the apiserver neither writes\n"
+               "# nor reads these resources unencrypted. Migrating existing data needs\n"
+               "# 'identity: {}' as a second provider until every object was rewritten.\n"
+               "apiVersion: apiserver.config.k8s.io/v1\n"
+               "kind: EncryptionConfiguration\n"
+               "resources:\n"
+               "  - resources:\n");
+        if (optind >= argc)
+                printf("      - secrets\n");
+        for (int i = optind; i < argc; i++)
+                printf("      - %s\n", argv[i]);
+        printf("    providers:\n"
+               "      - kms:\n"
+               "          apiVersion: v2\n"
+               "          name: %s\n"
+               "          endpoint: unix://%s\n"
+               "          timeout: %" PRIu64 "s\n", name, c->kms_socket, usec / 1000000u);
+        return 0;
 }
 
 int main(int argc, char **argv) {
@@ -47,6 +126,8 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "tpmkmsctl: %s\n", err);
                 return 1;
         }
+        if (strcmp(argv[optind], "encryption-config") == 0)
+                return encryption_config(&config, argc - optind, argv + optind);
         r = control_call(config.control_socket, argc - optind, argv + optind, stdout, err, sizeof(err));
         if (r < 0) {
                 fprintf(stderr, "tpmkmsctl: %s\n", err);

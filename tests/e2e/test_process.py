@@ -31,6 +31,39 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertRegex(r.stdout + r.stderr, r"\d+\.\d+\.\d+")
 
+    def run_ctl(self, *args):
+        return subprocess.run([self.w.tpmkmsctl, "--config", self.w.config] + list(args),
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    def test_encryption_config(self):
+        import yaml
+        self.w.write_config(tcti="swtpm:host=127.0.0.1,port=1")
+        r = self.run_ctl("encryption-config")      # no daemon needed
+        self.assertEqual(r.returncode, 0, r.stderr)
+        doc = yaml.safe_load(r.stdout)
+        self.assertEqual(doc["apiVersion"], "apiserver.config.k8s.io/v1")
+        self.assertEqual(doc["kind"], "EncryptionConfiguration")
+        (entry,) = doc["resources"]
+        self.assertEqual(entry["resources"], ["secrets"])
+        # fail-closed: the KMS provider alone, no identity fallback
+        self.assertEqual(entry["providers"], [{"kms": {
+            "apiVersion": "v2", "name": "tpmkms",
+            "endpoint": "unix://" + self.w.kms_sock, "timeout": "3s"}}])
+
+        r = self.run_ctl("encryption-config", "--name", "cluster-a", "--timeout", "5s",
+                         "secrets", "configmaps")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        (entry,) = yaml.safe_load(r.stdout)["resources"]
+        self.assertEqual(entry["resources"], ["secrets", "configmaps"])
+        self.assertEqual(entry["providers"][0]["kms"]["name"], "cluster-a")
+        self.assertEqual(entry["providers"][0]["kms"]["timeout"], "5s")
+
+        for bad in (["bad name"], ["--timeout", "250ms"], ["--name", "a: b"]):
+            r = self.run_ctl("encryption-config", *bad)
+            self.assertEqual(r.returncode, 1, bad)
+            self.assertTrue(r.stderr.startswith("tpmkmsctl: "), r.stderr)
+            self.assertEqual(r.stdout, "")
+
     def test_check_config_good(self):
         self.w.write_config(tcti="swtpm:host=127.0.0.1,port=1")
         r = self.run_d("--check-config", "--config", self.w.config)
