@@ -651,15 +651,22 @@ static int srk_check(const TPM2B_PUBLIC *pub) {
         return 0;
 }
 
-static int srk_have_ecc_p256(struct tpm *t) {
-        _cleanup_esys_free_ TPMS_CAPABILITY_DATA *cap = NULL;
+/* One TPM2_GetCapability for a single property (TCG Part 3, 30.2). */
+static int get_capability(struct tpm *t, TPM2_CAP cap, uint32_t property, const char *what,
+                          TPMS_CAPABILITY_DATA **ret) {
         TPMI_YES_NO more;
         TSS2_RC rc;
-        int r;
 
         TPM_RETRY(rc, Esys_GetCapability(t->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
-                                         TPM2_CAP_ECC_CURVES, TPM2_ECC_NIST_P256, 1, &more, &cap));
-        r = tpm_rc_to_errno(rc, -EIO, "GetCapability(ECC_CURVES)");
+                                         cap, property, 1, &more, ret));
+        return tpm_rc_to_errno(rc, -EIO, what);
+}
+
+static int srk_have_ecc_p256(struct tpm *t) {
+        _cleanup_esys_free_ TPMS_CAPABILITY_DATA *cap = NULL;
+        int r;
+
+        r = get_capability(t, TPM2_CAP_ECC_CURVES, TPM2_ECC_NIST_P256, "GetCapability(ECC_CURVES)", &cap);
         if (r < 0)
                 return r;
         for (uint32_t i = 0; i < cap->data.eccCurves.count; i++)
@@ -670,13 +677,9 @@ static int srk_have_ecc_p256(struct tpm *t) {
 
 static int srk_exists(struct tpm *t) {
         _cleanup_esys_free_ TPMS_CAPABILITY_DATA *cap = NULL;
-        TPMI_YES_NO more;
-        TSS2_RC rc;
         int r;
 
-        TPM_RETRY(rc, Esys_GetCapability(t->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
-                                         TPM2_CAP_HANDLES, TPM_SRK_HANDLE, 1, &more, &cap));
-        r = tpm_rc_to_errno(rc, -EIO, "GetCapability(HANDLES)");
+        r = get_capability(t, TPM2_CAP_HANDLES, TPM_SRK_HANDLE, "GetCapability(HANDLES)", &cap);
         if (r < 0)
                 return r;
         return cap->data.handles.count > 0 && cap->data.handles.handle[0] == TPM_SRK_HANDLE;
