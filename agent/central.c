@@ -1,7 +1,6 @@
 /* agent/central.c: the central KMS endpoints (see central.h). Transport in
  * tls.c, KMIP messages in kmip.c; this file decides which endpoint to ask,
  * what to ask it, and what its health is. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>

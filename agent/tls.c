@@ -1,5 +1,4 @@
 /* agent/tls.c: the central KMS's mutual-TLS client (see tls.h). */
-#define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>

@@ -12,7 +12,6 @@
  * reading) is not read from; request bodies are bounded per stream by
  * max_message_size and per connection by the HTTP/2 connection window, which
  * is only replenished once a body has been handed to the service. */
-#define _GNU_SOURCE 1           /* accept4, struct ucred */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>

@@ -1,7 +1,6 @@
 /* The three methods of v2.KeyManagementService on plain structs: bounds from
  * the KMS v2 contract (plugin/kms_v2.proto, DESIGN.md), then the backend.
  * Never fails: every error becomes a gRPC status and a grpc-message. */
-#define _GNU_SOURCE 1           /* strerrordesc_np */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>

@@ -1,5 +1,4 @@
 /* Unix stream sockets for the KMS v2 endpoint and the agent's control socket. */
-#define _GNU_SOURCE 1           /* accept4, struct ucred */
 #include <errno.h>
 #include <stdbool.h>
 #include <string.h>

@@ -9,8 +9,6 @@
  * session this file creates lives in a struct tpm_handle that flushes it when
  * it goes out of scope, on every path. */
 
-#define _GNU_SOURCE 1   /* secure_getenv */
-
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>

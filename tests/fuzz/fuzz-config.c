@@ -2,7 +2,6 @@
  * real path (fopen, our line reader, inih) runs. Checks that a failure always
  * names the file and leaves the config untouched, and that a success passes
  * the whole-config checks. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>

@@ -9,7 +9,6 @@
  *   bit 1  send in small pieces (one loop turn between them), which exercises
  *          frames split across reads
  *   bit 2  read nothing back until the end (output backpressure) */
-#define _GNU_SOURCE 1
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>

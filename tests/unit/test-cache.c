@@ -1,5 +1,4 @@
 /* agent/cache.c: the sealed-cache file format and its atomic file I/O. */
-#define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>

@@ -2,7 +2,6 @@
  * (the central KMS), openssl s_server variants and a TCP listener that never
  * speaks. Run by tests/unit/central-harness.py, which starts them, seeds the
  * keys with PyKMIP's own client and passes ports and paths in CENTRAL_*. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <setjmp.h>
 #include <signal.h>

@@ -1,6 +1,5 @@
 /* agent/config.c: every key, the defaults, each bad value with its FILE:LINE,
  * whole-config checks and durations. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>

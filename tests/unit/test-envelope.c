@@ -1,5 +1,4 @@
 /* agent/envelope.c: AES-256-GCM envelopes bound to key id and version. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>

@@ -1,6 +1,5 @@
 /* agent/keyring.c: ordering, primary, lookups, validation, reference counts,
  * the slot, add_primary and key ids. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <openssl/crypto.h>
 #include <pthread.h>

@@ -8,7 +8,6 @@
  *   OP: discover | locate GROUP [STATE] | get UID | attrs UID
  *
  * Exit status 0 when the exchange happened (whatever rc says), 1 otherwise. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <netdb.h>
 #include <stdbool.h>

@@ -3,7 +3,6 @@
  * TTLV encoder. Tag and enumeration values are written out here as numbers
  * from KMIP 1.2 section 9.1.3, independently of kmip.c's tables. The same
  * code against a real PyKMIP server: kmip-interop.py. */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>

@@ -1,5 +1,4 @@
 /* plugin/socket.c: unix_socket_listen and unix_socket_peer. */
-#define _GNU_SOURCE 1           /* accept4 */
 #include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>

@@ -4,8 +4,6 @@
  * the TPM. swtpm serves one connection at a time and has no resource
  * manager: the test's own connection is only opened while no struct tpm is. */
 
-#define _GNU_SOURCE 1
-
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>

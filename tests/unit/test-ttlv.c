@@ -1,5 +1,4 @@
 /* agent/ttlv.c: KMIP TTLV encoder and bounded decoder (KMIP 1.2 section 9.1). */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
