@@ -54,7 +54,6 @@ struct session {
         const char *peer;
 };
 
-DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_conn *, tls_conn_free);
 
 
 int central_client_new(const struct config *c, struct central_client **ret, char *err, size_t err_size) {
@@ -270,6 +269,11 @@ static int locate(const struct session *s, char (*uids)[KMIP_ID_MAX], size_t *re
         if (r < 0)
                 return r;
         r = kmip_response_locate(resp, resp_len, uids, KMIP_LOCATE_MAX, ret_n, &ke);
+        if (r == -ENOBUFS) {
+                errorf(err, err_size, "%s: Locate: more than %d objects in group %s; "
+                       "destroy versions no longer needed", s->peer, KMIP_LOCATE_MAX, s->cc->group);
+                return -E2BIG;
+        }
         if (r < 0)
                 return kmip_failure(s, "Locate", r, &ke, err, err_size);
         return 0;
@@ -337,17 +341,14 @@ static int get_key(const struct session *s, const char *uid, uint8_t kek[KMIP_KE
         return 0;
 }
 
-static bool state_has_material(int32_t state) {
-        return state == KMIP_STATE_PRE_ACTIVE || state == KMIP_STATE_ACTIVE ||
-               state == KMIP_STATE_DEACTIVATED;
-}
-
-/* An attribute the server left out (0) is not held against the key: the Get
- * response is checked for AES-256 anyway. */
+/* A KEK version is a symmetric AES-256 key. Cryptographic Algorithm and
+ * Length are required attributes of a symmetric key (KMIP 1.2, 3.4 and 3.5):
+ * a key that does not show them is not taken for one. Anything else in the
+ * group is reported without material and ignored by the sync, rather than
+ * failing the Get and with it the whole fetch. */
 static bool attributes_fit(const struct kmip_key_attributes *a) {
         return (a->object_type == 0 || a->object_type == KMIP_OBJECT_SYMMETRIC_KEY) &&
-               (a->algorithm == 0 || a->algorithm == KMIP_ALGORITHM_AES) &&
-               (a->length == 0 || a->length == KMIP_KEY_SIZE * 8);
+               a->algorithm == KMIP_ALGORITHM_AES && a->length == KMIP_KEY_SIZE * 8;
 }
 
 /* The whole fetch over one connection to endpoint i. */
@@ -380,10 +381,6 @@ static int fetch_from(struct central_client *cc, size_t i, struct central_key **
         r = locate(&s, uids, &n_uids, err, err_size);
         if (r < 0)
                 return r;
-        if (n_uids > KMIP_LOCATE_MAX) {
-                errorf(err, err_size, "%s: Locate: more than %d objects", s.peer, KMIP_LOCATE_MAX);
-                return -EBADMSG;
-        }
 
         keys = calloc(n_uids > 0 ? n_uids : 1, sizeof(*keys));
         if (!keys) {
@@ -401,7 +398,7 @@ static int fetch_from(struct central_client *cc, size_t i, struct central_key **
                         log_debug("central: %s: %s vanished after Locate", s.peer, uids[k]);
                         continue;
                 }
-                if (state_has_material(key->attr.state) && attributes_fit(&key->attr)) {
+                if (kmip_state_has_material(key->attr.state) && attributes_fit(&key->attr)) {
                         r = get_key(&s, uids[k], key->kek, err, err_size);
                         if (r < 0)
                                 goto fail;

@@ -24,8 +24,8 @@ struct central_endpoint_health {
         uint64_t requests, failures;      /* totals (requests: fetches tried here) */
         char last_error[512];             /* "" when the last attempt succeeded */
         /* A failure the server answered in KMIP (Permission Denied, ...)
-         * counts in failures but not in consecutive_failures: the endpoint
-         * is up, so it is not put in backoff. */
+         * counts in failures and consecutive_failures, but puts the
+         * endpoint in no backoff: it is up and speaking KMIP. */
 };
 
 /* One key version of the group as the central KMS describes it. */

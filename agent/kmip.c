@@ -81,6 +81,11 @@ enum {
 
 #define REQUEST_MAX 4096            /* our requests are a few hundred bytes */
 
+bool kmip_state_has_material(int32_t state) {
+        return state == KMIP_STATE_PRE_ACTIVE || state == KMIP_STATE_ACTIVE ||
+               state == KMIP_STATE_DEACTIVATED;
+}
+
 const char *kmip_state_to_string(int state) {
         switch (state) {
         case KMIP_STATE_PRE_ACTIVE:
@@ -298,7 +303,10 @@ int kmip_request_locate(const struct kmip_version *version, const char *group, i
                 return r;
         /* Section 4.9 Locate: Maximum Items, then the Attributes an object must
          * all match. */
-        ttlv_put_integer(&w, TAG_MAXIMUM_ITEMS, KMIP_LOCATE_MAX);
+        /* One more than we accept: a full answer then proves the group is
+         * larger than KMIP_LOCATE_MAX (-ENOBUFS) instead of being cut short
+         * silently, which would purge the versions left out. */
+        ttlv_put_integer(&w, TAG_MAXIMUM_ITEMS, KMIP_LOCATE_MAX + 1);
         put_attribute_enum(&w, ATTR_OBJECT_TYPE, OBJECT_TYPE_SYMMETRIC_KEY);
         put_attribute_text(&w, ATTR_OBJECT_GROUP, group);
         if (state != 0)

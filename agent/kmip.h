@@ -10,6 +10,7 @@
  * -ENOBUFS; -ENOMEM; -EINVAL bad argument. */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -31,6 +32,9 @@ enum kmip_state {
         KMIP_STATE_DESTROYED_COMPROMISED = 6,
 };
 const char *kmip_state_to_string(int state);
+/* Pre-Active, Active and Deactivated keys have material to Get (a key
+ * version that may still decrypt); Compromised and Destroyed do not. */
+bool kmip_state_has_material(int32_t state);
 
 struct kmip_version {
         int32_t major, minor;

@@ -77,11 +77,6 @@ static int compare_central(const void *a, const void *b) {
         return strcmp(x->attr.uid, y->attr.uid);
 }
 
-static bool state_has_material(int32_t state) {
-        return state == KMIP_STATE_PRE_ACTIVE || state == KMIP_STATE_ACTIVE ||
-               state == KMIP_STATE_DEACTIVATED;
-}
-
 static const struct key_version *find_central(const struct keyring *kr, const char *uid) {
         for (size_t i = 0; kr && i < keyring_size(kr); i++)
                 if (strcmp(keyring_get(kr, i)->central_id, uid) == 0)
@@ -123,18 +118,14 @@ static int sync_compute(struct sync *s, struct central_key *ck, size_t n, const 
                 const struct key_version *prev = find_central(old, a->uid);
                 char identity[KEY_ID_MAX];
 
-                if (!state_has_material(a->state))
+                if (!kmip_state_has_material(a->state))
                         continue;   /* compromised or destroyed: purged below */
-                if (!ck[i].has_material && (a->algorithm != 3 || a->length != 256)) {
-                        /* Not an AES-256 key: cannot be a KEK version. */
-                        log_warning("Central key %s in group %s is not AES-256 (algorithm %d, %d bits): ignored",
+                if (!ck[i].has_material) {
+                        /* central.c fetched no material: not an AES-256 key. */
+                        log_warning("Central key %s in group %s is not an AES-256 key (algorithm %d, "
+                                    "%d bits): ignored; keep only KEK versions in the group",
                                     a->uid, s->config->key_group, a->algorithm, a->length);
                         continue;
-                }
-                if (!ck[i].has_material) {
-                        snprintf(err, err_size, "central key %s (%s) came without key material",
-                                 a->uid, kmip_state_to_string(a->state));
-                        return -EBADMSG;
                 }
                 /* The same identifier must always mean the same key: a
                  * change would make old ciphertexts unreadable, or is an

@@ -55,7 +55,6 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(BIO *, BIO_free);
 DEFINE_TRIVIAL_CLEANUP_FUNC(EVP_PKEY *, EVP_PKEY_free);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct addrinfo *, freeaddrinfo);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_context *, tls_context_free);
-DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_conn *, tls_conn_free);
 
 
 /* The oldest queued OpenSSL error as text, then clear the queue (it is

@@ -19,6 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/macro.h"
+
 struct tls_context;
 struct tls_conn;
 
@@ -55,3 +57,4 @@ const char *tls_conn_cipher(const struct tls_conn *c);
  * NULL. The record buffers are wiped (SSL_OP_CLEANSE_PLAINTEXT): they held
  * decrypted key material. */
 void tls_conn_free(struct tls_conn *c);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_conn *, tls_conn_free);

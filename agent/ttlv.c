@@ -58,24 +58,6 @@ static int fixed_length(uint8_t type) {
         }
 }
 
-const char *ttlv_type_to_string(uint8_t type) {
-        static const char *const names[] = {
-                [TTLV_STRUCTURE] = "Structure",
-                [TTLV_INTEGER] = "Integer",
-                [TTLV_LONG_INTEGER] = "Long Integer",
-                [TTLV_BIG_INTEGER] = "Big Integer",
-                [TTLV_ENUMERATION] = "Enumeration",
-                [TTLV_BOOLEAN] = "Boolean",
-                [TTLV_TEXT_STRING] = "Text String",
-                [TTLV_BYTE_STRING] = "Byte String",
-                [TTLV_DATE_TIME] = "Date-Time",
-                [TTLV_INTERVAL] = "Interval",
-        };
-        if (type < sizeof(names) / sizeof(names[0]) && names[type])
-                return names[type];
-        return "unknown";
-}
-
 /* ---- encoder ---------------------------------------------------------- */
 
 void ttlv_writer_init(struct ttlv_writer *w, uint8_t *buf, size_t cap) {

@@ -125,5 +125,3 @@ int ttlv_copy_text(const struct ttlv_item *it, char *buf, size_t size);
 /* Text String equal to the C string s. */
 bool ttlv_text_equal(const struct ttlv_item *it, const char *s);
 
-/* Map a type to its name ("Structure", ...), "unknown" otherwise. */
-const char *ttlv_type_to_string(uint8_t type);
