@@ -36,6 +36,10 @@ struct kms_call {
                                              kms_server_retry_parked() (e.g. an
                                              unknown key id while a sync runs);
                                              false on that retry */
+        uint64_t park_token;              /* set by the backend with that -EAGAIN:
+                                             the number of the event the call
+                                             waits for (e.g. the agent's sync
+                                             generation); 0 on entry */
 };
 
 struct kms_status {
@@ -70,7 +74,9 @@ struct kms_server_options {
         uint32_t max_connections;         /* 0: default 64; when reached, the
                                              longest-idle connection makes room */
         uint32_t max_concurrent_streams;  /* per connection; 0: default 100 */
-        uint32_t max_message_size;        /* request body; 0: default 64 KiB */
+        uint32_t max_message_size;        /* request message (without the gRPC
+                                             prefix); 0: default 64 KiB, which is
+                                             also the most the service accepts */
         uint32_t max_header_list_size;    /* 0: default 16 KiB */
         uint64_t idle_timeout_usec;       /* no stream open; 0: default 5 min */
         uint64_t stream_timeout_usec;     /* request not complete; 0: default 10 s */
@@ -80,7 +86,7 @@ struct kms_server_options {
 struct kms_server;
 
 /* Create a server on event loop e. ops/userdata must outlive it.
- * Returns 0, -EINVAL (max_message_size above 16 MiB, or allowed_uids NULL with
+ * Returns 0, -EINVAL (max_message_size above 64 KiB, or allowed_uids NULL with
  * n_allowed_uids > 0), or -ENOMEM. */
 int kms_server_new(sd_event *e, const struct kms_server_options *opt,
                    const struct kms_backend_ops *ops, void *userdata,
@@ -93,10 +99,12 @@ int kms_server_add_listener(struct kms_server *s, int fd);
 void kms_server_shutdown(struct kms_server *s, void (*done)(void *userdata), void *userdata);
 /* Accepts NULL. Closes everything immediately. */
 void kms_server_free(struct kms_server *s);
-/* Run every parked call again (with may_defer false, so each gets a final
- * answer). Parked calls that reach their deadline first get
- * DEADLINE_EXCEEDED. */
-void kms_server_retry_parked(struct kms_server *s);
+/* Event number done has happened: run again every parked call whose
+ * park_token is <= done, with may_defer false so each gets a final answer;
+ * calls waiting for a later event stay parked. done UINT64_MAX runs all of
+ * them (shutdown). Parked calls that reach their deadline first get
+ * DEADLINE_EXCEEDED. Accepts NULL. */
+void kms_server_retry_parked(struct kms_server *s, uint64_t done);
 
 /* The library never logs on its own. An agent that wants to hear about refused
  * peers, timeouts and protocol errors installs this hook: level is a syslog
@@ -123,7 +131,10 @@ struct kms_server_stats {
         uint64_t connections_evicted;     /* idle, closed to admit a new one */
         uint64_t connections_open;
         uint64_t protocol_errors;         /* connections dropped for bad HTTP/2 */
-        uint64_t timeouts;                /* handshake, idle, stream, stalled output */
+        uint64_t timeouts;                /* handshake, idle, stream, stalled output;
+                                             a connection already closing after a
+                                             timeout is not counted again when its
+                                             output then stalls */
         uint64_t streams;                 /* requests (HTTP/2 streams) started */
 };
 void kms_server_get_stats(const struct kms_server *s, struct kms_server_stats *ret);

@@ -31,18 +31,18 @@
 #include <systemd/sd-event.h>
 
 #include "common/macro.h"
+#include "common/util.h"
 #include "plugin/plugin.h"
 #include "plugin/service.h"
 
 #define DEFAULT_MAX_CONNECTIONS 64u
 #define DEFAULT_MAX_STREAMS 100u
-#define DEFAULT_MAX_MESSAGE (64u * 1024u)
+#define DEFAULT_MAX_MESSAGE KMS_REQUEST_MAX
 #define DEFAULT_MAX_HEADER_LIST (16u * 1024u)
 #define DEFAULT_IDLE_USEC (5ull * 60ull * 1000000ull)
 #define DEFAULT_STREAM_USEC (10ull * 1000000ull)
 #define DEFAULT_HANDSHAKE_USEC (5ull * 1000000ull)
 
-#define MAX_MESSAGE_LIMIT (16u * 1024u * 1024u)   /* keeps windows below 2^31-1 */
 #define READ_CHUNK (64u * 1024u)                  /* one read() per wakeup */
 #define OUT_HIGH (64u * 1024u)                    /* stop reading above this */
 #define ACCEPT_BATCH 32                           /* accept()s per wakeup */
@@ -52,6 +52,8 @@
  * too long (RESOURCE_EXHAUSTED) instead of stalling on flow control, and so
  * that DATA padding (counted against the window, RFC 9113 §6.1) fits. */
 #define WINDOW_SLACK 512u
+#define NV_PATH_LOG_MAX 128                       /* :path bytes quoted in messages */
+#define H2_FRAME_HEADER_SIZE 9                    /* RFC 9113 §4.1 */
 
 #define NV_STATIC(n, v)                                                        \
         {                                                                      \
@@ -81,7 +83,8 @@ struct stream {
         bool request_done:1;              /* END_STREAM received */
         bool responded:1;                 /* response queued */
         bool parked:1;                    /* backend deferred it: waiting for
-                                             kms_server_retry_parked() */
+                                             kms_server_retry_parked() with a
+                                             done >= park_token */
         bool rst_after_send:1;            /* answered early: RST_STREAM(NO_ERROR)
                                              once the response is out */
         bool cancelled:1;
@@ -92,6 +95,7 @@ struct stream {
         bool timeout_bad:1;
         bool has_timeout:1;
         uint64_t timeout_usec;
+        uint64_t park_token;              /* when parked: the event it waits for */
 
         struct grpc_reply reply;
         size_t reply_off;
@@ -109,6 +113,9 @@ struct conn {
         nghttp2_session *h2;
 
         bool handshake_done;              /* client preface + SETTINGS seen */
+        bool closing;                     /* GOAWAY queued by terminate_session:
+                                             only getting it out is left */
+        uint64_t close_deadline;          /* when closing: give up then */
         uint64_t handshake_deadline;
         uint64_t last_activity;           /* last read with data */
         uint64_t out_blocked_at;          /* pending output since; 0: none */
@@ -189,20 +196,9 @@ static uint64_t server_now(struct kms_server *s) {
         uint64_t now;
 
         /* The loop's cached timestamp: no syscall on the request path. */
-        if (sd_event_now(s->event, CLOCK_MONOTONIC, &now) < 0) {
-                struct timespec ts;
-
-                clock_gettime(CLOCK_MONOTONIC, &ts);
-                now = (uint64_t) ts.tv_sec * 1000000ull + (uint64_t) ts.tv_nsec / 1000ull;
-        }
+        if (sd_event_now(s->event, CLOCK_MONOTONIC, &now) < 0)
+                now = now_usec(CLOCK_MONOTONIC);
         return now;
-}
-
-static uint64_t monotonic_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000ull + (uint64_t) ts.tv_nsec / 1000ull;
 }
 
 static uint64_t add_usec(uint64_t a, uint64_t b) {
@@ -233,6 +229,17 @@ static void conn_timer_rearm(struct conn *c) {
         struct kms_server *s = c->server;
         uint64_t next = UINT64_MAX;
 
+        if (c->closing) {
+                /* Idle and stream deadlines are past and no longer matter:
+                 * re-arming for them would fire the timer in a loop while a
+                 * peer that does not read keeps the GOAWAY from going out. */
+                next = c->close_deadline;
+                if (c->out_blocked_at)
+                        next = min_u64(next, add_usec(c->out_blocked_at, s->stream_usec));
+                c->timer_at = UINT64_MAX;
+                conn_timer_require(c, next);
+                return;
+        }
         if (!c->handshake_done)
                 next = c->handshake_deadline;
         if (c->out_blocked_at)
@@ -252,24 +259,36 @@ static void conn_timer_rearm(struct conn *c) {
 
 /* ---- output ---- */
 
+/* Room for n more bytes at c->out + c->out_len. c->out holds Decrypt answers
+ * (DEK seeds): no copy is left behind, neither by moving the pending bytes
+ * down nor by growing (no realloc, which would free the old block unwiped). */
 static int out_reserve(struct conn *c, size_t n) {
         size_t pending = c->out_len - c->out_off;
 
-        if (c->out_off > 0 && pending > 0)
-                memmove(c->out, c->out + c->out_off, pending);
+        if (c->out_off > 0) {
+                if (pending > 0)
+                        memmove(c->out, c->out + c->out_off, pending);
+                /* the old [out_off, out_len) now starts at 0; what lies
+                 * beyond pending is a stale copy (or already wiped) */
+                explicit_bzero(c->out + pending, c->out_off);
+        }
         c->out_off = 0;
         c->out_len = pending;
         if (c->out_cap - c->out_len >= n)
                 return 0;
 
         /* Grows to at most OUT_HIGH plus one frame: we stop draining nghttp2
-         * at OUT_HIGH, and nghttp2 hands out at most one frame per call. */
+         * at OUT_HIGH, nghttp2 hands out at most one frame per call, and
+         * reply_send() pauses it at OUT_HIGH. */
         size_t cap = c->out_cap ? c->out_cap : 16384;
         while (cap - c->out_len < n)
                 cap *= 2;
-        uint8_t *p = realloc(c->out, cap);
+        uint8_t *p = malloc(cap);
         if (!p)
                 return -ENOMEM;
+        if (c->out_len > 0)
+                memcpy(p, c->out, c->out_len);
+        erase_and_free(c->out, c->out_cap);
         c->out = p;
         c->out_cap = cap;
         return 0;
@@ -381,7 +400,7 @@ static void stream_observe(struct stream *st, enum grpc_code code) {
         struct kms_server *s = st->conn->server;
 
         if (s->call_observer) {
-                uint64_t now = monotonic_usec();
+                uint64_t now = now_usec(CLOCK_MONOTONIC);
                 s->call_observer(s->call_userdata, st->path ? st->path : "", (int) code,
                                  now > st->start ? now - st->start : 0);
         }
@@ -439,6 +458,10 @@ static void stream_respond_status(struct stream *st, const char *http_status,
         stream_observe(st, code);
 }
 
+/* The response body goes out with NGHTTP2_DATA_FLAG_NO_COPY: nghttp2 would
+ * copy it into its own frame buffer, which it reuses and frees without
+ * wiping, and a Decrypt's body is the DEK seed. reply_read() only sizes the
+ * frame; reply_send() writes it into c->out, which we wipe. */
 static ssize_t reply_read(nghttp2_session *h2, int32_t stream_id, uint8_t *buf, size_t length,
                           uint32_t *data_flags, nghttp2_data_source *source, void *user_data) {
         struct stream *st = source->ptr;
@@ -448,18 +471,50 @@ static ssize_t reply_read(nghttp2_session *h2, int32_t stream_id, uint8_t *buf, 
         size_t left = st->reply.body_len - st->reply_off;
         size_t n = left < length ? left : length;
 
-        memcpy(buf, st->reply.body + st->reply_off, n);
-        st->reply_off += n;
-        if (st->reply_off == st->reply.body_len) {
+        *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+        if (n == left) {
                 /* The gRPC doc: Response -> Headers *Message Trailers; the
                  * trailers carry END_STREAM, not the last DATA frame. */
                 *data_flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
                 if (nghttp2_submit_trailer(h2, stream_id, trailers, ARRAY_SIZE(trailers)) < 0)
                         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+        }
+        return (ssize_t) n;
+}
+
+/* nghttp2_send_data_callback: the DATA frame reply_read() sized, whole, into
+ * c->out (frame header, pad length, payload, padding; we ask for no padding).
+ * nghttp2 calls it right after reply_read(), from nghttp2_session_mem_send(). */
+static int reply_send(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t *framehd,
+                      size_t length, nghttp2_data_source *source, void *user_data) {
+        struct conn *c = user_data;
+        struct stream *st = source->ptr;
+        size_t padlen = frame->data.padlen;
+
+        if (!st->reply.body || length > st->reply.body_len - st->reply_off)
+                return NGHTTP2_ERR_CALLBACK_FAILURE;
+        if (out_reserve(c, H2_FRAME_HEADER_SIZE + padlen + length) < 0)
+                return NGHTTP2_ERR_CALLBACK_FAILURE;
+
+        memcpy(c->out + c->out_len, framehd, H2_FRAME_HEADER_SIZE);
+        c->out_len += H2_FRAME_HEADER_SIZE;
+        if (padlen > 0)
+                c->out[c->out_len++] = (uint8_t) (padlen - 1);
+        memcpy(c->out + c->out_len, st->reply.body + st->reply_off, length);
+        c->out_len += length;
+        if (padlen > 1) {
+                memset(c->out + c->out_len, 0, padlen - 1);
+                c->out_len += padlen - 1;
+        }
+
+        st->reply_off += length;
+        if (st->reply_off == st->reply.body_len) {
                 grpc_reply_done(&st->reply);   /* wipes a Decrypt's plaintext */
                 st->reply_off = 0;
         }
-        return (ssize_t) n;
+        /* nghttp2_session_mem_send() goes on to the next frame after this
+         * one: stop it where conn_flush() would stop draining. */
+        return c->out_len - c->out_off >= OUT_HIGH ? NGHTTP2_ERR_PAUSE : 0;
 }
 
 static void stream_respond_reply(struct stream *st) {
@@ -521,9 +576,14 @@ static void stream_headers_done(struct stream *st) {
                 stream_respond_status(st, "415", GRPC_INTERNAL, "invalid gRPC content-type");
         else if (st->timeout_bad)
                 stream_respond_status(st, "400", GRPC_INTERNAL, "malformed grpc-timeout");
-        else if (!st->path || !kms_service_has_method(st->path))
-                stream_respond_status(st, "200", GRPC_UNIMPLEMENTED, "unknown method");
-        else if (st->has_timeout) {
+        else if (!st->path || !kms_service_has_method(st->path)) {
+                char msg[64 + NV_PATH_LOG_MAX];
+
+                /* :path is bounded only by max_header_list_size */
+                snprintf(msg, sizeof(msg), "unknown method %.*s", NV_PATH_LOG_MAX,
+                         st->path ? st->path : "");
+                stream_respond_status(st, "200", GRPC_UNIMPLEMENTED, msg);
+        } else if (st->has_timeout) {
                 uint64_t d = add_usec(st->start, st->timeout_usec);
                 if (st->timeout_usec == 0)
                         stream_respond_status(st, "200", GRPC_DEADLINE_EXCEEDED,
@@ -564,9 +624,11 @@ static void stream_request_done(struct stream *st) {
         kms_service_call(s->ops, s->userdata, st->path, st->body, st->body_len, &c->peer,
                          true, &st->reply);
         if (st->reply.deferred) {
-                /* kept with its body until kms_server_retry_parked() or its
-                 * deadline (the connection timer answers DEADLINE_EXCEEDED) */
+                /* kept with its body until kms_server_retry_parked() reports
+                 * its event or its deadline (the connection timer answers
+                 * DEADLINE_EXCEEDED) */
                 st->parked = true;
+                st->park_token = st->reply.park_token;
                 return;
         }
         stream_respond_reply(st);
@@ -662,8 +724,11 @@ static int on_data_chunk_recv(nghttp2_session *h2, uint8_t flags, int32_t stream
 
         st->unconsumed += len;
         if (len > max - st->body_len) {
-                stream_respond_status(st, "200", GRPC_RESOURCE_EXHAUSTED,
-                                      "request message larger than max");
+                char msg[64];
+
+                snprintf(msg, sizeof(msg), "request message larger than %u bytes",
+                         c->server->max_message);
+                stream_respond_status(st, "200", GRPC_RESOURCE_EXHAUSTED, msg);
                 return 0;
         }
         if (st->body_len + len > st->body_cap) {
@@ -763,6 +828,19 @@ static int on_stream_close(nghttp2_session *h2, int32_t stream_id, uint32_t erro
 
 /* ---- connections ---- */
 
+/* GOAWAY and close once it is out (nghttp2_session_terminate_session). From
+ * here on only the GOAWAY matters: if the peer does not read, the stalled
+ * output rule (or close_deadline) ends the connection. */
+static void conn_terminate(struct conn *c, uint32_t error_code) {
+        struct kms_server *s = c->server;
+
+        (void) nghttp2_session_terminate_session(c->h2, error_code);
+        if (!c->closing) {
+                c->closing = true;
+                c->close_deadline = add_usec(server_now(s), s->stream_usec);
+        }
+}
+
 static void conn_free(struct conn *c) {
         struct kms_server *s;
 
@@ -790,7 +868,6 @@ static void conn_free(struct conn *c) {
         if (c->next)
                 c->next->prev = c->prev;
         s->n_conns--;
-        s->stats.connections_open = s->n_conns;
         free(c);
 
         if (s->shutting_down && s->n_conns == 0 && s->done_defer && !s->done_fired)
@@ -861,9 +938,18 @@ static int conn_timer(sd_event_source *src, uint64_t usec, void *userdata) {
                 return 0;
         }
         if (c->out_blocked_at && now >= add_usec(c->out_blocked_at, s->stream_usec)) {
-                s->stats.timeouts++;
+                if (!c->closing)
+                        s->stats.timeouts++;   /* else counted as why it is closing */
                 server_log(s, LOG_DEBUG, &c->peer, "peer stopped reading, closing");
                 conn_free(c);
+                return 0;
+        }
+        if (c->closing) {
+                if (now >= c->close_deadline) {
+                        server_log(s, LOG_DEBUG, &c->peer, "GOAWAY not delivered in time, closing");
+                        conn_free(c);
+                } else
+                        conn_timer_rearm(c);
                 return 0;
         }
 
@@ -875,7 +961,7 @@ static int conn_timer(sd_event_source *src, uint64_t usec, void *userdata) {
                         /* Stuck inside a header block: RFC 9113 §6.10 allows
                          * no other frame on the connection until it ends. */
                         server_log(s, LOG_DEBUG, &c->peer, "header block timed out");
-                        (void) nghttp2_session_terminate_session(c->h2, NGHTTP2_PROTOCOL_ERROR);
+                        conn_terminate(c, NGHTTP2_PROTOCOL_ERROR);
                         break;
                 }
                 if (!st->responded) {
@@ -891,7 +977,8 @@ static int conn_timer(sd_event_source *src, uint64_t usec, void *userdata) {
         if (c->n_streams == 0 && now >= add_usec(c->last_activity, s->idle_usec)) {
                 /* RFC 9113 §9.1: close idle connections after a GOAWAY */
                 s->stats.timeouts++;
-                (void) nghttp2_session_terminate_session(c->h2, NGHTTP2_NO_ERROR);
+                server_log(s, LOG_DEBUG, &c->peer, "idle, closing");
+                conn_terminate(c, NGHTTP2_NO_ERROR);
         }
 
         if (conn_settle(c, 0))
@@ -921,7 +1008,6 @@ static int conn_new(struct kms_server *s, int fd, const struct kms_peer *peer) {
                 s->conns->prev = c;
         s->conns = c;
         s->n_conns++;
-        s->stats.connections_open = s->n_conns;
 
         if (nghttp2_session_server_new2(&c->h2, s->callbacks, c, s->h2_option) < 0) {
                 c->h2 = NULL;
@@ -1001,7 +1087,7 @@ static bool server_evict_idle(struct kms_server *s) {
                 return false;
         s->stats.connections_evicted++;
         server_log(s, LOG_DEBUG, &victim->peer, "connection limit reached: closing the longest-idle connection");
-        (void) nghttp2_session_terminate_session(victim->h2, NGHTTP2_NO_ERROR);
+        conn_terminate(victim, NGHTTP2_NO_ERROR);
         /* Best effort to deliver the GOAWAY; the slot is freed either way. */
         if (!conn_settle(victim, 0))
                 conn_free(victim);
@@ -1029,7 +1115,9 @@ static int listener_io(sd_event_source *src, int fd, uint32_t revents, void *use
                 }
 
                 /* Decide on the peer before reading a single byte from it. */
-                if (unix_socket_peer(cfd, &peer) < 0) {
+                int r = unix_socket_peer(cfd, &peer);
+                if (r < 0) {
+                        server_log(s, LOG_DEBUG, NULL, "SO_PEERCRED: %s", strerror(-r));
                         close(cfd);
                         continue;
                 }
@@ -1048,8 +1136,10 @@ static int listener_io(sd_event_source *src, int fd, uint32_t revents, void *use
                         close(cfd);
                         continue;
                 }
-                if (conn_new(s, cfd, &peer) < 0)
-                        server_log(s, LOG_DEBUG, &peer, "could not set up connection");
+                r = conn_new(s, cfd, &peer);
+                if (r < 0)
+                        server_log(s, LOG_DEBUG, &peer, "could not set up connection: %s",
+                                   strerror(-r));
         }
         return 0;
 }
@@ -1066,7 +1156,7 @@ static void listener_free(struct listener *l) {
 
 /* ---- public ---- */
 
-void kms_server_retry_parked(struct kms_server *s) {
+void kms_server_retry_parked(struct kms_server *s, uint64_t done) {
         struct conn *next;
 
         if (!s)
@@ -1076,7 +1166,7 @@ void kms_server_retry_parked(struct kms_server *s) {
 
                 next = c->next;
                 for (struct stream *st = c->streams; st; st = st->next) {
-                        if (!st->parked || st->responded)
+                        if (!st->parked || st->responded || st->park_token > done)
                                 continue;
                         st->parked = false;
                         any = true;
@@ -1099,7 +1189,9 @@ int kms_server_new(sd_event *e, const struct kms_server_options *opt,
                 return -EINVAL;
         if (!opt)
                 opt = &none;
-        if (opt->max_message_size > MAX_MESSAGE_LIMIT ||
+        /* The service refuses larger requests anyway (KMS_REQUEST_MAX); a
+         * larger window would only let a peer make us buffer more. */
+        if (opt->max_message_size > KMS_REQUEST_MAX ||
             (opt->n_allowed_uids > 0 && !opt->allowed_uids))
                 return -EINVAL;
 
@@ -1154,6 +1246,7 @@ int kms_server_new(sd_event *e, const struct kms_server_options *opt,
         nghttp2_session_callbacks_set_on_frame_recv_callback(s->callbacks, on_frame_recv);
         nghttp2_session_callbacks_set_on_frame_send_callback(s->callbacks, on_frame_send);
         nghttp2_session_callbacks_set_on_stream_close_callback(s->callbacks, on_stream_close);
+        nghttp2_session_callbacks_set_send_data_callback(s->callbacks, reply_send);
 
         if (nghttp2_option_new(&s->h2_option) < 0)
                 goto oom;

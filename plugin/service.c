@@ -240,8 +240,10 @@ static void call_decrypt(const struct kms_backend_ops *ops, void *userdata, bool
         struct kms_call call = { .request_uid = d->uid, .peer = peer, .may_defer = may_defer };
         r = ops->decrypt(userdata, &call, d->key_id, d->ciphertext, d->ciphertext_len, pt);
         if (r == -EAGAIN && may_defer) {
-                /* parked: the transport calls again later with the same body */
+                /* parked: the transport calls again with the same body once
+                 * the event the backend named has happened */
                 reply->deferred = true;
+                reply->park_token = call.park_token;
                 return;
         }
         if (r < 0)
@@ -266,6 +268,7 @@ void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
         reply->body = NULL;
         reply->body_len = 0;
         reply->deferred = false;
+        reply->park_token = 0;
 
         m = kms_method_from_path(path);
         if (m < 0)
@@ -290,7 +293,6 @@ void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
         case KMS_METHOD_DECRYPT:
                 return call_decrypt(ops, userdata, may_defer, msg, len, peer, reply);
         }
-        reply_error(reply, GRPC_UNIMPLEMENTED, "unknown method %s", path);
 }
 
 void grpc_reply_done(struct grpc_reply *reply) {

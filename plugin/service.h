@@ -58,6 +58,8 @@ struct grpc_reply {
         size_t body_len;
         bool deferred;                    /* the backend parked the call (-EAGAIN
                                              with may_defer): no answer yet */
+        uint64_t park_token;              /* when deferred: the backend's
+                                             kms_call.park_token; else 0 */
 };
 
 /* Handle one unary call. path is the :path pseudo-header; body is the complete

@@ -33,11 +33,18 @@
 struct fake {
         unsigned calls;
         bool peer_ok;   /* every call saw our own uid/pid as peer */
+        bool big_key_id;   /* Status: a KMS_KEY_ID_MAX key id (large answers) */
 };
 
 static void fake_status(void *userdata, struct kms_status *st) {
+        struct fake *f = userdata;
+
         snprintf(st->healthz, sizeof(st->healthz), "ok");
-        snprintf(st->key_id, sizeof(st->key_id), "k1");
+        if (f->big_key_id) {
+                memset(st->key_id, 'k', KMS_KEY_ID_MAX);
+                st->key_id[KMS_KEY_ID_MAX] = '\0';
+        } else
+                snprintf(st->key_id, sizeof(st->key_id), "k1");
 }
 
 static void fake_check_peer(struct fake *f, const struct kms_call *call) {
@@ -60,10 +67,14 @@ static int fake_decrypt(void *userdata, struct kms_call *call, const char *key_i
                         const uint8_t *ct, size_t ct_len, uint8_t pt[KMS_PLAINTEXT_MAX]) {
         fake_check_peer(userdata, call);
         /* "k-later" is a key the backend gets only after a sync: it parks the
-         * call the first time and knows the key on the retry */
-        if (strcmp(key_id, "k-later") == 0 && call->may_defer)
+         * call the first time and knows the key on the retry. "k-later-N"
+         * waits for sync N (park token N); "k-later" for sync 1. */
+        bool later = strncmp(key_id, "k-later", 7) == 0;
+        if (later && call->may_defer) {
+                call->park_token = key_id[7] == '-' ? strtoull(key_id + 8, NULL, 10) : 1;
                 return -EAGAIN;
-        if (strcmp(key_id, "k1") != 0 && strcmp(key_id, "k-later") != 0)
+        }
+        if (strcmp(key_id, "k1") != 0 && !later)
                 return -ENOENT;
         if (ct_len < 4 || memcmp(ct, "ct:", 3) != 0 || ct_len - 3 > KMS_PLAINTEXT_MAX)
                 return -EBADMSG;
@@ -178,6 +189,7 @@ struct call {
 struct client {
         int fd;
         nghttp2_session *h2;
+        bool no_read;             /* stop reading: let the server's output back up */
         bool closed;              /* the server closed (EOF/reset) */
         size_t bytes_in;
         bool goaway;
@@ -334,7 +346,7 @@ static void client_io(struct client *cl) {
                         return;
                 }
         }
-        for (;;) {
+        while (!cl->no_read) {
                 ssize_t n = recv(cl->fd, buf, sizeof(buf), 0);
                 if (n == 0 || (n < 0 && errno != EAGAIN)) {
                         cl->closed = true;
@@ -561,7 +573,7 @@ static void test_server_parked_call(void **state) {
         decrypt_call(f, cl, d, ct, ct_len, "k-later");
         assert_true(pump(f, &cl, 1, NULL, NULL, 100));
         assert_false(d->closed);
-        kms_server_retry_parked(f->server);
+        kms_server_retry_parked(f->server, UINT64_MAX);
         assert_true(pump(f, &cl, 1, call_done, d, 3000));
         assert_int_equal(d->grpc_status, 0);
         assert_true(pb_find(d, 1, &pt, &pt_len));
@@ -573,11 +585,74 @@ static void test_server_parked_call(void **state) {
         assert_true(pump(f, &cl, 1, call_done, d, 3000));
         assert_int_equal(d->grpc_status, 4);   /* DEADLINE_EXCEEDED */
         /* a retry after that finds nothing left to answer */
-        kms_server_retry_parked(f->server);
+        kms_server_retry_parked(f->server, UINT64_MAX);
 
         client_free(cl);
         free(e);
         free(d);
+}
+
+/* Each parked call waits for its own event: retry_parked(done) answers the
+ * calls whose token is <= done and leaves the later ones parked. */
+static void test_server_parked_call_tokens(void **state) {
+        struct fixture *f = *state;
+        struct client *cl;
+        struct call *e = malloc(sizeof(*e)), *d1 = malloc(sizeof(*d1)), *d2 = malloc(sizeof(*d2));
+        const uint8_t *ct, *pt;
+        size_t ct_len, pt_len;
+
+        f->opt.stream_timeout_usec = 5 * 1000 * 1000;
+        fixture_start(f);
+        cl = client_new(f);
+        encrypt_call(f, cl, e, "0123456789abcdef0123456789abcdef");
+        assert_true(pump(f, &cl, 1, call_done, e, 3000));
+        assert_true(pb_find(e, 1, &ct, &ct_len));
+
+        /* the later sync's call first: the order of arrival does not matter */
+        decrypt_call(f, cl, d2, ct, ct_len, "k-later-2");
+        decrypt_call(f, cl, d1, ct, ct_len, "k-later-1");
+        assert_true(pump(f, &cl, 1, NULL, NULL, 100));
+        assert_false(d1->closed);
+        assert_false(d2->closed);
+
+        /* an event before both: nothing */
+        kms_server_retry_parked(f->server, 0);
+        assert_true(pump(f, &cl, 1, NULL, NULL, 100));
+        assert_false(d1->closed);
+        assert_false(d2->closed);
+
+        kms_server_retry_parked(f->server, 1);
+        assert_true(pump(f, &cl, 1, call_done, d1, 3000));
+        assert_int_equal(d1->grpc_status, 0);
+        assert_true(pb_find(d1, 1, &pt, &pt_len));
+        assert_int_equal(pt_len, 32);
+        assert_memory_equal(pt, "0123456789abcdef0123456789abcdef", 32);
+        assert_true(pump(f, &cl, 1, NULL, NULL, 100));
+        assert_false(d2->closed);
+
+        kms_server_retry_parked(f->server, 2);
+        assert_true(pump(f, &cl, 1, call_done, d2, 3000));
+        assert_int_equal(d2->grpc_status, 0);
+        assert_true(pb_find(d2, 1, &pt, &pt_len));
+        assert_memory_equal(pt, "0123456789abcdef0123456789abcdef", 32);
+
+        /* a retry for an earlier event leaves it parked, backend not re-run */
+        f->fake.calls = 0;
+        decrypt_call(f, cl, d1, ct, ct_len, "k-later-7");
+        assert_true(pump(f, &cl, 1, NULL, NULL, 100));
+        kms_server_retry_parked(f->server, 6);
+        assert_true(pump(f, &cl, 1, NULL, NULL, 100));
+        assert_false(d1->closed);
+        assert_int_equal(f->fake.calls, 1);   /* not run again */
+        kms_server_retry_parked(f->server, UINT64_MAX);
+        assert_true(pump(f, &cl, 1, call_done, d1, 3000));
+        assert_int_equal(d1->grpc_status, 0);
+        assert_int_equal(f->fake.calls, 2);
+
+        client_free(cl);
+        free(e);
+        free(d1);
+        free(d2);
 }
 
 static void test_server_unknown_method(void **state) {
@@ -593,6 +668,20 @@ static void test_server_unknown_method(void **state) {
         assert_true(pump(f, &cl, 1, call_done, c, 3000));
         assert_int_equal(c->http_status, 200);
         assert_int_equal(c->grpc_status, 12);
+        assert_string_equal(c->grpc_message, "unknown method /v2.KeyManagementService/Nope");
+
+        /* a long :path is quoted, bounded */
+        char long_path[2048];
+        memset(long_path, 'p', sizeof(long_path) - 1);
+        long_path[0] = '/';
+        long_path[sizeof(long_path) - 1] = '\0';
+        call_init(c);
+        frame_msg(c, NULL, 0);
+        client_submit(cl, c, "POST", long_path, "application/grpc", NULL, 0);
+        assert_true(pump(f, &cl, 1, call_done, c, 3000));
+        assert_int_equal(c->grpc_status, 12);
+        assert_true(strncmp(c->grpc_message, "unknown method /ppp", 19) == 0);
+        assert_true(strlen(c->grpc_message) < 256);
 
         /* answered while the client is still sending: Trailers-Only, then
          * RST_STREAM(NO_ERROR) (RFC 9113 §8.1) */
@@ -721,6 +810,7 @@ static void test_server_oversized_message(void **state) {
         client_submit(cl, c, "POST", PATH_ENCRYPT, "application/grpc", NULL, 0);
         assert_true(pump(f, &cl, 1, call_done, c, 3000));
         assert_int_equal(c->grpc_status, 8);   /* RESOURCE_EXHAUSTED */
+        assert_string_equal(c->grpc_message, "request message larger than 1024 bytes");
 
         /* a body far larger than the windows: rejected, connection usable */
         call_init(c);
@@ -1150,6 +1240,123 @@ static void test_server_many_calls(void **state) {
         free(calls);
 }
 
+static void test_server_new_options(void **state) {
+        struct fixture *f = *state;
+        struct kms_server *s = NULL;
+
+        /* the service refuses requests above 64 KiB: a larger transport
+         * limit is refused rather than silently useless */
+        f->opt.max_message_size = 64 * 1024 + 1;
+        assert_int_equal(kms_server_new(f->event, &f->opt, &fake_ops, &f->fake, &s), -EINVAL);
+        assert_null(s);
+        f->opt.max_message_size = 64 * 1024;
+        assert_int_equal(kms_server_new(f->event, &f->opt, &fake_ops, &f->fake, &s), 0);
+        kms_server_free(s);
+        s = NULL;
+        f->opt.max_message_size = 0;
+        f->opt.n_allowed_uids = 1;
+        assert_int_equal(kms_server_new(f->event, &f->opt, &fake_ops, &f->fake, &s), -EINVAL);
+        assert_null(s);
+}
+
+static bool no_connections(void *arg) {
+        struct kms_server_stats st;
+
+        kms_server_get_stats(arg, &st);
+        return st.connections_open == 0;
+}
+
+/* A peer that stops reading and then goes idle: the idle timeout queues a
+ * GOAWAY that cannot go out. The connection must then wait for the stalled
+ * output rule, not fire its timer in a loop at the past idle deadline (which
+ * counted a timeout each time). */
+static void test_server_idle_while_stalled(void **state) {
+        struct fixture *f = *state;
+        struct client *cl;
+        struct kms_server_stats st;
+        unsigned stuck = 0;
+        uint64_t end, t_stalled;
+
+        f->opt.idle_timeout_usec = 200 * 1000;
+        f->opt.stream_timeout_usec = 1000 * 1000;
+        fixture_start(f);
+        cl = client_new(f);
+        assert_true(pump(f, &cl, 1, handshaken, cl, 3000));
+        cl->no_read = true;
+
+        /* PING ACKs (RFC 9113 §6.7) fill the socket, then our output buffer,
+         * and we stop reading; no stream stays open. At most 200 PINGs per
+         * round so that nghttp2's guard against queued ACKs (1000) holds. */
+        end = now_ms() + 10000;
+        while (stuck < 20 && now_ms() < end) {
+                if (cl->pending_len == 0) {
+                        for (int i = 0; i < 200; i++)
+                                assert_int_equal(nghttp2_submit_ping(cl->h2, NGHTTP2_FLAG_NONE, NULL), 0);
+                        stuck = 0;
+                } else
+                        stuck++;
+                client_io(cl);
+                assert_true(sd_event_run(f->event, 1000) >= 0);
+        }
+        assert_true(stuck >= 20);   /* the server stopped reading */
+        t_stalled = now_ms();
+        kms_server_get_stats(f->server, &st);
+        assert_int_equal(st.connections_open, 1);
+        assert_int_equal(st.timeouts, 0);
+
+        /* idle after 200 ms (GOAWAY stuck), closed by the stalled output
+         * rule at most 1 s after the output backed up */
+        assert_true(pump(f, &cl, 1, no_connections, f->server, 5000));
+        assert_true(now_ms() - t_stalled >= 150);
+        assert_true(now_ms() - t_stalled < 2000);
+        kms_server_get_stats(f->server, &st);
+        assert_int_equal(st.timeouts, 1);
+        assert_int_equal(st.protocol_errors, 0);
+        assert_non_null(strstr(f->last_log, "stopped reading"));
+        client_free(cl);
+}
+
+/* Answers back up while the client does not read (the socket and then our
+ * output buffer fill, nghttp2 is paused at the buffer's high mark); once it
+ * reads again every answer arrives whole and in order. */
+static void test_server_output_backpressure(void **state) {
+        struct fixture *f = *state;
+        enum { N = 400 };   /* ~1 KiB answers: more than socket + buffer */
+        struct call *calls = calloc(N, sizeof(*calls));
+        struct client *cl;
+
+        assert_non_null(calls);
+        f->fake.big_key_id = true;
+        f->opt.max_concurrent_streams = 1000;
+        f->opt.stream_timeout_usec = 5 * 1000 * 1000;
+        fixture_start(f);
+        cl = client_new(f);
+        assert_true(pump(f, &cl, 1, handshaken, cl, 3000));   /* our SETTINGS */
+
+        cl->no_read = true;
+        for (int i = 0; i < N; i++) {
+                call_init(&calls[i]);
+                frame_msg(&calls[i], NULL, 0);
+                client_submit(cl, &calls[i], "POST", PATH_STATUS, "application/grpc", NULL, 0);
+        }
+        assert_true(pump(f, &cl, 1, NULL, NULL, 200));
+        assert_false(calls[0].closed);
+
+        cl->no_read = false;
+        for (int i = 0; i < N; i++)
+                assert_true(pump(f, &cl, 1, call_done, &calls[i], 5000));
+        for (int i = 0; i < N; i++) {
+                assert_int_equal(calls[i].grpc_status, 0);
+                assert_int_equal(calls[i].close_code, NGHTTP2_NO_ERROR);
+                /* prefix + version + healthz + 1 KiB key id (3-byte tag+len) */
+                assert_int_equal(calls[i].data_len, 5 + 4 + 4 + 3 + KMS_KEY_ID_MAX);
+                assert_memory_equal(calls[i].data, calls[0].data, calls[0].data_len);
+        }
+        assert_false(cl->closed);
+        client_free(cl);
+        free(calls);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -1167,6 +1374,10 @@ int main(void) {
                 T(test_server_header_list_too_large),
                 T(test_server_max_connections),
                 T(test_server_parked_call),
+                T(test_server_parked_call_tokens),
+                T(test_server_new_options),
+                T(test_server_idle_while_stalled),
+                T(test_server_output_backpressure),
                 T(test_server_peer_refused),
                 T(test_server_handshake_timeout),
                 T(test_server_idle_timeout),

@@ -33,6 +33,7 @@ struct fake {
         int key_id_fill;                  /* > 0: fill key_id with this many 'k', no NUL */
         bool may_defer;                   /* passed to kms_service_call */
         bool park_unknown;                /* unknown key id: -EAGAIN when allowed */
+        uint64_t park_token;              /* ... naming this event */
         /* what the backend saw */
         unsigned calls;
         char uid[KMS_UID_MAX + 1];
@@ -86,8 +87,13 @@ static int fake_decrypt(void *userdata, struct kms_call *call, const char *key_i
                         snprintf(call->error, sizeof(call->error), "%s", f->error);
                 return f->ret;
         }
-        if (strcmp(key_id, f->key_id) != 0)
-                return f->park_unknown && call->may_defer ? -EAGAIN : -ENOENT;
+        assert_int_equal(call->park_token, 0);
+        if (strcmp(key_id, f->key_id) != 0) {
+                if (!f->park_unknown || !call->may_defer)
+                        return -ENOENT;
+                call->park_token = f->park_token;
+                return -EAGAIN;
+        }
         if (ct_len < 1 || ct[0] != 'C' || ct_len - 1 > KMS_PLAINTEXT_MAX)
                 return -EBADMSG;
         for (size_t i = 1; i < ct_len; i++)
@@ -540,11 +546,20 @@ static void test_kms_service_call_decrypt_deferred(void **state) {
         decrypt(f, ct, sizeof(ct), "not-yet-synced", "uid", &reply);
         assert_true(reply.deferred);
         assert_null(reply.body);
+        assert_int_equal(reply.park_token, 0);
+
+        /* the event the backend waits for travels with the deferred reply */
+        f->park_token = 42;
+        decrypt(f, ct, sizeof(ct), "not-yet-synced", "uid", &reply);
+        assert_true(reply.deferred);
+        assert_null(reply.body);
+        assert_int_equal(reply.park_token, 42);
 
         /* the retry may not park again: a final answer */
         f->may_defer = false;
         decrypt(f, ct, sizeof(ct), "not-yet-synced", "uid", &reply);
         assert_false(reply.deferred);
+        assert_int_equal(reply.park_token, 0);
         assert_error(&reply, GRPC_NOT_FOUND, "decrypt: unknown key id");
 
         /* -EAGAIN without permission to park is an error, not a silent park */
