@@ -4,6 +4,7 @@
 
 #include "backend.h"
 #include "common/macro.h"
+#include "common/util.h"
 #include "envelope.h"
 #include "log.h"
 #include "sync.h"
@@ -15,7 +16,7 @@ static bool backend_too_stale(struct backend *b, char *msg, size_t size) {
         if (!b->sync || !sync_too_stale(b->sync, &age))
                 return false;
         snprintf(msg, size, "central KMS unreachable: keys last synced %llu s ago, over max_staleness",
-                 (unsigned long long) (age / 1000000u));
+                 (unsigned long long) (age / USEC_PER_SEC));
         return true;
 }
 
@@ -94,12 +95,9 @@ static int backend_decrypt(void *userdata, struct kms_call *call, const char *ke
                  * park the call for one rate-limited sync (answered when it
                  * ends, see kms_server_retry_parked). Not audited yet. */
                 if (!k && call->may_defer && b->sync) {
-                        uint64_t token = sync_request_on_demand(b->sync);
-                        if (token > 0) {
-                                if (token > b->parked_token)
-                                        b->parked_token = token;
+                        call->park_token = sync_request_on_demand(b->sync);
+                        if (call->park_token > 0)
                                 return -EAGAIN;
-                        }
                 }
                 if (!k) {
                         snprintf(call->error, sizeof(call->error), "unknown key id");

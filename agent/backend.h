@@ -3,8 +3,6 @@
  * and an audit record per call. Never touches the TPM or the network. */
 #pragma once
 
-#include <stdint.h>
-
 #include "keyring.h"
 #include "plugin/plugin.h"
 
@@ -14,7 +12,6 @@ struct backend {
         struct keyring_slot *keys;
         const char *refusal;      /* non-NULL: the sealed cache was refused; why */
         struct sync *sync;        /* fleet mode: staleness and on-demand sync */
-        uint64_t parked_token;    /* parked Decrypts wait for this sync (0: none) */
 };
 
 extern const struct kms_backend_ops backend_ops;

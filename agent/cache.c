@@ -16,6 +16,7 @@
 
 #include "agent/cache.h"
 #include "common/macro.h"
+#include "common/util.h"
 
 static const uint8_t cache_magic[8] = { 'T', 'P', 'M', 'K', 'M', 'S', 'C', '\0' };
 
@@ -223,14 +224,6 @@ int cache_decode_header(const uint8_t *buf, size_t len, struct tpm_sealed *ret) 
 
 /* ---- keys: the plaintext serialisation ---- */
 
-/* Plaintext buffers: the secure heap when there is room, else the ordinary
- * heap; OPENSSL_secure_clear_free wipes and frees either. */
-static uint8_t *secret_alloc(size_t n) {
-        uint8_t *p = OPENSSL_secure_malloc(n);
-
-        return p ? p : OPENSSL_malloc(n);
-}
-
 static size_t keys_size(const struct keyring *kr) {
         size_t n = 4;
 
@@ -330,7 +323,10 @@ int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[CACHE_
         if (total > CACHE_FILE_MAX)
                 return -EFBIG;   /* we would refuse to read it back */
 
-        pt = secret_alloc(pt_len);
+        /* The plaintext holds every KEK: locked memory only, never a
+         * fallback to swappable heap (sized for the largest keyring in
+         * keyring.c); -ENOMEM when it is exhausted. */
+        pt = OPENSSL_secure_malloc(pt_len);
         buf = malloc(total);
         ctx = EVP_CIPHER_CTX_new();
         if (!pt || !buf || !ctx) {
@@ -378,7 +374,7 @@ int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[CA
         if (r < 0)
                 return r;
 
-        pt = secret_alloc(lay.ct_len);
+        pt = OPENSSL_secure_malloc(lay.ct_len);   /* locked only, as above */
         ctx = EVP_CIPHER_CTX_new();
         if (!pt || !ctx) {
                 r = -ENOMEM;
@@ -402,21 +398,6 @@ out:
 }
 
 /* ---- files ---- */
-
-static int write_all(int fd, const uint8_t *p, size_t n) {
-        while (n > 0) {
-                ssize_t k = write(fd, p, n);
-
-                if (k < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                p += k;
-                n -= (size_t) k;
-        }
-        return 0;
-}
 
 int cache_write_file(const char *dir, const uint8_t *buf, size_t len) {
         _cleanup_close_ int dfd = -1, fd = -1;
@@ -492,7 +473,7 @@ int cache_read_file(const char *dir, uint8_t **ret, size_t *ret_len) {
                 return -errno;
         fd = openat(dfd, CACHE_FILE_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
         if (fd < 0)
-                return -errno;
+                return -errno;   /* -ELOOP: a symlink, not followed */
         if (fstat(fd, &st) < 0)
                 return -errno;
         if (!S_ISREG(st.st_mode))

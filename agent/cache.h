@@ -77,5 +77,6 @@ int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[CA
 int cache_write_file(const char *dir, const uint8_t *buf, size_t len);
 
 /* Read dir/CACHE_FILE_NAME. Returns 0; -ENOENT (no cache yet); -EFBIG (over
- * CACHE_FILE_MAX); another negative errno. */
+ * CACHE_FILE_MAX); -ELOOP (a symlink, not followed); -EINVAL (not a regular
+ * file); another negative errno. */
 int cache_read_file(const char *dir, uint8_t **ret, size_t *ret_len);

@@ -2,6 +2,7 @@
  * tls.c, KMIP messages in kmip.c; this file decides which endpoint to ask,
  * what to ask it, and what its health is. */
 #include <errno.h>
+#include <stdatomic.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -40,6 +41,8 @@ struct central_client {
         uint64_t backoff_cap_usec;
         size_t n_endpoints;
         struct endpoint endpoints[CONFIG_MAX_ENDPOINTS];
+
+        atomic_bool cancelled;            /* central_client_cancel: stop soon */
 
         /* health is written by the sync thread and read by the main one */
         pthread_mutex_t lock;
@@ -390,6 +393,14 @@ static int fetch_from(struct central_client *cc, size_t i, struct central_key **
         for (size_t k = 0; k < n_uids; k++) {
                 struct central_key *key = &keys[n];
 
+                /* Between requests: a stopping daemon waits for at most
+                 * one request's timeout, not for the whole group. */
+                if (atomic_load(&cc->cancelled)) {
+                        errorf(err, err_size, "%s: fetch cancelled (stopping)", s.peer);
+                        r = -ECANCELED;
+                        goto fail;
+                }
+
                 r = get_attributes(&s, uids[k], &key->attr, err, err_size);
                 if (r < 0)
                         goto fail;
@@ -465,6 +476,10 @@ static void record_attempt(struct central_client *cc, size_t i, int r, uint64_t 
         pthread_mutex_unlock(&cc->lock);
 }
 
+void central_client_cancel(struct central_client *cc) {
+        atomic_store(&cc->cancelled, true);
+}
+
 int central_fetch(struct central_client *cc, struct central_key **ret, size_t *ret_n,
                   char *err, size_t err_size) {
         size_t order[CONFIG_MAX_ENDPOINTS], n_order = 0, n_tried = 0, off = 0;
@@ -488,7 +503,7 @@ int central_fetch(struct central_client *cc, struct central_key **ret, size_t *r
                         order[n_order++] = i;
         pthread_mutex_unlock(&cc->lock);
 
-        for (size_t k = 0; k < n_order; k++) {
+        for (size_t k = 0; k < n_order && !atomic_load(&cc->cancelled); k++) {
                 size_t i = order[k];
                 uint64_t start = now_usec(CLOCK_MONOTONIC);
                 int w;

@@ -57,5 +57,9 @@ int central_fetch(struct central_client *cc, struct central_key **ret, size_t *r
                   char *err, size_t err_size);
 void central_keys_free(struct central_key *keys, size_t n);
 
+/* From another thread: make a running central_fetch end after its current
+ * request (it then fails with -ECANCELED), and every later one at once. */
+void central_client_cancel(struct central_client *cc);
+
 /* Copy the endpoints' health (thread-safe). Returns the number of endpoints. */
 size_t central_client_health(struct central_client *cc, struct central_endpoint_health *ret, size_t max);

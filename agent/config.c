@@ -33,9 +33,6 @@
 #include "common/macro.h"
 #include "common/util.h"
 
-#define USEC_PER_MSEC UINT64_C(1000)
-#define USEC_PER_MIN (60 * USEC_PER_SEC)
-#define USEC_PER_HOUR (60 * USEC_PER_MIN)
 
 #define CENTRAL_DEFAULT_PORT 5696
 
@@ -56,16 +53,6 @@ struct config_item {
         uint64_t min, max;   /* range: durations in usec; strings: min 1 = non-empty */
         const char *def;     /* default, fed through the same parser; NULL = zero */
 };
-
-static void why_set(char *why, size_t why_size, const char *fmt, ...)
-        __attribute__((format(printf, 3, 4)));
-static void why_set(char *why, size_t why_size, const char *fmt, ...) {
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(why, why_size, fmt, ap);
-        va_end(ap);
-}
 
 static bool has_control_chars(const char *s) {
         for (; *s; s++)
@@ -144,11 +131,11 @@ static int parse_duration_item(const struct config_item *it, const char *value,
         format_duration(it->min, lo, sizeof(lo));
         format_duration(it->max, hi, sizeof(hi));
         if (parse_duration(value, &usec) < 0) {
-                why_set(why, why_size, "not a duration (e.g. 250ms, 5s, 2min, 1h): \"%s\"", value);
+                errorf(why, why_size, "not a duration (e.g. 250ms, 5s, 2min, 1h): \"%s\"", value);
                 return -EINVAL;
         }
         if (usec < it->min || usec > it->max) {
-                why_set(why, why_size, "must be between %s and %s", lo, hi);
+                errorf(why, why_size, "must be between %s and %s", lo, hi);
                 return -EINVAL;
         }
         *(uint64_t *) ((uint8_t *) c + it->offset) = usec;
@@ -170,15 +157,15 @@ static int parse_string_item(const struct config_item *it, const char *value,
         size_t n = strlen(value);
 
         if (n < it->min) {
-                why_set(why, why_size, "must not be empty");
+                errorf(why, why_size, "must not be empty");
                 return -EINVAL;
         }
         if (n >= it->size) {
-                why_set(why, why_size, "too long (at most %zu characters)", it->size - 1);
+                errorf(why, why_size, "too long (at most %zu characters)", it->size - 1);
                 return -EINVAL;
         }
         if (has_control_chars(value)) {
-                why_set(why, why_size, "contains control characters");
+                errorf(why, why_size, "contains control characters");
                 return -EINVAL;
         }
         memcpy((char *) c + it->offset, value, n + 1);
@@ -189,7 +176,7 @@ static int parse_string_item(const struct config_item *it, const char *value,
 static int parse_path_item(const struct config_item *it, const char *value,
                            struct config *c, char *why, size_t why_size) {
         if (value[0] != '\0' && value[0] != '/') {
-                why_set(why, why_size, "must be an absolute path");
+                errorf(why, why_size, "must be an absolute path");
                 return -EINVAL;
         }
         return parse_string_item(it, value, c, why, why_size);
@@ -200,11 +187,11 @@ static int parse_path_item(const struct config_item *it, const char *value,
 static int parse_socket_item(const struct config_item *it, const char *value,
                              struct config *c, char *why, size_t why_size) {
         if (value[0] != '/') {
-                why_set(why, why_size, "must be an absolute path");
+                errorf(why, why_size, "must be an absolute path");
                 return -EINVAL;
         }
         if (strlen(value) >= it->size) {
-                why_set(why, why_size, "too long for a unix socket (at most %zu characters)",
+                errorf(why, why_size, "too long for a unix socket (at most %zu characters)",
                         it->size - 1);
                 return -EINVAL;
         }
@@ -222,7 +209,7 @@ static int parse_bool_item(const struct config_item *it, const char *value,
                  strcmp(value, "0") == 0)
                 *b = false;
         else {
-                why_set(why, why_size, "must be yes, no, true, false, 1 or 0");
+                errorf(why, why_size, "must be yes, no, true, false, 1 or 0");
                 return -EINVAL;
         }
         return 0;
@@ -235,7 +222,7 @@ static int parse_central_type_item(const struct config_item *it, const char *val
         else if (strcmp(value, "none") == 0)
                 c->central_type = CENTRAL_NONE;
         else {
-                why_set(why, why_size, "must be kmip or none");
+                errorf(why, why_size, "must be kmip or none");
                 return -EINVAL;
         }
         return 0;
@@ -247,7 +234,7 @@ static int parse_pcrs_item(const struct config_item *it, const char *value,
 
         memset(&sel, 0, sizeof(sel));   /* zero padding: configs compare with memcmp */
         if (tpm_pcr_selection_parse(value, &sel) < 0) {
-                why_set(why, why_size, "not a PCR selection (e.g. sha256:7, sha256:0,2,7, none)");
+                errorf(why, why_size, "not a PCR selection (e.g. sha256:7, sha256:0,2,7, none)");
                 return -EINVAL;
         }
         memcpy(&c->pcrs, &sel, sizeof(sel));
@@ -273,7 +260,7 @@ static int parse_list(const char *value, list_fn_t fn, struct config *c, char *w
                 while (e > b && isblank((unsigned char) e[-1]))
                         e--;
                 if (b == e) {
-                        why_set(why, why_size, "empty list element");
+                        errorf(why, why_size, "empty list element");
                         return -EINVAL;
                 }
                 r = fn(b, (size_t) (e - b), c, why, why_size);
@@ -296,7 +283,7 @@ static int uid_add(const char *s, size_t n, struct config *c, char *why, size_t 
                 struct passwd *pw;
 
                 if (n >= sizeof(name) || s[0] == '-' || (s[0] >= '0' && s[0] <= '9')) {
-                        why_set(why, why_size, "not a uid or user name: \"%.*s\"", (int) n, s);
+                        errorf(why, why_size, "not a uid or user name: \"%.*s\"", (int) n, s);
                         return -EINVAL;
                 }
                 memcpy(name, s, n);
@@ -304,7 +291,7 @@ static int uid_add(const char *s, size_t n, struct config *c, char *why, size_t 
                 errno = 0;
                 pw = getpwnam(name);
                 if (!pw) {
-                        why_set(why, why_size, "no such user: \"%s\"", name);
+                        errorf(why, why_size, "no such user: \"%s\"", name);
                         return -EINVAL;
                 }
                 uid = pw->pw_uid;
@@ -312,11 +299,11 @@ static int uid_add(const char *s, size_t n, struct config *c, char *why, size_t 
 
         for (size_t i = 0; i < c->n_allowed_uids; i++)
                 if (c->allowed_uids[i] == uid) {
-                        why_set(why, why_size, "uid %u listed twice", (unsigned) uid);
+                        errorf(why, why_size, "uid %u listed twice", (unsigned) uid);
                         return -EINVAL;
                 }
         if (c->n_allowed_uids >= CONFIG_MAX_UIDS) {
-                why_set(why, why_size, "more than %d uids", CONFIG_MAX_UIDS);
+                errorf(why, why_size, "more than %d uids", CONFIG_MAX_UIDS);
                 return -EINVAL;
         }
         c->allowed_uids[c->n_allowed_uids++] = uid;
@@ -330,7 +317,7 @@ static int parse_uids_item(const struct config_item *it, const char *value,
                 return -EINVAL;
         if (c->n_allowed_uids == 0) {
                 /* Nobody could connect: surely not what was meant. */
-                why_set(why, why_size, "must list at least one uid");
+                errorf(why, why_size, "must list at least one uid");
                 return -EINVAL;
         }
         return 0;
@@ -360,24 +347,24 @@ static int hostport_parse(const char *s, size_t n, bool port_required, struct en
                 struct in6_addr a6;
 
                 if (!close) {
-                        why_set(why, why_size, "missing ']' in \"%.*s\"", (int) n, s);
+                        errorf(why, why_size, "missing ']' in \"%.*s\"", (int) n, s);
                         return -EINVAL;
                 }
                 host = s + 1;
                 host_n = (size_t) (close - host);
                 if (host_n >= sizeof(addr)) {
-                        why_set(why, why_size, "bad IPv6 address in \"%.*s\"", (int) n, s);
+                        errorf(why, why_size, "bad IPv6 address in \"%.*s\"", (int) n, s);
                         return -EINVAL;
                 }
                 memcpy(addr, host, host_n);
                 addr[host_n] = '\0';
                 if (inet_pton(AF_INET6, addr, &a6) != 1) {
-                        why_set(why, why_size, "bad IPv6 address in \"%.*s\"", (int) n, s);
+                        errorf(why, why_size, "bad IPv6 address in \"%.*s\"", (int) n, s);
                         return -EINVAL;
                 }
                 if (close + 1 < s + n) {
                         if (close[1] != ':') {
-                                why_set(why, why_size, "junk after ']' in \"%.*s\"", (int) n, s);
+                                errorf(why, why_size, "junk after ']' in \"%.*s\"", (int) n, s);
                                 return -EINVAL;
                         }
                         port = close + 2;
@@ -387,13 +374,13 @@ static int hostport_parse(const char *s, size_t n, bool port_required, struct en
                 const char *colon = memchr(s, ':', n);
 
                 if (colon && memchr(colon + 1, ':', (size_t) (s + n - colon - 1))) {
-                        why_set(why, why_size, "IPv6 addresses need brackets: \"[addr]:port\"");
+                        errorf(why, why_size, "IPv6 addresses need brackets: \"[addr]:port\"");
                         return -EINVAL;
                 }
                 host = s;
                 host_n = colon ? (size_t) (colon - s) : n;
                 if (!hostname_valid(host, host_n)) {
-                        why_set(why, why_size, "bad host name in \"%.*s\"", (int) n, s);
+                        errorf(why, why_size, "bad host name in \"%.*s\"", (int) n, s);
                         return -EINVAL;
                 }
                 if (colon) {
@@ -404,11 +391,11 @@ static int hostport_parse(const char *s, size_t n, bool port_required, struct en
 
         if (port) {
                 if (parse_uint(port, port_n, 65535, &p) < 0 || p == 0) {
-                        why_set(why, why_size, "bad port in \"%.*s\"", (int) n, s);
+                        errorf(why, why_size, "bad port in \"%.*s\"", (int) n, s);
                         return -EINVAL;
                 }
         } else if (port_required) {
-                why_set(why, why_size, "missing port in \"%.*s\"", (int) n, s);
+                errorf(why, why_size, "missing port in \"%.*s\"", (int) n, s);
                 return -EINVAL;
         }
 
@@ -426,7 +413,7 @@ static int endpoint_add(const char *s, size_t n, struct config *c, char *why, si
         if (hostport_parse(s, n, false, &ep, why, why_size) < 0)
                 return -EINVAL;
         if (c->n_endpoints >= CONFIG_MAX_ENDPOINTS) {
-                why_set(why, why_size, "more than %d endpoints", CONFIG_MAX_ENDPOINTS);
+                errorf(why, why_size, "more than %d endpoints", CONFIG_MAX_ENDPOINTS);
                 return -EINVAL;
         }
         c->endpoints[c->n_endpoints++] = ep;
@@ -445,7 +432,7 @@ static int parse_listen_item(const struct config_item *it, const char *value,
                              struct config *c, char *why, size_t why_size) {
         if (value[0] == '/') {
                 if (strlen(value) >= CONFIG_SOCKET_PATH_MAX) {
-                        why_set(why, why_size, "too long for a unix socket (at most %d characters)",
+                        errorf(why, why_size, "too long for a unix socket (at most %d characters)",
                                 CONFIG_SOCKET_PATH_MAX - 1);
                         return -EINVAL;
                 }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "common/macro.h"
+#include "common/util.h"
 #include "control.h"
 #include "log.h"
 #include "plugin/plugin.h"
@@ -29,6 +30,9 @@ struct control_server {
 struct control_conn {
         struct control_server *server;
         struct control_conn *prev, *next;
+        bool deferred;
+        void (*on_drop)(struct control_conn *c, void *userdata);
+        void *drop_userdata;
         sd_event_source *io;
         sd_event_source *timer;
         int fd;
@@ -37,6 +41,8 @@ struct control_conn {
 };
 
 static void control_conn_free(struct control_conn *c) {
+        if (c->on_drop)
+                c->on_drop(c, c->drop_userdata);
         if (c->prev)
                 c->prev->next = c->next;
         else
@@ -48,20 +54,6 @@ static void control_conn_free(struct control_conn *c) {
         if (c->fd >= 0)
                 close(c->fd);
         free(c);
-}
-
-static int write_all(int fd, const char *buf, size_t len) {
-        while (len > 0) {
-                ssize_t n = write(fd, buf, len);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                buf += n;
-                len -= (size_t) n;
-        }
-        return 0;
 }
 
 static void control_conn_send(struct control_conn *c, int r, const char *body, size_t body_len,
@@ -79,7 +71,21 @@ static void control_conn_send(struct control_conn *c, int r, const char *body, s
 }
 
 void control_conn_reply(struct control_conn *c, int r, const char *body, const char *err) {
+        c->on_drop = NULL;   /* answered: the owner lets go of it itself */
         control_conn_send(c, r, body, body ? strlen(body) : 0, err);
+        control_conn_free(c);
+}
+
+void control_conn_on_drop(struct control_conn *c, void (*fn)(struct control_conn *c, void *userdata),
+                          void *userdata) {
+        c->on_drop = fn;
+        c->drop_userdata = userdata;
+}
+
+/* A deferred conn ends unanswered: say why rather than just closing. */
+static void control_conn_drop(struct control_conn *c, const char *why) {
+        if (c->deferred)
+                control_conn_send(c, -ETIMEDOUT, NULL, 0, why);
         control_conn_free(c);
 }
 
@@ -114,6 +120,7 @@ static bool control_conn_answer(struct control_conn *c) {
                 fclose(out);
         if (r == CONTROL_DEFERRED) {
                 uint64_t now;
+                c->deferred = true;
                 /* Stop reading; the answer comes when the work is done, within
                  * the client's own timeout. */
                 (void) sd_event_source_set_enabled(c->io, SD_EVENT_OFF);
@@ -154,7 +161,7 @@ static int control_conn_on_io(sd_event_source *src, int fd, uint32_t revents, vo
 }
 
 static int control_conn_on_timeout(sd_event_source *src, uint64_t usec, void *userdata) {
-        control_conn_free(userdata);
+        control_conn_drop(userdata, "no answer in time: the work is still running; see 'tpmkmsctl status'");
         return 0;
 }
 
@@ -187,7 +194,7 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
         r = sd_event_add_io(s->event, &c->io, c->fd, EPOLLIN, control_conn_on_io, c);
         if (r >= 0) {
                 (void) sd_event_now(s->event, CLOCK_MONOTONIC, &now);
-                r = sd_event_add_time(s->event, &c->timer, CLOCK_MONOTONIC, now + 5 * 1000000u, 0,
+                r = sd_event_add_time(s->event, &c->timer, CLOCK_MONOTONIC, now + 5 * USEC_PER_SEC, 0,
                                       control_conn_on_timeout, c);
         }
         if (r < 0)
@@ -226,7 +233,7 @@ void control_server_free(struct control_server *s) {
         if (!s)
                 return;
         while (s->conns)
-                control_conn_free(s->conns);
+                control_conn_drop(s->conns, "tpmkmsd is stopping");
         sd_event_source_disable_unref(s->listener);
         if (s->fd >= 0) {
                 close(s->fd);
@@ -271,7 +278,7 @@ int control_call(const char *path, int argc, char **argv, FILE *out, char *err, 
                 return -e;
         }
         (void) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO,
-                          &(struct timeval) { .tv_sec = CONTROL_TIMEOUT_USEC / 1000000u },
+                          &(struct timeval) { .tv_sec = CONTROL_TIMEOUT_USEC / USEC_PER_SEC },
                           sizeof(struct timeval));
         if (write_all(fd, line, pos) < 0) {
                 snprintf(err, err_size, "cannot send to tpmkmsd: %s", strerror(errno));

@@ -10,10 +10,12 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "common/util.h"
+
 typedef struct sd_event sd_event;
 
 #define CONTROL_LINE_MAX 256
-#define CONTROL_TIMEOUT_USEC (30u * 1000000u)
+#define CONTROL_TIMEOUT_USEC (30u * USEC_PER_SEC)
 
 struct control_conn;
 
@@ -27,6 +29,11 @@ typedef int (*control_handler_t)(void *userdata, struct control_conn *conn, int 
 /* Answer a deferred command: r < 0 sends "ERR err", else "OK" and body.
  * Frees conn. */
 void control_conn_reply(struct control_conn *conn, int r, const char *body, const char *err);
+/* A deferred conn can also end without control_conn_reply: the client's
+ * time is up (it is told so) or the server stops. fn(conn, userdata) runs
+ * then, so that its owner forgets the pointer. */
+void control_conn_on_drop(struct control_conn *conn, void (*fn)(struct control_conn *conn, void *userdata),
+                          void *userdata);
 
 struct control_server;
 

@@ -43,11 +43,10 @@ struct daemon {
         struct backend backend;
         bool kms_socket_ours;      /* we created the socket file (not systemd) */
         uint64_t started_usec;     /* CLOCK_REALTIME */
-        uint64_t last_rotation_usec;
 };
 
 static void format_time(uint64_t usec, char *buf, size_t size) {
-        time_t t = (time_t) (usec / 1000000u);
+        time_t t = (time_t) (usec / USEC_PER_SEC);
         struct tm tm;
 
         if (usec == 0 || !gmtime_r(&t, &tm) || strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
@@ -103,7 +102,7 @@ static void status_central_json(struct daemon *d, FILE *out) {
         fprintf(out, ", \"last_sync\": \"%s\", \"last_attempt\": \"%s\", \"staleness_seconds\": %" PRIu64
                 ", \"max_staleness_seconds\": %" PRIu64 ", \"syncs_ok\": %" PRIu64 ", \"syncs_failed\": %" PRIu64
                 ", \"on_demand\": %" PRIu64 ", \"in_progress\": %s, \"last_error\": ",
-                t1, t2, age / 1000000u, d->config->max_staleness_usec / 1000000u, st.syncs_ok,
+                t1, t2, age / USEC_PER_SEC, d->config->max_staleness_usec / USEC_PER_SEC, st.syncs_ok,
                 st.syncs_failed, st.on_demand, st.in_progress ? "true" : "false");
         json_string(out, st.last_error);
         fputs(", \"last_change\": ", out);
@@ -136,7 +135,7 @@ static void status_central_text(struct daemon *d, FILE *out) {
         stale = sync_too_stale(d->sync, &age);
         format_time(st.last_success_usec, t1, sizeof(t1));
         fprintf(out, "central:       KMIP, key group %s\n", d->config->key_group);
-        fprintf(out, "last sync:     %s (%" PRIu64 " s ago%s)%s\n", *t1 ? t1 : "never", age / 1000000u,
+        fprintf(out, "last sync:     %s (%" PRIu64 " s ago%s)%s\n", *t1 ? t1 : "never", age / USEC_PER_SEC,
                 stale ? ", over max_staleness" : "", st.in_progress ? ", sync running" : "");
         fprintf(out, "last change:   %s\n", *st.last_change ? st.last_change : "-");
         fprintf(out, "sync error:    %s\n", *st.last_error ? st.last_error : "-");
@@ -159,7 +158,9 @@ static int cmd_status(struct daemon *d, bool json, FILE *out) {
         backend_ops.status(&d->backend, &st);
         (void) tpm_pcr_selection_format(&d->config->pcrs, pcrs, sizeof(pcrs));
         format_time(d->started_usec, started, sizeof(started));
-        format_time(d->last_rotation_usec, rotated, sizeof(rotated));
+        /* The last rotation is when the current primary was made (local
+         * creation, or its central Initial Date): known after restarts too. */
+        format_time(p ? p->created_usec : 0, rotated, sizeof(rotated));
 
         if (json) {
                 fprintf(out, "{\"state\": \"%s\", \"healthz\": ", d->vault.refused ? "refused" : "serving");
@@ -223,6 +224,11 @@ static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_
                 snprintf(err, err_size, "no keys held (%s)", d->vault.refused ? d->vault.reason : "nothing unsealed");
                 return -EPERM;
         }
+        if (keyring_size(old) >= KEYRING_MAX_KEYS) {
+                snprintf(err, err_size, "the cache holds the maximum of %d key versions; a standalone host "
+                         "cannot retire versions: move to fleet mode to rotate further", KEYRING_MAX_KEYS);
+                return -E2BIG;
+        }
         prev = keyring_primary(old);
         r = vault_new_local_version(&next, kek);
         if (r >= 0)
@@ -239,7 +245,6 @@ static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_
                 return r;
         }
         keyring_slot_publish(&d->keys, kr);
-        d->last_rotation_usec = now_usec(CLOCK_REALTIME);
         if (prev)
                 log_key_event(LOG_MESSAGE_KEY_ROLE, prev->id, "retired", "Key %s retired (decrypt only)", prev->id);
         log_key_event(LOG_MESSAGE_KEY_CREATED, next.id, "primary", "Rotated: key %s is the new primary", next.id);
@@ -281,6 +286,17 @@ static int cmd_locked(struct daemon *d, int (*fn)(struct daemon *, FILE *, char 
         return r;
 }
 
+/* A waiting tpmkmsctl sync went away unanswered (timeout, stop). */
+static void pending_sync_dropped(struct control_conn *conn, void *userdata) {
+        struct daemon *d = userdata;
+        size_t kept = 0;
+
+        for (size_t i = 0; i < d->n_pending_sync; i++)
+                if (d->pending_sync[i].conn != conn)
+                        d->pending_sync[kept++] = d->pending_sync[i];
+        d->n_pending_sync = kept;
+}
+
 static int cmd_sync(struct daemon *d, struct control_conn *conn, char *err, size_t err_size) {
         if (!d->sync) {
                 snprintf(err, err_size, "%s", d->vault.refused ? "refusing to sync: the sealed cache was refused"
@@ -288,9 +304,10 @@ static int cmd_sync(struct daemon *d, struct control_conn *conn, char *err, size
                 return -EOPNOTSUPP;
         }
         if (d->n_pending_sync == PENDING_SYNC_MAX) {
-                snprintf(err, err_size, "too many sync requests waiting");
+                snprintf(err, err_size, "too many sync requests waiting; retry when the running sync ends");
                 return -EBUSY;
         }
+        control_conn_on_drop(conn, pending_sync_dropped, d);
         d->pending_sync[d->n_pending_sync++] = (struct pending_sync) {
                 .conn = conn,
                 .token = sync_request(d->sync),
@@ -306,11 +323,8 @@ static void on_sync_done(void *userdata) {
         char body[600];
         size_t kept = 0;
 
-        /* Decrypts parked for an unknown key id get their final answer. */
-        if (d->backend.parked_token && done >= d->backend.parked_token) {
-                d->backend.parked_token = 0;
-                kms_server_retry_parked(d->kms);
-        }
+        /* Decrypts parked for an unknown key id until this sync: final answer. */
+        kms_server_retry_parked(d->kms, done);
         daemon_update_status(d);
         sync_get_status(d->sync, &st);
         snprintf(body, sizeof(body), "%s\n", st.last_change);
@@ -391,10 +405,9 @@ static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si,
 
         log_info("Received %s, finishing in-flight requests", strsignal((int) si->ssi_signo));
         (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
-        control_server_free(d->control);
+        control_server_free(d->control);   /* waiting syncs are told, and dropped */
         d->control = NULL;
-        d->n_pending_sync = 0;   /* their connections went with the control server */
-        kms_server_retry_parked(d->kms);
+        kms_server_retry_parked(d->kms, UINT64_MAX);
         kms_server_shutdown(d->kms, on_drained, d);
         return 0;
 }

@@ -14,10 +14,12 @@
 #include "agent/keyring.h"
 #include "common/macro.h"
 
-/* 64 KiB of mlock'ed memory: 2048 KEKs of 32 bytes, which leaves room for two
- * snapshots of KEYRING_MAX_KEYS during a publish plus what libcrypto itself
- * puts there (private key BIGNUMs of the KMIP client's TLS key). */
-#define SECURE_HEAP_SIZE (64 * 1024)
+/* 1 MiB of mlock'ed memory (a power of two, as OpenSSL requires). It holds
+ * two snapshots of KEYRING_MAX_KEYS KEKs during a publish (32 KiB), the
+ * plaintext serialisation of the cache (cache.c: at most 512 records of up
+ * to ~560 bytes, which the buddy allocator rounds to 512 KiB) and what
+ * libcrypto itself puts there (the KMIP client's TLS key). */
+#define SECURE_HEAP_SIZE (1024 * 1024)
 #define SECURE_HEAP_MINSIZE 16
 
 #define KEY_CHECK_LABEL "tpmkms key check value v1"

@@ -36,7 +36,7 @@ struct key_version {
 struct keyring;
 
 /* Initialise the secure heap once per process (before any keyring; a second
- * call is a no-op). 64 KiB, so RLIMIT_MEMLOCK (LimitMEMLOCK=) must allow at
+ * call is a no-op). 1 MiB, so RLIMIT_MEMLOCK (LimitMEMLOCK=) must allow at
  * least that. Without it KEKs would land in the ordinary heap, so the daemon
  * must treat a failure as fatal. Returns 0, or -ENOMEM when it cannot be
  * allocated or locked. */

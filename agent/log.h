@@ -20,11 +20,9 @@ int log_internal(int prio, int error, const char *fmt, ...) __attribute__((forma
 
 #define log_debug(...) log_internal(LOG_DEBUG, 0, __VA_ARGS__)
 #define log_info(...) log_internal(LOG_INFO, 0, __VA_ARGS__)
-#define log_notice(...) log_internal(LOG_NOTICE, 0, __VA_ARGS__)
 #define log_warning(...) log_internal(LOG_WARNING, 0, __VA_ARGS__)
 #define log_error(...) log_internal(LOG_ERR, 0, __VA_ARGS__)
 #define log_error_errno(r, ...) log_internal(LOG_ERR, (r), __VA_ARGS__)
-#define log_warning_errno(r, ...) log_internal(LOG_WARNING, (r), __VA_ARGS__)
 
 /* One audit record per Encrypt/Decrypt: operation, key id, request uid, peer
  * uid/pid and result ("ok" or the error). */

@@ -147,7 +147,7 @@ static int sync_compute(struct sync *s, struct central_key *ck, size_t n, const 
                 }
                 snprintf(kv[m].central_id, sizeof(kv[m].central_id), "%s", a->uid);
                 kv[m].kek = ck[i].kek;
-                kv[m].created_usec = a->initial_date > 0 ? (uint64_t) a->initial_date * 1000000u : 0;
+                kv[m].created_usec = a->initial_date > 0 ? (uint64_t) a->initial_date * USEC_PER_SEC : 0;
                 kv[m].first_seen_usec = prev ? prev->first_seen_usec : now;
                 kv[m].role = a->state == KMIP_STATE_PRE_ACTIVE ? KEY_ROLE_STAGED : KEY_ROLE_RETIRED;
                 if (a->state == KMIP_STATE_ACTIVE)
@@ -156,6 +156,11 @@ static int sync_compute(struct sync *s, struct central_key *ck, size_t n, const 
         }
         if (primary != SIZE_MAX)
                 kv[primary].role = KEY_ROLE_PRIMARY;
+        if (m > KEYRING_MAX_KEYS) {
+                snprintf(err, err_size, "more than %d usable versions in key group %s; destroy versions "
+                         "no longer needed at the central KMS", KEYRING_MAX_KEYS, s->config->key_group);
+                return -E2BIG;
+        }
         /* Keys made on this host before it joined a fleet (no central id)
          * stay readable: data written under them must not be lost by a
          * configuration change. They never encrypt again. */
@@ -238,6 +243,8 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
                         return r;
                 pthread_mutex_lock(&s->lock);
                 s->central = cc;
+                if (s->stop)   /* sync_free ran before there was a client to cancel */
+                        central_client_cancel(cc);
                 pthread_mutex_unlock(&s->lock);
         }
 
@@ -270,7 +277,7 @@ static void *sync_thread(void *userdata) {
         for (;;) {
                 while (!s->stop && !s->requested && now_usec(CLOCK_MONOTONIC) < next) {
                         uint64_t at = next;
-                        struct timespec ts = { (time_t) (at / 1000000u), (long) (at % 1000000u) * 1000 };
+                        struct timespec ts = { (time_t) (at / USEC_PER_SEC), (long) (at % USEC_PER_SEC) * 1000 };
                         pthread_cond_timedwait(&s->cond, &s->lock, &ts);
                 }
                 if (s->stop)
@@ -382,9 +389,11 @@ void sync_free(struct sync *s) {
         if (s->thread_started) {
                 pthread_mutex_lock(&s->lock);
                 s->stop = true;
+                if (s->central)
+                        central_client_cancel(s->central);
                 pthread_cond_signal(&s->cond);
                 pthread_mutex_unlock(&s->lock);
-                /* A fetch in progress ends within its own timeouts. */
+                /* A fetch in progress ends after its current request. */
                 pthread_join(s->thread, NULL);
         }
         sd_event_source_disable_unref(s->done_source);

@@ -18,13 +18,14 @@
 #include <stdint.h>
 
 #include "central.h"
+#include "common/util.h"
 #include "config.h"
 #include "keyring.h"
 #include "vault.h"
 
 typedef struct sd_event sd_event;
 
-#define SYNC_ON_DEMAND_INTERVAL_USEC (5u * 1000000u)   /* at most one per 5 s */
+#define SYNC_ON_DEMAND_INTERVAL_USEC (5u * USEC_PER_SEC)   /* at most one per 5 s */
 
 struct sync_status {
         uint64_t last_success_usec;   /* CLOCK_REALTIME; 0 never */
@@ -43,8 +44,8 @@ struct sync;
 int sync_new(const struct config *c, struct vault *v, pthread_mutex_t *state_lock,
              struct keyring_slot *keys, sd_event *e, void (*on_done)(void *userdata),
              void *userdata, struct sync **ret);
-/* Stop the thread (waiting for a fetch in progress at most the configured
- * timeout) and free. Accepts NULL. */
+/* Stop the thread (a fetch in progress ends after its current request,
+ * i.e. within [central] timeout) and free. Accepts NULL. */
 void sync_free(struct sync *s);
 
 /* Requests are answered by a sync that STARTS after them: one already

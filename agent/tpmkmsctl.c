@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/util.h"
 #include "config.h"
 #include "control.h"
 
@@ -48,7 +49,7 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
         uint64_t usec;
         int opt;
 
-        optind = 1;
+        optind = 0;   /* 0: a full rescan, resetting the "+" mode of the first parse */
         while ((opt = getopt_long(argc, argv, "n:t:", options, NULL)) >= 0) {
                 switch (opt) {
                 case 'n': name = optarg; break;
@@ -60,7 +61,7 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
                 fprintf(stderr, "tpmkmsctl: --name: lowercase letters, digits, '.' and '-' only\n");
                 return 1;
         }
-        if (parse_duration(timeout, &usec) < 0 || usec == 0 || usec % 1000000u != 0) {
+        if (parse_duration(timeout, &usec) < 0 || usec == 0 || usec % USEC_PER_SEC != 0) {
                 fprintf(stderr, "tpmkmsctl: --timeout: whole seconds, e.g. 3s\n");
                 return 1;
         }
@@ -94,7 +95,7 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
                "          apiVersion: v2\n"
                "          name: %s\n"
                "          endpoint: unix://%s\n"
-               "          timeout: %" PRIu64 "s\n", name, c->kms_socket, usec / 1000000u);
+               "          timeout: %" PRIu64 "s\n", name, c->kms_socket, usec / USEC_PER_SEC);
         return 0;
 }
 

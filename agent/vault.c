@@ -12,7 +12,6 @@
 #include "log.h"
 #include "vault.h"
 
-DEFINE_TRIVIAL_CLEANUP_FUNC(struct tpm *, tpm_close);
 
 static const char *tpm_error_hint(int r) {
         switch (r) {
@@ -21,7 +20,7 @@ static const char *tpm_error_hint(int r) {
         case -ENOLCK:
                 return "the TPM is in dictionary-attack lockout; wait for it or clear it with the lockout authorisation";
         default:
-                return "TPM failure";
+                return "TPM failure (tpmkmsd --verbose logs the TPM's response code)";
         }
 }
 
@@ -56,15 +55,17 @@ int vault_new_local_version(struct key_version *ret, uint8_t kek[KEK_SIZE]) {
         return 0;
 }
 
-static int vault_refuse(struct vault *v, int error, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int vault_refuse(struct vault *v, int error, const char *fmt, ...) {
+static int vault_refuse(struct vault *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int vault_refuse(struct vault *v, const char *fmt, ...) {
         va_list ap;
 
         va_start(ap, fmt);
         vsnprintf(v->reason, sizeof(v->reason), fmt, ap);
         va_end(ap);
         v->refused = true;
-        v->refusal_error = error;
+        /* Nothing is unsealed for a refused cache; what may be is wiped. */
+        OPENSSL_secure_clear_free(v->cache_key, CACHE_KEY_SIZE);
+        v->cache_key = NULL;
         log_key_event(LOG_MESSAGE_CACHE_REFUSED, NULL, NULL,
                       "Refusing the sealed cache in %s: %s. The file is left untouched; "
                       "nothing is served until this is resolved (see README, recovery runbook).",
@@ -142,9 +143,9 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
 
         r = cache_decode_header(buf, len, &v->sealed);
         if (r == -EPROTONOSUPPORT)
-                return vault_refuse(v, r, "sealed cache: unsupported format version (written by a newer tpmkms?)");
+                return vault_refuse(v, "sealed cache: unsupported format version (written by a newer tpmkms?)");
         if (r < 0)
-                return vault_refuse(v, -EBADMSG, "sealed cache: malformed or truncated file");
+                return vault_refuse(v, "sealed cache: malformed or truncated file");
 
         r = open_tpm(v->config, &t);
         if (r < 0)
@@ -162,23 +163,21 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                           "the previous software and follow the README's planned-update runbook; a fleet "
                           "host can instead be re-provisioned from the central KMS (README, recovery).",
                           expected, actual);
-                return vault_refuse(v, -EPERM, "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
+                return vault_refuse(v, "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
         case -EXDEV:
-                return vault_refuse(v, -EXDEV, "sealed cache: sealed object does not load: from another TPM, or altered");
+                return vault_refuse(v, "sealed cache: sealed object does not load: from another TPM, or altered");
         case -ENOLCK:
         case -ENODEV:
                 return log_error_errno(r, "Cannot unseal the cache key: %s (%m)", tpm_error_hint(r));
         default:
-                return vault_refuse(v, r, "sealed cache: TPM unseal failed (%s)", strerror(-r));
+                return vault_refuse(v, "sealed cache: TPM unseal failed (%s)", strerror(-r));
         }
 
         r = cache_decode_keys(buf, len, v->cache_key, ret_keys);
         if (r == -ENOMEM)
                 return log_error_errno(r, "Cannot load the keyring: %m");
-        if (r < 0) {
-                OPENSSL_cleanse(v->cache_key, CACHE_KEY_SIZE);
-                return vault_refuse(v, -EBADMSG, "sealed cache: contents fail authentication (tampered or truncated)");
-        }
+        if (r < 0)
+                return vault_refuse(v, "sealed cache: contents fail authentication (tampered or truncated)");
         return 0;
 }
 
@@ -202,7 +201,10 @@ int vault_open(struct vault *v, const struct config *c, bool make_first_key,
         if (r == -ENOENT)
                 return vault_create(v, make_first_key, ret_keys);
         if (r == -EFBIG)
-                return vault_refuse(v, -EBADMSG, "sealed cache: file too large to be ours");
+                return vault_refuse(v, "sealed cache: file too large to be ours");
+        if (r == -ELOOP || r == -EINVAL)
+                return vault_refuse(v, "sealed cache: %s is a symlink or not a regular file; "
+                                    "move it away (keep it for forensics)", CACHE_FILE_NAME);
         if (r < 0)
                 return log_error_errno(r, "Cannot read the key cache %s/%s: %m", c->state_dir, CACHE_FILE_NAME);
         return vault_unseal(v, buf, len, ret_keys);

@@ -24,7 +24,6 @@ struct vault {
         struct tpm_sealed sealed;     /* the sealed object of the current cache key */
         uint8_t *cache_key;           /* CACHE_KEY_SIZE bytes, secure heap; NULL when refused */
         bool refused;
-        int refusal_error;            /* -EPERM, -EXDEV, -EBADMSG, ... */
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
 };
 

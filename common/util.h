@@ -2,13 +2,18 @@
  * Header-only, libc only. */
 #pragma once
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <time.h>
+#include <unistd.h>
 
+#define USEC_PER_MSEC UINT64_C(1000)
 #define USEC_PER_SEC UINT64_C(1000000)
+#define USEC_PER_MIN (60 * USEC_PER_SEC)
+#define USEC_PER_HOUR (60 * USEC_PER_MIN)
 
 /* Microseconds on clock (CLOCK_MONOTONIC for deadlines, CLOCK_REALTIME for
  * what is shown to people). */
@@ -17,6 +22,25 @@ static inline uint64_t now_usec(clockid_t clock) {
 
         (void) clock_gettime(clock, &ts);
         return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
+}
+
+/* Write all n bytes to fd (a blocking fd: retries EINTR and short writes).
+ * Returns 0 or a negative errno. */
+static inline int write_all(int fd, const void *buf, size_t n) {
+        const uint8_t *p = buf;
+
+        while (n > 0) {
+                ssize_t k = write(fd, p, n);
+
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                p += k;
+                n -= (size_t) k;
+        }
+        return 0;
 }
 
 /* Write a one-line message into err; truncation is acceptable (it is a

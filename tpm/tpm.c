@@ -758,7 +758,6 @@ void tpm_close(struct tpm *t) {
                 Tss2_TctiLdr_Finalize(&t->tcti);
         free(t);
 }
-DEFINE_TRIVIAL_CLEANUP_FUNC(struct tpm *, tpm_close);
 
 int tpm_open(const char *tcti, struct tpm **ret) {
         _cleanup_(tpm_closep) struct tpm *t = NULL;

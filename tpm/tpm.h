@@ -74,6 +74,9 @@ bool tpm_pcr_selection_is_empty(const struct tpm_pcr_selection *sel);
 int tpm_open(const char *tcti, struct tpm **ret);
 /* Accepts NULL. Flushes everything transient this module created. */
 void tpm_close(struct tpm *t);
+static inline void tpm_closep(struct tpm **t) {
+        tpm_close(*t);
+}
 
 /* Read the current values of the selected PCRs (an empty selection gives
  * count 0). Returns 0, -EINVAL, -ENODEV or -EIO (e.g. bank not allocated). */
