@@ -3,9 +3,9 @@
 #include <string.h>
 
 #include "backend.h"
-#include "common/macro.h"
-#include "common/util.h"
-#include "envelope.h"
+#include "macro.h"
+#include "util.h"
+#include "keystore.h"
 #include "log.h"
 #include "sync.h"
 

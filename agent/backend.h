@@ -3,8 +3,8 @@
  * and an audit record per call. Never touches the TPM or the network. */
 #pragma once
 
-#include "keyring.h"
-#include "plugin/plugin.h"
+#include "keystore.h"
+#include "plugin.h"
 
 struct sync;
 

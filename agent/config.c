@@ -29,9 +29,9 @@
 #include <string.h>
 #include <strings.h>
 
-#include "agent/config.h"
-#include "common/macro.h"
-#include "common/util.h"
+#include "config.h"
+#include "macro.h"
+#include "util.h"
 
 
 #define CENTRAL_DEFAULT_PORT 5696
@@ -335,7 +335,7 @@ static bool hostname_valid(const char *s, size_t n) {
 
 /* "host", "host:port", "[v6]", "[v6]:port". port_required for listen
  * addresses, where no default port makes sense. */
-static int hostport_parse(const char *s, size_t n, bool port_required, struct endpoint *ret,
+static int hostport_parse(const char *s, size_t n, bool port_required, struct central_endpoint *ret,
                           char *why, size_t why_size) {
         const char *host, *port = NULL;
         size_t host_n, port_n = 0;
@@ -408,12 +408,12 @@ static int hostport_parse(const char *s, size_t n, bool port_required, struct en
 }
 
 static int endpoint_add(const char *s, size_t n, struct config *c, char *why, size_t why_size) {
-        struct endpoint ep;
+        struct central_endpoint ep;
 
         if (hostport_parse(s, n, false, &ep, why, why_size) < 0)
                 return -EINVAL;
-        if (c->n_endpoints >= CONFIG_MAX_ENDPOINTS) {
-                errorf(why, why_size, "more than %d endpoints", CONFIG_MAX_ENDPOINTS);
+        if (c->n_endpoints >= CENTRAL_ENDPOINTS_MAX) {
+                errorf(why, why_size, "more than %d endpoints", CENTRAL_ENDPOINTS_MAX);
                 return -EINVAL;
         }
         c->endpoints[c->n_endpoints++] = ep;
@@ -704,4 +704,23 @@ int config_load(const char *path, struct config *c, char *err, size_t err_size) 
 
         memcpy(c, tmp, sizeof(*c));   /* padding too: memcmp-able configs */
         return 0;
+}
+
+void config_vault_options(const struct config *c, struct vault_options *ret) {
+        *ret = (struct vault_options) { .pcrs = c->pcrs };
+        snprintf(ret->state_dir, sizeof(ret->state_dir), "%s", c->state_dir);
+        snprintf(ret->tcti, sizeof(ret->tcti), "%s", c->tpm_tcti);
+}
+
+void config_central_options(const struct config *c, struct central_options *ret) {
+        *ret = (struct central_options) {
+                .n_endpoints = c->n_endpoints,
+                .ca_file = c->ca_file,
+                .cert_file = c->cert_file,
+                .key_file = c->key_file,
+                .group = c->key_group,
+                .timeout_usec = c->central_timeout_usec,
+                .backoff_cap_usec = c->sync_interval_usec,
+        };
+        memcpy(ret->endpoints, c->endpoints, sizeof(ret->endpoints));
 }

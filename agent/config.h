@@ -9,21 +9,17 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#include "tpm/tpm.h"
+#include "kmip.h"
+#include "keystore.h"
+#include "tpm.h"
 
 #define CONFIG_DEFAULT_PATH "/etc/tpmkms/tpmkmsd.conf"
 #define CONFIG_MAX_UIDS 32
-#define CONFIG_MAX_ENDPOINTS 8
 #define CONFIG_SOCKET_PATH_MAX 108   /* sizeof(sun_path) */
 
 enum central_type {
         CENTRAL_NONE,   /* standalone: KEKs made on this host */
         CENTRAL_KMIP,
-};
-
-struct endpoint {
-        char host[256];
-        uint16_t port;
 };
 
 struct config {
@@ -39,12 +35,12 @@ struct config {
         char state_dir[PATH_MAX];
         /* [central] */
         enum central_type central_type;
-        struct endpoint endpoints[CONFIG_MAX_ENDPOINTS];
+        struct central_endpoint endpoints[CENTRAL_ENDPOINTS_MAX];
         size_t n_endpoints;
         char ca_file[PATH_MAX];
         char cert_file[PATH_MAX];
         char key_file[PATH_MAX];
-        char key_group[256];
+        char key_group[CENTRAL_GROUP_MAX + 1];
         uint64_t sync_interval_usec;
         uint64_t central_timeout_usec;
         uint64_t max_staleness_usec;  /* 0: off (serve from the cache however old) */
@@ -56,6 +52,10 @@ struct config {
 
 /* Fill c with the defaults of DESIGN.md. */
 void config_defaults(struct config *c);
+
+/* The parts of c that the libraries take (pointers into c: keep c alive). */
+void config_vault_options(const struct config *c, struct vault_options *ret);
+void config_central_options(const struct config *c, struct central_options *ret);
 
 /* Load path over the defaults and check the result as a whole (e.g. pcrs =
  * none needs insecure_no_pcr_policy = yes; kmip needs endpoints and files).

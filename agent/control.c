@@ -9,11 +9,11 @@
 #include <systemd/sd-event.h>
 #include <unistd.h>
 
-#include "common/macro.h"
-#include "common/util.h"
+#include "macro.h"
+#include "util.h"
 #include "control.h"
 #include "log.h"
-#include "plugin/plugin.h"
+#include "plugin.h"
 
 #define CONTROL_ARGS_MAX 8
 
@@ -169,7 +169,7 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
         struct control_server *s = userdata;
         _cleanup_close_ int cfd = -1;
         struct control_conn *c;
-        struct kms_peer peer;
+        struct peer_cred peer;
         uint64_t now;
         int r;
 

@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "common/util.h"
+#include "util.h"
 
 typedef struct sd_event sd_event;
 

@@ -14,14 +14,15 @@
 #include <unistd.h>
 
 #include "backend.h"
-#include "common/macro.h"
-#include "common/util.h"
+#include "macro.h"
+#include "util.h"
 #include "control.h"
 #include "daemon.h"
 #include "log.h"
-#include "plugin/plugin.h"
+#include "plugin.h"
+#include "status.h"
 #include "sync.h"
-#include "vault.h"
+#include "keystore.h"
 
 #define PENDING_SYNC_MAX 8
 
@@ -45,30 +46,6 @@ struct daemon {
         uint64_t started_usec;     /* CLOCK_REALTIME */
 };
 
-static void format_time(uint64_t usec, char *buf, size_t size) {
-        time_t t = (time_t) (usec / USEC_PER_SEC);
-        struct tm tm;
-
-        if (usec == 0 || !gmtime_r(&t, &tm) || strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
-                snprintf(buf, size, "%s", "");
-}
-
-/* JSON string body: our strings are ids and messages we wrote, but escape
- * everything that JSON requires all the same. */
-static void json_string(FILE *f, const char *s) {
-        fputc('"', f);
-        for (; *s; s++) {
-                unsigned char ch = (unsigned char) *s;
-                if (ch == '"' || ch == '\\')
-                        fprintf(f, "\\%c", ch);
-                else if (ch < 0x20)
-                        fprintf(f, "\\u%04x", ch);
-                else
-                        fputc(ch, f);
-        }
-        fputc('"', f);
-}
-
 static void daemon_update_status(struct daemon *d) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
@@ -86,132 +63,27 @@ static void daemon_update_status(struct daemon *d) {
         (void) sd_notifyf(false, "STATUS=%s", status);
 }
 
-static void status_central_json(struct daemon *d, FILE *out) {
-        struct central_endpoint_health h[CONFIG_MAX_ENDPOINTS];
-        size_t n = sync_endpoint_health(d->sync, h, ARRAY_SIZE(h));
-        struct sync_status st;
-        char t1[32], t2[32];
-        uint64_t age;
-
-        sync_get_status(d->sync, &st);
-        (void) sync_too_stale(d->sync, &age);
-        format_time(st.last_success_usec, t1, sizeof(t1));
-        format_time(st.last_attempt_usec, t2, sizeof(t2));
-        fprintf(out, ", \"central\": {\"key_group\": ");
-        json_string(out, d->config->key_group);
-        fprintf(out, ", \"last_sync\": \"%s\", \"last_attempt\": \"%s\", \"staleness_seconds\": %" PRIu64
-                ", \"max_staleness_seconds\": %" PRIu64 ", \"syncs_ok\": %" PRIu64 ", \"syncs_failed\": %" PRIu64
-                ", \"on_demand\": %" PRIu64 ", \"in_progress\": %s, \"last_error\": ",
-                t1, t2, age / USEC_PER_SEC, d->config->max_staleness_usec / USEC_PER_SEC, st.syncs_ok,
-                st.syncs_failed, st.on_demand, st.in_progress ? "true" : "false");
-        json_string(out, st.last_error);
-        fputs(", \"last_change\": ", out);
-        json_string(out, st.last_change);
-        fputs(", \"endpoints\": [", out);
-        for (size_t i = 0; i < n; i++) {
-                format_time(h[i].last_success_usec, t1, sizeof(t1));
-                format_time(h[i].last_failure_usec, t2, sizeof(t2));
-                fprintf(out, "%s{\"name\": ", i ? ", " : "");
-                json_string(out, h[i].name);
-                fprintf(out, ", \"last_success\": \"%s\", \"last_failure\": \"%s\", \"consecutive_failures\": %u"
-                        ", \"latency_ms\": %.1f, \"requests\": %" PRIu64 ", \"failures\": %" PRIu64 ", \"last_error\": ",
-                        t1, t2, h[i].consecutive_failures, h[i].last_latency_usec / 1000.0,
-                        h[i].requests, h[i].failures);
-                json_string(out, h[i].last_error);
-                fputs("}", out);
-        }
-        fputs("]}", out);
-}
-
-static void status_central_text(struct daemon *d, FILE *out) {
-        struct central_endpoint_health h[CONFIG_MAX_ENDPOINTS];
-        size_t n = sync_endpoint_health(d->sync, h, ARRAY_SIZE(h));
-        struct sync_status st;
-        char t1[32];
-        uint64_t age;
-        bool stale;
-
-        sync_get_status(d->sync, &st);
-        stale = sync_too_stale(d->sync, &age);
-        format_time(st.last_success_usec, t1, sizeof(t1));
-        fprintf(out, "central:       KMIP, key group %s\n", d->config->key_group);
-        fprintf(out, "last sync:     %s (%" PRIu64 " s ago%s)%s\n", *t1 ? t1 : "never", age / USEC_PER_SEC,
-                stale ? ", over max_staleness" : "", st.in_progress ? ", sync running" : "");
-        fprintf(out, "last change:   %s\n", *st.last_change ? st.last_change : "-");
-        fprintf(out, "sync error:    %s\n", *st.last_error ? st.last_error : "-");
-        fprintf(out, "syncs:         %" PRIu64 " ok, %" PRIu64 " failed, %" PRIu64 " on demand\n",
-                st.syncs_ok, st.syncs_failed, st.on_demand);
-        for (size_t i = 0; i < n; i++) {
-                format_time(h[i].last_success_usec, t1, sizeof(t1));
-                fprintf(out, "  endpoint %s: %s, last success %s, %.1f ms%s%s\n", h[i].name,
-                        h[i].consecutive_failures ? "FAILING" : "ok", *t1 ? t1 : "never",
-                        h[i].last_latency_usec / 1000.0, *h[i].last_error ? ", error: " : "", h[i].last_error);
-        }
-}
-
 static int cmd_status(struct daemon *d, bool json, FILE *out) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
-        const struct key_version *p = kr ? keyring_primary(kr) : NULL;
         struct kms_status st = {};
-        char pcrs[64], created[32], seen[32], started[32], rotated[32];
 
         backend_ops.status(&d->backend, &st);
-        (void) tpm_pcr_selection_format(&d->config->pcrs, pcrs, sizeof(pcrs));
-        format_time(d->started_usec, started, sizeof(started));
-        /* The last rotation is when the current primary was made (local
-         * creation, or its central Initial Date): known after restarts too. */
-        format_time(p ? p->created_usec : 0, rotated, sizeof(rotated));
-
-        if (json) {
-                fprintf(out, "{\"state\": \"%s\", \"healthz\": ", d->vault.refused ? "refused" : "serving");
-                json_string(out, st.healthz);
-                fprintf(out, ", \"pcrs\": \"%s\", \"mode\": \"%s\", \"started\": \"%s\", \"last_rotation\": \"%s\", \"primary\": ",
-                        pcrs, d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone",
-                        started, rotated);
-                json_string(out, p ? p->id : "");
-                fputs(", \"keys\": [", out);
-                for (size_t i = 0; kr && i < keyring_size(kr); i++) {
-                        const struct key_version *k = keyring_get(kr, i);
-                        format_time(k->created_usec, created, sizeof(created));
-                        format_time(k->first_seen_usec, seen, sizeof(seen));
-                        fprintf(out, "%s{\"id\": ", i ? ", " : "");
-                        json_string(out, k->id);
-                        fprintf(out, ", \"role\": \"%s\", \"central_id\": ", key_role_to_string(k->role));
-                        json_string(out, k->central_id);
-                        fprintf(out, ", \"created\": \"%s\", \"first_seen\": \"%s\"}", created, seen);
-                }
-                fputs("]", out);
-                if (d->sync)
-                        status_central_json(d, out);
-                fputs("}\n", out);
-                return 0;
-        }
-
-        fprintf(out, "state:         %s\n", d->vault.refused ? "REFUSED" : "serving");
-        fprintf(out, "healthz:       %s\n", st.healthz);
-        fprintf(out, "mode:          %s\n", d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone");
-        fprintf(out, "PCR policy:    %s\n", pcrs);
-        fprintf(out, "state dir:     %s\n", d->config->state_dir);
-        fprintf(out, "started:       %s\n", started);
-        fprintf(out, "last rotation: %s\n", *rotated ? rotated : "-");
-        fprintf(out, "primary:       %s\n", p ? p->id : "-");
-        fprintf(out, "keys:          %zu\n", kr ? keyring_size(kr) : 0);
-        for (size_t i = 0; kr && i < keyring_size(kr); i++) {
-                const struct key_version *k = keyring_get(kr, i);
-                format_time(k->created_usec, created, sizeof(created));
-                format_time(k->first_seen_usec, seen, sizeof(seen));
-                fprintf(out, "  %-8s %s  created %s  first seen %s%s%s\n", key_role_to_string(k->role),
-                        k->id, created, seen, *k->central_id ? "  central " : "", k->central_id);
-        }
-        if (d->sync)
-                status_central_text(d, out);
+        status_render(&(struct status_view) {
+                              .config = d->config,
+                              .keys = kr,
+                              .refused = d->vault.refused,
+                              .healthz = st.healthz,
+                              .started_usec = d->started_usec,
+                              .sync = d->sync,
+                      },
+                      json, out);
         return 0;
 }
 
 static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_size) {
         _cleanup_(keyring_unrefp) struct keyring *old = keyring_slot_get(&d->keys);
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
-        _cleanup_wipe32_ uint8_t kek[KEK_SIZE];
+        _cleanup_erase_key_ uint8_t kek[AES256_KEY_SIZE];
         const struct key_version *prev;
         struct key_version next;
         int r;
@@ -417,7 +289,7 @@ static int on_post(sd_event_source *s, void *userdata) {
         return 0;
 }
 
-static void kms_server_log(void *userdata, int prio, const struct kms_peer *peer, const char *msg) {
+static void kms_server_log(void *userdata, int prio, const struct peer_cred *peer, const char *msg) {
         if (peer)
                 log_internal(prio, 0, "KMS socket: %s (peer uid=%u pid=%i)", msg,
                              (unsigned) peer->uid, (int) peer->pid);
@@ -445,6 +317,7 @@ int daemon_run(const struct config *c) {
         };
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         sigset_t mask;
+        struct vault_options vopt;
         int r, fd, status = 1;
 
         harden_process();
@@ -472,7 +345,8 @@ int daemon_run(const struct config *c) {
                 log_warning("[metrics] listen = %s: this version serves no metrics yet; the setting is ignored",
                             c->metrics_listen);
 
-        r = vault_open(&d.vault, c, c->central_type == CENTRAL_NONE, &kr);
+        config_vault_options(c, &vopt);
+        r = vault_open(&d.vault, &vopt, c->central_type == CENTRAL_NONE, &kr);
         if (r < 0)
                 goto out;
         if (r == 0) {

@@ -12,9 +12,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "common/macro.h"
-#include "common/util.h"
+#include "macro.h"
+#include "util.h"
 #include "log.h"
+#include "policy.h"
 #include "sync.h"
 
 
@@ -43,191 +44,45 @@ struct sync {
         _Atomic uint64_t last_success_usec;   /* read on the request path */
 };
 
-/* "kmip:<group>/<uid>", with bytes outside key_id_make's alphabet
- * percent-encoded so that distinct central identities stay distinct. */
-static int central_identity(const char *group, const char *uid, char *out, size_t size) {
-        static const char hex[] = "0123456789ABCDEF";
-        const char *parts[] = { "kmip:", group, "/", uid };
-        size_t n = 0;
-
-        for (size_t p = 0; p < ARRAY_SIZE(parts); p++)
-                for (const unsigned char *c = (const unsigned char *) parts[p]; *c; c++) {
-                        bool plain = p == 0 || p == 2 || (*c >= 'A' && *c <= 'Z') ||
-                                     (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') ||
-                                     strchr("._-", *c);
-                        if (n + 4 > size)
-                                return -ENOBUFS;
-                        if (plain)
-                                out[n++] = (char) *c;
-                        else {
-                                out[n++] = '%';
-                                out[n++] = hex[*c >> 4];
-                                out[n++] = hex[*c & 15];
-                        }
-                }
-        out[n] = 0;
-        return 0;
-}
-
-static int compare_central(const void *a, const void *b) {
-        const struct central_key *x = a, *y = b;
-
-        if (x->attr.initial_date != y->attr.initial_date)
-                return x->attr.initial_date < y->attr.initial_date ? -1 : 1;
-        return strcmp(x->attr.uid, y->attr.uid);
-}
-
-static const struct key_version *find_central(const struct keyring *kr, const char *uid) {
-        for (size_t i = 0; kr && i < keyring_size(kr); i++)
-                if (strcmp(keyring_get(kr, i)->central_id, uid) == 0)
-                        return keyring_get(kr, i);
-        return NULL;
-}
-
-static void append(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void append(char *buf, size_t size, const char *fmt, ...) {
-        size_t n = strlen(buf);
-        va_list ap;
-
-        if (n >= size - 1)
-                return;
-        va_start(ap, fmt);
-        vsnprintf(buf + n, size - n, fmt, ap);
-        va_end(ap);
-}
-
-/* Build the keyring the central state asks for. Returns 0 (changed in
- * *ret_changed), or a negative errno with why in err. Called with the state
- * lock held, so old is the published snapshot. */
-static int sync_compute(struct sync *s, struct central_key *ck, size_t n, const struct keyring *old,
-                        struct keyring **ret, bool *ret_changed, char *change, size_t change_size,
-                        char *err, size_t err_size) {
-        _cleanup_free_ struct key_version *kv = NULL;
-        size_t m = 0, primary = SIZE_MAX;
-        uint64_t now = now_usec(CLOCK_REALTIME);
-        bool changed;
-        int r;
-
-        qsort(ck, n, sizeof(*ck), compare_central);
-        kv = calloc(n + (old ? keyring_size(old) : 0) + 1, sizeof(*kv));
-        if (!kv)
-                return -ENOMEM;
-
-        for (size_t i = 0; i < n; i++) {
-                const struct kmip_key_attributes *a = &ck[i].attr;
-                const struct key_version *prev = find_central(old, a->uid);
-                char identity[KEY_ID_MAX];
-
-                if (!kmip_state_has_material(a->state))
-                        continue;   /* compromised or destroyed: purged below */
-                if (!ck[i].has_material) {
-                        /* central.c fetched no material: not an AES-256 key. */
-                        log_warning("Central key %s in group %s is not an AES-256 key (algorithm %d, "
-                                    "%d bits): ignored; keep only KEK versions in the group",
-                                    a->uid, s->config->key_group, a->algorithm, a->length);
-                        continue;
-                }
-                /* The same identifier must always mean the same key: a
-                 * change would make old ciphertexts unreadable, or is an
-                 * attack on the central KMS. Refuse the whole sync. */
-                if (prev && memcmp_ct(prev->kek, ck[i].kek, KEK_SIZE) != 0) {
-                        log_key_event(LOG_MESSAGE_KEY_MATERIAL_CHANGED, prev->id, key_role_to_string(prev->role),
-                                      "ALARM: key material of central key %s changed at the central KMS; "
-                                      "refusing the sync and keeping the cached key %s", a->uid, prev->id);
-                        snprintf(err, err_size, "key material of central key %s changed: sync refused "
-                                 "(investigate the central KMS)", a->uid);
-                        return -EBADMSG;
-                }
-                r = central_identity(s->config->key_group, a->uid, identity, sizeof(identity));
-                if (r >= 0)
-                        r = key_id_make(identity, ck[i].kek, kv[m].id, sizeof(kv[m].id));
-                if (r < 0) {
-                        snprintf(err, err_size, "central key %s: cannot make a key id: %s", a->uid, strerror(-r));
-                        return r;
-                }
-                snprintf(kv[m].central_id, sizeof(kv[m].central_id), "%s", a->uid);
-                kv[m].kek = ck[i].kek;
-                kv[m].created_usec = a->initial_date > 0 ? (uint64_t) a->initial_date * USEC_PER_SEC : 0;
-                kv[m].first_seen_usec = prev ? prev->first_seen_usec : now;
-                kv[m].role = a->state == KMIP_STATE_PRE_ACTIVE ? KEY_ROLE_STAGED : KEY_ROLE_RETIRED;
-                if (a->state == KMIP_STATE_ACTIVE)
-                        primary = m;   /* sorted: the last Active is the newest */
-                m++;
-        }
-        if (primary != SIZE_MAX)
-                kv[primary].role = KEY_ROLE_PRIMARY;
-        if (m > KEYRING_MAX_KEYS) {
-                snprintf(err, err_size, "more than %d usable versions in key group %s; destroy versions "
-                         "no longer needed at the central KMS", KEYRING_MAX_KEYS, s->config->key_group);
-                return -E2BIG;
-        }
-        /* Keys made on this host before it joined a fleet (no central id)
-         * stay readable: data written under them must not be lost by a
-         * configuration change. They never encrypt again. */
-        for (size_t i = 0; old && i < keyring_size(old); i++) {
-                const struct key_version *k = keyring_get(old, i);
-                if (*k->central_id)
-                        continue;
-                kv[m] = *k;
-                kv[m].role = KEY_ROLE_RETIRED;
-                m++;
-        }
-
-        /* What changed, for the journal and tpmkmsctl sync. */
+/* Log what the policy decided and describe it in change (for tpmkmsctl sync). */
+static void sync_report(const struct sync *s, const struct policy_result *res, char *change, size_t size) {
         change[0] = 0;
-        changed = !old || keyring_size(old) != m;
-        for (size_t i = 0; i < m; i++) {
-                const struct key_version *prev = *kv[i].central_id ? find_central(old, kv[i].central_id)
-                                                                   : keyring_find(old, kv[i].id);
-                if (!prev) {
-                        changed = true;
-                        append(change, change_size, "%s%s new (%s)", *change ? "; " : "", kv[i].id,
-                               key_role_to_string(kv[i].role));
-                        log_key_event(LOG_MESSAGE_KEY_CREATED, kv[i].id, key_role_to_string(kv[i].role),
-                                      "Key %s (central %s) synced as %s", kv[i].id, kv[i].central_id,
-                                      key_role_to_string(kv[i].role));
-                } else if (prev->role != kv[i].role) {
-                        changed = true;
-                        append(change, change_size, "%s%s %s -> %s", *change ? "; " : "", kv[i].id,
-                               key_role_to_string(prev->role), key_role_to_string(kv[i].role));
-                        log_key_event(LOG_MESSAGE_KEY_ROLE, kv[i].id, key_role_to_string(kv[i].role),
-                                      "Key %s (central %s): %s -> %s", kv[i].id, kv[i].central_id,
-                                      key_role_to_string(prev->role), key_role_to_string(kv[i].role));
+        for (size_t i = 0; i < res->n_changes; i++) {
+                const struct policy_change *c = &res->changes[i];
+                const char *central = *c->central_id ? c->central_id : "-";
+                const char *to = key_role_to_string(c->to);
+
+                switch (c->event) {
+                case POLICY_ADDED:
+                        strappendf(change, size, "%s%s new (%s)", *change ? "; " : "", c->id, to);
+                        log_key_event(LOG_MESSAGE_KEY_CREATED, c->id, to, "Key %s (central %s) synced as %s",
+                                      c->id, central, to);
+                        break;
+                case POLICY_ROLE_CHANGED:
+                        strappendf(change, size, "%s%s %s -> %s", *change ? "; " : "", c->id,
+                                   key_role_to_string(c->from), to);
+                        log_key_event(LOG_MESSAGE_KEY_ROLE, c->id, to, "Key %s (central %s): %s -> %s",
+                                      c->id, central, key_role_to_string(c->from), to);
+                        break;
+                case POLICY_PURGED:
+                        strappendf(change, size, "%s%s purged", *change ? "; " : "", c->id);
+                        log_key_event(LOG_MESSAGE_KEY_ROLE, c->id, "purged",
+                                      "Key %s (central %s) purged from the cache: %s", c->id, central, c->why);
+                        break;
+                case POLICY_IGNORED:
+                        log_warning("Central key %s in group %s is not an AES-256 key (%s): ignored; "
+                                    "keep only KEK versions in the group", central, s->config->key_group, c->why);
+                        break;
                 }
         }
-        for (size_t i = 0; old && i < keyring_size(old); i++) {
-                const struct key_version *k = keyring_get(old, i);
-                const struct central_key *c = NULL;
-                bool kept = false;
-
-                for (size_t j = 0; j < m && !kept; j++)
-                        kept = strcmp(kv[j].id, k->id) == 0;
-                if (kept)
-                        continue;
-                for (size_t j = 0; j < n && !c; j++)
-                        if (strcmp(ck[j].attr.uid, k->central_id) == 0)
-                                c = &ck[j];
-                changed = true;
-                append(change, change_size, "%s%s purged", *change ? "; " : "", k->id);
-                log_key_event(LOG_MESSAGE_KEY_ROLE, k->id, "purged",
-                              "Key %s (central %s) purged from the cache: %s", k->id,
-                              *k->central_id ? k->central_id : "-",
-                              c ? kmip_state_to_string(c->attr.state) : "no longer at the central KMS");
-        }
-        if (!changed)
-                snprintf(change, change_size, "no change");
-        *ret_changed = changed;
-        if (!changed)
-                return 0;
-        r = keyring_new(kv, m, ret);
-        if (r < 0)
-                snprintf(err, err_size, "cannot build the keyring: %s", strerror(-r));
-        return r;
+        if (!res->changed)
+                snprintf(change, size, "no change");
 }
 
 static int sync_once(struct sync *s, char *change, size_t change_size, char *err, size_t err_size) {
         struct central_key *ck = NULL;
         _cleanup_(keyring_unrefp) struct keyring *old = NULL, *kr = NULL;
+        struct policy_result res = {};
         struct central_client *cc;
         bool changed = false;
         size_t n = 0;
@@ -238,7 +93,10 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
         pthread_mutex_unlock(&s->lock);
         if (!cc) {
                 /* Certificates may be fixed while we run: try again each time. */
-                r = central_client_new(s->config, &cc, err, err_size);
+                struct central_options opt;
+
+                config_central_options(s->config, &opt);
+                r = central_client_new(&opt, &cc, err, err_size);
                 if (r < 0)
                         return r;
                 pthread_mutex_lock(&s->lock);
@@ -254,7 +112,20 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
 
         pthread_mutex_lock(s->state_lock);
         old = keyring_slot_get(s->keys);
-        r = sync_compute(s, ck, n, old, &kr, &changed, change, change_size, err, err_size);
+        r = policy_apply(s->config->key_group, ck, n, old, now_usec(CLOCK_REALTIME), &res, err, err_size);
+        if (r == -EBADMSG && res.conflict)
+                log_key_event(LOG_MESSAGE_KEY_MATERIAL_CHANGED, res.conflict->id,
+                              key_role_to_string(res.conflict->role),
+                              "ALARM: %s; keeping the cached key %s", err, res.conflict->id);
+        if (r >= 0) {
+                sync_report(s, &res, change, change_size);
+                changed = res.changed;
+                if (changed) {
+                        r = keyring_new(res.versions, res.n_versions, &kr);
+                        if (r < 0)
+                                snprintf(err, err_size, "cannot build the keyring: %s", strerror(-r));
+                }
+        }
         if (r >= 0 && changed) {
                 /* Persist first: a key the apiserver gets must survive a crash. */
                 r = vault_store(s->vault, kr);
@@ -265,6 +136,7 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
                         keyring_slot_publish(s->keys, kr);
         }
         pthread_mutex_unlock(s->state_lock);
+        policy_result_done(&res);
         central_keys_free(ck, n);
         return r;
 }

@@ -17,11 +17,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "central.h"
-#include "common/util.h"
+#include "kmip.h"
+#include "util.h"
 #include "config.h"
-#include "keyring.h"
-#include "vault.h"
+#include "keystore.h"
 
 typedef struct sd_event sd_event;
 

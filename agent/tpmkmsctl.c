@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/util.h"
+#include "util.h"
 #include "config.h"
 #include "control.h"
 

@@ -12,6 +12,9 @@
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
+/* AES-256: a KEK, the cache key, KMIP key material, the TPM-sealed secret. */
+#define AES256_KEY_SIZE 32
+
 /* Define a function usable with _cleanup_ for a pointer type whose destructor
  * is fn(ptr). The destructor is never called with NULL. */
 #define DEFINE_TRIVIAL_CLEANUP_FUNC(type, fn)                                  \
@@ -51,12 +54,12 @@ static inline void fclosep(FILE **f) {
                 _tf;                                                           \
         })
 
-/* A 32-byte secret on the stack (a KEK, the cache key), wiped when it goes out
- * of scope on every path:  _cleanup_wipe32_ uint8_t key[32]; */
-static inline void wipe32p(unsigned char (*p)[32]) {
+/* A key on the stack (a KEK, the cache key), wiped when it goes out of scope
+ * on every path:  _cleanup_erase_key_ uint8_t key[AES256_KEY_SIZE]; */
+static inline void erase_keyp(unsigned char (*p)[AES256_KEY_SIZE]) {
         explicit_bzero(*p, sizeof(*p));
 }
-#define _cleanup_wipe32_ _cleanup_(wipe32p)
+#define _cleanup_erase_key_ _cleanup_(erase_keyp)
 
 /* Wipe then free a heap buffer of known size. Accepts NULL. */
 static inline void erase_and_free(void *p, size_t n) {

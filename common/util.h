@@ -1,4 +1,4 @@
-/* Small helpers shared by every folder: clocks and one-line messages.
+/* Small helpers shared by every folder: clocks, writes, messages, strings.
  * Header-only, libc only. */
 #pragma once
 
@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -54,4 +55,39 @@ errorf(char *err, size_t err_size, const char *fmt, ...) {
         va_start(ap, fmt);
         (void) vsnprintf(err, err_size, fmt, ap);
         va_end(ap);
+}
+
+/* Append to the NUL-terminated string in buf (size bytes). Returns 0, or
+ * -ENOBUFS when it did not fit (buf then holds what fitted). */
+static inline int __attribute__((format(printf, 3, 4)))
+strappendf(char *buf, size_t size, const char *fmt, ...) {
+        size_t n = strnlen(buf, size);
+        va_list ap;
+        int k;
+
+        if (n + 1 >= size)
+                return -ENOBUFS;
+        va_start(ap, fmt);
+        k = vsnprintf(buf + n, size - n, fmt, ap);
+        va_end(ap);
+        return k < 0 || (size_t) k >= size - n ? -ENOBUFS : 0;
+}
+
+/* Lowercase hex of n bytes into out (2n + 1 bytes with the NUL). Returns 0
+ * or -ENOBUFS (out is then ""). */
+static inline int hex_encode(const void *p, size_t n, char *out, size_t size) {
+        static const char digits[] = "0123456789abcdef";
+        const uint8_t *b = p;
+
+        if (size < 2 * n + 1) {
+                if (size > 0)
+                        out[0] = '\0';
+                return -ENOBUFS;
+        }
+        for (size_t i = 0; i < n; i++) {
+                out[2 * i] = digits[b[i] >> 4];
+                out[2 * i + 1] = digits[b[i] & 15];
+        }
+        out[2 * n] = '\0';
+        return 0;
 }

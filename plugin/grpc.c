@@ -6,7 +6,7 @@
 #include <limits.h>
 #include <string.h>
 
-#include "plugin/service.h"
+#include "service.h"
 
 #define KMS_SERVICE_PREFIX "/v2.KeyManagementService/"
 

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "socket.h"
+
 typedef struct sd_event sd_event;
 
 #define KMS_KEY_ID_MAX 1024       /* KMS v2: key_id at most 1 KiB */
@@ -18,17 +20,10 @@ typedef struct sd_event sd_event;
 #define KMS_HEALTHZ_MAX 256
 #define KMS_ERROR_MAX 256
 
-/* The process on the other end of a connection (SO_PEERCRED). */
-struct kms_peer {
-        pid_t pid;
-        uid_t uid;
-        gid_t gid;
-};
-
 /* One Encrypt/Decrypt call as the backend sees it. */
 struct kms_call {
         const char *request_uid;          /* the request's uid field (audit) */
-        const struct kms_peer *peer;
+        const struct peer_cred *peer;
         char error[KMS_ERROR_MAX];        /* backend may explain a failure here;
                                              sent as grpc-message */
         bool may_defer;                   /* Decrypt only: the backend may return
@@ -112,7 +107,7 @@ void kms_server_retry_parked(struct kms_server *s, uint64_t done);
  * msg has no trailing newline. fn NULL removes the hook. Hooks run inside the
  * server's callbacks: they must not call back into the server. */
 typedef void (*kms_server_log_fn)(void *userdata, int level,
-                                  const struct kms_peer *peer, const char *msg);
+                                  const struct peer_cred *peer, const char *msg);
 void kms_server_set_log(struct kms_server *s, kms_server_log_fn fn, void *userdata);
 
 /* Called once per answered call, for metrics: path is the :path (any string
@@ -138,12 +133,3 @@ struct kms_server_stats {
         uint64_t streams;                 /* requests (HTTP/2 streams) started */
 };
 void kms_server_get_stats(const struct kms_server *s, struct kms_server_stats *ret);
-
-/* Unix sockets (plugin/socket.c), shared with the agent's control socket. */
-
-/* Bind and listen on path with the given mode (umask-proof). A stale socket
- * file is replaced only if nothing answers on it. Returns the fd, -EADDRINUSE
- * if a live instance answers there, -ENAMETOOLONG, or another negative errno. */
-int unix_socket_listen(const char *path, mode_t mode);
-/* SO_PEERCRED of a connected socket. Returns 0 or a negative errno. */
-int unix_socket_peer(int fd, struct kms_peer *ret);

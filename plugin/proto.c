@@ -6,7 +6,7 @@
 #include <string.h>
 
 #include "kms_v2.pb-c.h"
-#include "plugin/proto.h"
+#include "proto.h"
 
 /* Under AddressSanitizer every allocation goes to the heap, sized exactly, so
  * that an overread in protobuf-c or in our use of it is caught (the fuzz

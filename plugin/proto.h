@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "plugin/service.h"
+#include "service.h"
 
 /* Big enough for a valid Encrypt or Decrypt without annotations: the
  * protobuf-c message struct plus ciphertext, key id and uid copies. */

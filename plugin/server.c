@@ -30,10 +30,10 @@
 #include <nghttp2/nghttp2.h>
 #include <systemd/sd-event.h>
 
-#include "common/macro.h"
-#include "common/util.h"
-#include "plugin/plugin.h"
-#include "plugin/service.h"
+#include "macro.h"
+#include "util.h"
+#include "plugin.h"
+#include "service.h"
 
 #define DEFAULT_MAX_CONNECTIONS 64u
 #define DEFAULT_MAX_STREAMS 100u
@@ -105,7 +105,7 @@ struct conn {
         struct kms_server *server;
         struct conn *prev, *next;
         int fd;
-        struct kms_peer peer;
+        struct peer_cred peer;
         sd_event_source *io;
         sd_event_source *timer;
         uint32_t io_events;
@@ -177,9 +177,9 @@ struct kms_server {
 
 static void conn_free(struct conn *c);
 
-static void server_log(struct kms_server *s, int level, const struct kms_peer *peer,
+static void server_log(struct kms_server *s, int level, const struct peer_cred *peer,
                        const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static void server_log(struct kms_server *s, int level, const struct kms_peer *peer,
+static void server_log(struct kms_server *s, int level, const struct peer_cred *peer,
                        const char *fmt, ...) {
         char msg[256];
         va_list ap;
@@ -987,7 +987,7 @@ static int conn_timer(sd_event_source *src, uint64_t usec, void *userdata) {
         return 0;
 }
 
-static int conn_new(struct kms_server *s, int fd, const struct kms_peer *peer) {
+static int conn_new(struct kms_server *s, int fd, const struct peer_cred *peer) {
         _cleanup_close_ int fd_owned = fd;
         struct conn *c;
         uint64_t now = server_now(s);
@@ -1047,7 +1047,7 @@ static int conn_new(struct kms_server *s, int fd, const struct kms_peer *peer) {
         return 0;
 }
 
-static bool peer_allowed(struct kms_server *s, const struct kms_peer *peer) {
+static bool peer_allowed(struct kms_server *s, const struct peer_cred *peer) {
         for (size_t i = 0; i < s->n_allowed_uids; i++)
                 if (s->allowed_uids[i] == peer->uid)
                         return true;
@@ -1099,7 +1099,7 @@ static int listener_io(sd_event_source *src, int fd, uint32_t revents, void *use
         struct kms_server *s = l->server;
 
         for (int i = 0; i < ACCEPT_BATCH; i++) {
-                struct kms_peer peer;
+                struct peer_cred peer;
                 int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
 
                 if (cfd < 0) {

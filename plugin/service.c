@@ -6,9 +6,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "common/macro.h"
-#include "plugin/proto.h"
-#include "plugin/service.h"
+#include "macro.h"
+#include "proto.h"
+#include "service.h"
 
 /* explicit_bzero() rather than OPENSSL_cleanse(): the compiler may not drop
  * it either, and it runs at memset speed on the Decrypt hot path. */
@@ -125,7 +125,7 @@ static void call_status(const struct kms_backend_ops *ops, void *userdata,
 }
 
 static void call_encrypt(const struct kms_backend_ops *ops, void *userdata,
-                         const uint8_t *msg, size_t len, const struct kms_peer *peer,
+                         const uint8_t *msg, size_t len, const struct peer_cred *peer,
                          struct grpc_reply *reply) {
         /* Holds the only copy of the request plaintext this layer makes; wiped
          * on return, i.e. right after the reply is packed. */
@@ -188,7 +188,7 @@ static void call_encrypt(const struct kms_backend_ops *ops, void *userdata,
 }
 
 static void call_decrypt(const struct kms_backend_ops *ops, void *userdata, bool may_defer,
-                         const uint8_t *msg, size_t len, const struct kms_peer *peer,
+                         const uint8_t *msg, size_t len, const struct peer_cred *peer,
                          struct grpc_reply *reply) {
         _cleanup_(proto_request_done) struct proto_request req;
         /* The decrypted DEK seed; wiped on return, after the reply is packed
@@ -258,7 +258,7 @@ static void call_decrypt(const struct kms_backend_ops *ops, void *userdata, bool
 
 void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
                       const char *path, const uint8_t *body, size_t body_len,
-                      const struct kms_peer *peer, bool may_defer, struct grpc_reply *reply) {
+                      const struct peer_cred *peer, bool may_defer, struct grpc_reply *reply) {
         const uint8_t *msg;
         size_t len;
         int m, r;

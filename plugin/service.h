@@ -67,7 +67,7 @@ struct grpc_reply {
  * fails: every error becomes reply->code/message. Wipes request plaintext. */
 void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
                       const char *path, const uint8_t *body, size_t body_len,
-                      const struct kms_peer *peer, bool may_defer, struct grpc_reply *reply);
+                      const struct peer_cred *peer, bool may_defer, struct grpc_reply *reply);
 /* Free (and wipe) reply->body. Accepts a zeroed reply. */
 void grpc_reply_done(struct grpc_reply *reply);
 

@@ -23,8 +23,9 @@
 #include <tss2/tss2_rc.h>
 #include <tss2/tss2_tctildr.h>
 
-#include "common/macro.h"
-#include "tpm/tpm.h"
+#include "macro.h"
+#include "util.h"
+#include "tpm.h"
 
 /* Bounded retries for warnings that mean "try again" (Part 2, TPM_RC:
  * TPM_RC_RETRY, TPM_RC_YIELDED, TPM_RC_TESTING) and for TPM_RC_PCR_CHANGED
@@ -287,26 +288,7 @@ int tpm_pcr_selection_parse(const char *s, struct tpm_pcr_selection *ret) {
         return 0;
 }
 
-/* snprintf into buf at *pos, -ENOBUFS when it does not fit. */
-static int buf_append(char *buf, size_t size, size_t *pos, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
-static int buf_append(char *buf, size_t size, size_t *pos, const char *fmt, ...) {
-        va_list ap;
-        int n;
-
-        if (*pos >= size)
-                return -ENOBUFS;
-        va_start(ap, fmt);
-        n = vsnprintf(buf + *pos, size - *pos, fmt, ap);
-        va_end(ap);
-        if (n < 0 || (size_t) n >= size - *pos)
-                return -ENOBUFS;
-        *pos += (size_t) n;
-        return 0;
-}
-
 int tpm_pcr_selection_format(const struct tpm_pcr_selection *sel, char *buf, size_t size) {
-        size_t pos = 0;
         bool first = true;
         int bank, r;
 
@@ -317,16 +299,16 @@ int tpm_pcr_selection_format(const struct tpm_pcr_selection *sel, char *buf, siz
         buf[0] = '\0';
 
         if (tpm_pcr_selection_is_empty(sel))
-                return buf_append(buf, size, &pos, "none");
+                return strappendf(buf, size, "none");
         if (!pcr_selection_is_valid(sel))
                 return -EINVAL;
         bank = pcr_bank_find(sel->hash_alg);
 
-        r = buf_append(buf, size, &pos, "%s:", pcr_banks[bank].name);
+        r = strappendf(buf, size, "%s:", pcr_banks[bank].name);
         for (unsigned i = 0; r >= 0 && i < TPM_PCR_MAX; i++) {
                 if (!(sel->mask & (UINT32_C(1) << i)))
                         continue;
-                r = buf_append(buf, size, &pos, "%s%u", first ? "" : ",", i);
+                r = strappendf(buf, size, "%s%u", first ? "" : ",", i);
                 first = false;
         }
         if (r < 0)
@@ -347,8 +329,8 @@ static int pcr_values_check(const struct tpm_pcr_values *v) {
 }
 
 int tpm_pcr_values_format(const struct tpm_pcr_values *v, char *buf, size_t size) {
-        char sel[128];
-        size_t pos = 0, k = 0;
+        char sel[128], hex[2 * TPM_DIGEST_MAX + 1];
+        size_t k = 0;
         int r;
 
         if (!v || !buf)
@@ -358,7 +340,7 @@ int tpm_pcr_values_format(const struct tpm_pcr_values *v, char *buf, size_t size
         buf[0] = '\0';
 
         if (tpm_pcr_selection_is_empty(&v->sel))
-                return buf_append(buf, size, &pos, "none");
+                return strappendf(buf, size, "none");
         if (pcr_values_check(v) < 0)
                 return -EINVAL;
 
@@ -367,14 +349,13 @@ int tpm_pcr_values_format(const struct tpm_pcr_values *v, char *buf, size_t size
                 return r;
         /* "sha256:7" -> "sha256:" then "7=<hex>,..." */
         *strchr(sel, ':') = '\0';
-        r = buf_append(buf, size, &pos, "%s:", sel);
+        r = strappendf(buf, size, "%s:", sel);
 
         for (unsigned i = 0; r >= 0 && i < TPM_PCR_MAX; i++) {
                 if (!(v->sel.mask & (UINT32_C(1) << i)))
                         continue;
-                r = buf_append(buf, size, &pos, "%s%u=", k == 0 ? "" : ",", i);
-                for (size_t j = 0; r >= 0 && j < v->digest_size; j++)
-                        r = buf_append(buf, size, &pos, "%02x", v->digest[k][j]);
+                (void) hex_encode(v->digest[k], v->digest_size, hex, sizeof(hex));
+                r = strappendf(buf, size, "%s%u=%s", k == 0 ? "" : ",", i, hex);
                 k++;
         }
         if (r < 0)
@@ -810,7 +791,7 @@ int tpm_open(const char *tcti, struct tpm **ret) {
 /* ---- seal --------------------------------------------------------------- */
 
 int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
-             const uint8_t secret[TPM_SECRET_SIZE], struct tpm_sealed *ret) {
+             const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret) {
         static const TPM2B_DATA outside = {};
         static const TPML_PCR_SELECTION creation_pcr = {};
         _cleanup_(sensitive_create_erasep) TPM2B_SENSITIVE_CREATE sensitive = {};
@@ -853,8 +834,8 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
         memcpy(template.publicArea.authPolicy.buffer, s.policy_digest, POLICY_SIZE);
         template.publicArea.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL;
 
-        sensitive.sensitive.data.size = TPM_SECRET_SIZE;
-        memcpy(sensitive.sensitive.data.buffer, secret, TPM_SECRET_SIZE);
+        sensitive.sensitive.data.size = AES256_KEY_SIZE;
+        memcpy(sensitive.sensitive.data.buffer, secret, AES256_KEY_SIZE);
 
         /* inSensitive is the first parameter: TPMA_SESSION_DECRYPT keeps the
          * secret off the bus. The HMAC session also authorizes the SRK. */
@@ -894,7 +875,7 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
 /* One attempt: a fresh policy session, the policy, the digest check, Unseal.
  * Returns a TSS2_RC through *ret_rc when the TPM said "retry". */
 static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selection *sel,
-                       const TPM2B_DIGEST *auth_policy, uint8_t secret[TPM_SECRET_SIZE],
+                       const TPM2B_DIGEST *auth_policy, uint8_t secret[AES256_KEY_SIZE],
                        struct tpm_pcr_values *current, TSS2_RC *ret_rc) {
         struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
         _cleanup_(sensitive_data_erase_and_freep) TPM2B_SENSITIVE_DATA *out = NULL;
@@ -959,16 +940,16 @@ static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selec
         if (r < 0)
                 return r;
 
-        if (out->size != TPM_SECRET_SIZE) {
-                log_debug("Unseal: %u bytes, expected %d", out->size, TPM_SECRET_SIZE);
+        if (out->size != AES256_KEY_SIZE) {
+                log_debug("Unseal: %u bytes, expected %d", out->size, AES256_KEY_SIZE);
                 return -EIO;
         }
-        memcpy(secret, out->buffer, TPM_SECRET_SIZE);
+        memcpy(secret, out->buffer, AES256_KEY_SIZE);
         return 0;
 }
 
 int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
-               uint8_t secret[TPM_SECRET_SIZE], struct tpm_pcr_values *current) {
+               uint8_t secret[AES256_KEY_SIZE], struct tpm_pcr_values *current) {
         struct tpm_handle object _cleanup_flush_ = TPM_HANDLE_NULL(t);
         uint8_t policy[POLICY_SIZE];
         TPM2B_PUBLIC pub = {};
@@ -979,7 +960,7 @@ int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
         int r;
 
         if (secret)
-                explicit_bzero(secret, TPM_SECRET_SIZE);
+                explicit_bzero(secret, AES256_KEY_SIZE);
         if (current)
                 *current = (struct tpm_pcr_values) {};
         if (!t || !sealed || !secret)
@@ -1053,6 +1034,6 @@ int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
         }
 
         if (r < 0)
-                explicit_bzero(secret, TPM_SECRET_SIZE);
+                explicit_bzero(secret, AES256_KEY_SIZE);
         return r;
 }

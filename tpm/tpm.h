@@ -17,7 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TPM_SECRET_SIZE 32
+#include "macro.h"
+
 #define TPM_PCR_MAX 24
 #define TPM_DIGEST_MAX 64        /* sha512 */
 #define TPM_BLOB_MAX 1024         /* marshalled TPM2B_PUBLIC / TPM2B_PRIVATE */
@@ -90,7 +91,7 @@ int tpm_pcr_read(struct tpm *t, const struct tpm_pcr_selection *sel, struct tpm_
  * to the SRK and uses AES-128-CFB parameter encryption. Returns 0, -EINVAL,
  * -ENODEV, -ENOLCK, -EIO (also when a selected bank is not allocated). */
 int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
-             const uint8_t secret[TPM_SECRET_SIZE], struct tpm_sealed *ret);
+             const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret);
 
 /* Load and unseal. Compares the policy digest of the current PCRs with the
  * sealed object's authPolicy first, so a mismatch is reported as -EPERM with
@@ -100,7 +101,7 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
  * refuses to Load give -EXDEV; sizes out of range or a bad selection -EINVAL.
  * Returns 0, -EINVAL, -EPERM, -EXDEV, -ENOLCK, -ENODEV, -EIO. */
 int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
-               uint8_t secret[TPM_SECRET_SIZE], struct tpm_pcr_values *current);
+               uint8_t secret[AES256_KEY_SIZE], struct tpm_pcr_values *current);
 
 /* The PCR values for logs: "sha256:7=ab12..,8=cd34..", or "none" for an
  * empty selection. Returns 0, -EINVAL (inconsistent v) or -ENOBUFS; buf holds

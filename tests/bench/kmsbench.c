@@ -36,7 +36,7 @@
 
 #include <nghttp2/nghttp2.h>
 
-#include "common/macro.h"
+#include "macro.h"
 #include "kms_v2.pb-c.h"
 
 #define PLAINTEXT_SIZE 32         /* the apiserver's DEK seed */

@@ -13,11 +13,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "agent/cache.h"
+#include "cache.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static const uint8_t fuzz_key[CACHE_KEY_SIZE] = { 0x6b, 0x65, 0x79 };
+static const uint8_t fuzz_key[AES256_KEY_SIZE] = { 0x6b, 0x65, 0x79 };
 static uint8_t *header;      /* a valid header, made once */
 static size_t header_len;
 

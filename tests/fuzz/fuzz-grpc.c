@@ -16,7 +16,7 @@
 #include <string.h>
 
 #include "kms_v2.pb-c.h"
-#include "plugin/service.h"
+#include "service.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -21,7 +21,7 @@
 
 #include <systemd/sd-event.h>
 
-#include "plugin/plugin.h"
+#include "plugin.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -12,8 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "agent/kmip.h"
-#include "agent/ttlv.h"
+#include "message.h"
+#include "ttlv.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -63,8 +63,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         struct kmip_version versions[KMIP_VERSIONS_MAX];
         static char ids[16][KMIP_ID_MAX];
         char uid[KMIP_ID_MAX];
-        uint8_t key[KMIP_KEY_SIZE];
-        static const uint8_t zero[KMIP_KEY_SIZE];
+        uint8_t key[AES256_KEY_SIZE];
+        static const uint8_t zero[AES256_KEY_SIZE];
         struct kmip_key_attributes attr;
         size_t n;
         int r;

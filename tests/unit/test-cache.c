@@ -16,8 +16,8 @@
 
 #include <cmocka.h>
 
-#include "agent/cache.h"
-#include "common/macro.h"
+#include "cache.h"
+#include "macro.h"
 
 #define P_SIZE 90
 #define Q_SIZE 130
@@ -27,7 +27,7 @@
 #define HEADER_SIZE (8 + 4 + 2 + 4 + 2 + P_SIZE + 2 + Q_SIZE + 1 + 1 + PCR_COUNT * PCR_DSIZE + 1 + POLICY_SIZE)
 
 static struct tpm_sealed sealed;
-static uint8_t cache_key[CACHE_KEY_SIZE], kek1[KEK_SIZE], kek2[KEK_SIZE], kek3[KEK_SIZE];
+static uint8_t cache_key[AES256_KEY_SIZE], kek1[AES256_KEY_SIZE], kek2[AES256_KEY_SIZE], kek3[AES256_KEY_SIZE];
 static struct keyring *kr;
 static char tmpdir[] = "/tmp/test-cache.XXXXXX";
 
@@ -115,7 +115,7 @@ static void assert_keyring_equal(const struct keyring *a, const struct keyring *
                 assert_int_equal(x->role, y->role);
                 assert_int_equal(x->created_usec, y->created_usec);
                 assert_int_equal(x->first_seen_usec, y->first_seen_usec);
-                assert_memory_equal(x->kek, y->kek, KEK_SIZE);
+                assert_memory_equal(x->kek, y->kek, AES256_KEY_SIZE);
         }
 }
 
@@ -127,7 +127,7 @@ static void test_cache_encode_round_trip(void **state) {
 
         encode(&buf, &len);
         assert_int_equal(len, HEADER_SIZE + 12 + 4 + 16 + 4 +
-                                      3 * (1 + 8 + 8 + 2 + 2 + KEK_SIZE) +
+                                      3 * (1 + 8 + 8 + 2 + 2 + AES256_KEY_SIZE) +
                                       strlen("kmip:uid-1.0011223344556677") + 5 +
                                       strlen("kmip:uid-2.8899aabbccddeeff") + 5 +
                                       strlen("local.0123456789abcdef"));
@@ -193,12 +193,12 @@ static void test_cache_encode_no_secret_in_file(void **state) {
         size_t len;
 
         encode(&buf, &len);
-        assert_null(memmem(buf, len, kek1, KEK_SIZE));
-        assert_null(memmem(buf, len, kek2, KEK_SIZE));
-        assert_null(memmem(buf, len, kek3, KEK_SIZE));
-        assert_null(memmem(buf, len, cache_key, CACHE_KEY_SIZE));
+        assert_null(memmem(buf, len, kek1, AES256_KEY_SIZE));
+        assert_null(memmem(buf, len, kek2, AES256_KEY_SIZE));
+        assert_null(memmem(buf, len, kek3, AES256_KEY_SIZE));
+        assert_null(memmem(buf, len, cache_key, AES256_KEY_SIZE));
         /* not even a fragment of one: 8 bytes is already a lot */
-        for (size_t i = 0; i + 8 <= KEK_SIZE; i++)
+        for (size_t i = 0; i + 8 <= AES256_KEY_SIZE; i++)
                 assert_null(memmem(buf, len, kek2 + i, 8));
         /* and ids are not in clear either: the key list is all encrypted */
         assert_null(memmem(buf, len, "uid-1", 5));
@@ -276,7 +276,7 @@ static void test_cache_decode_trailing_bytes(void **state) {
 
 static void test_cache_decode_keys_wrong_key(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
-        uint8_t other[CACHE_KEY_SIZE];
+        uint8_t other[AES256_KEY_SIZE];
         struct keyring *got = NULL;
         size_t len;
 
@@ -335,8 +335,8 @@ static size_t put_key(uint8_t *p, uint8_t role, const char *id, size_t id_len, c
         p += id_len;
         *p++ = 0;           /* central id: empty */
         *p++ = 0;
-        memcpy(p, kek, KEK_SIZE);
-        return (size_t) (p + KEK_SIZE - start);
+        memcpy(p, kek, AES256_KEY_SIZE);
+        return (size_t) (p + AES256_KEY_SIZE - start);
 }
 
 static int decode_plaintext(const uint8_t *file, const uint8_t *pt, size_t pt_len) {

@@ -15,23 +15,43 @@
 
 #include <cmocka.h>
 
-#include "agent/central.h"
-#include "agent/config.h"
-#include "agent/tls.h"
-#include "common/macro.h"
-#include "common/util.h"
+#include "kmip.h"
+#include "config.h"
+#include "tls.h"
+#include "macro.h"
+#include "util.h"
 
 #define SEC UINT64_C(1000000)
 #define N_SEEDED 4
 
 struct expected_key {
-        char uid[KMIP_ID_MAX];
+        char uid[CENTRAL_ID_MAX];
         int state;
         bool has_material;
-        uint8_t kek[KMIP_KEY_SIZE];
+        uint8_t kek[AES256_KEY_SIZE];
 };
 
 static struct expected_key expected[N_SEEDED];
+
+/* KMIP 1.2 section 9.1.3.2.17 State, as the harness seeds it, in kmip.h's terms. */
+static enum central_state central_state_of_kmip(int state) {
+        switch (state) {
+        case 1:
+                return CENTRAL_STATE_PRE_ACTIVE;
+        case 2:
+                return CENTRAL_STATE_ACTIVE;
+        case 3:
+                return CENTRAL_STATE_DEACTIVATED;
+        case 4:
+        case 6:
+                return CENTRAL_STATE_COMPROMISED;
+        case 5:
+                return CENTRAL_STATE_DESTROYED;
+        default:
+                fail_msg("unknown KMIP state %d", state);
+                return _CENTRAL_STATE_MAX;
+        }
+}
 
 static const char *env(const char *name) {
         const char *v = getenv(name);
@@ -77,14 +97,14 @@ static int setup(void **state) {
                 if (*hex == '-') {
                         p = hex + 1;
                 } else {
-                        for (size_t i = 0; i < KMIP_KEY_SIZE; i++) {
+                        for (size_t i = 0; i < AES256_KEY_SIZE; i++) {
                                 int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
                                 if (hi < 0 || lo < 0)
                                         return -1;
                                 k->kek[i] = (uint8_t) (hi << 4 | lo);
                         }
                         k->has_material = true;
-                        p = hex + 2 * KMIP_KEY_SIZE;
+                        p = hex + 2 * AES256_KEY_SIZE;
                 }
                 if (*p == ',')
                         p++;
@@ -115,10 +135,18 @@ static void make_config(struct config *c, const char *ca, const char *cert, cons
 }
 
 static void add_endpoint(struct config *c, const char *host, const char *port_env) {
-        struct endpoint *e = &c->endpoints[c->n_endpoints++];
+        struct central_endpoint *e = &c->endpoints[c->n_endpoints++];
 
         snprintf(e->host, sizeof(e->host), "%s", host);
         e->port = (uint16_t) atoi(env(port_env));
+}
+
+/* central_client_new with the options tpmkmsd derives from c. */
+static int client_new_from(const struct config *c, struct central_client **ret, char *err, size_t err_size) {
+        struct central_options opt;
+
+        config_central_options(c, &opt);
+        return central_client_new(&opt, ret, err, err_size);
 }
 
 static struct central_client *client_new(const struct config *c) {
@@ -126,7 +154,7 @@ static struct central_client *client_new(const struct config *c) {
         char err[512] = "";
         int r;
 
-        r = central_client_new(c, &cc, err, sizeof(err));
+        r = client_new_from(c, &cc, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_client_new: %d %s", r, err);
         return cc;
@@ -147,13 +175,13 @@ static int fetch_fails(struct central_client *cc, char *err, size_t err_size) {
 
 static const struct central_key *find(const struct central_key *keys, size_t n, const char *uid) {
         for (size_t i = 0; i < n; i++)
-                if (strcmp(keys[i].attr.uid, uid) == 0)
+                if (strcmp(keys[i].uid, uid) == 0)
                         return &keys[i];
         return NULL;
 }
 
 static void assert_seeded_keys(const struct central_key *keys, size_t n) {
-        static const uint8_t zero[KMIP_KEY_SIZE];
+        static const uint8_t zero[AES256_KEY_SIZE];
         const char *other = env("CENTRAL_OTHER_UID");
 
         assert_int_equal(n, N_SEEDED);
@@ -162,15 +190,15 @@ static void assert_seeded_keys(const struct central_key *keys, size_t n) {
                 const struct central_key *k = find(keys, n, expected[i].uid);
 
                 assert_non_null(k);
-                assert_int_equal(k->attr.state, expected[i].state);
-                assert_int_equal(k->attr.object_type, 2);
-                assert_int_equal(k->attr.algorithm, 3);
-                assert_int_equal(k->attr.length, 256);
-                assert_true(k->attr.initial_date > 1700000000);
-                assert_int_equal(k->has_material, expected[i].has_material);
+                assert_int_equal(k->state, central_state_of_kmip(expected[i].state));
+                /* object type 2 (Symmetric Key), algorithm 3 (AES), 256 bits */
+                assert_true(k->is_aes256);
+                assert_string_equal(k->kind, "object type 2, algorithm 3, 256 bits");
+                assert_true(k->created_usec > 1700000000 * SEC);
+                assert_int_equal(k->kek != NULL, expected[i].has_material);
                 /* the 32 bytes PyKMIP's own client read back */
-                assert_memory_equal(k->kek, expected[i].has_material ? expected[i].kek : zero,
-                                    KMIP_KEY_SIZE);
+                assert_memory_equal(k->kek ? k->kek : zero, expected[i].has_material ? expected[i].kek : zero,
+                                    AES256_KEY_SIZE);
         }
 }
 
@@ -181,7 +209,7 @@ static void test_central_client_new_key_mode_refused(void **state) {
 
         make_config(&c, "ca", "client", "client-0644", 2 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
-        assert_int_equal(central_client_new(&c, &cc, err, sizeof(err)), -EPERM);
+        assert_int_equal(client_new_from(&c, &cc, err, sizeof(err)), -EPERM);
         assert_null(cc);
         fprintf(stderr, "  -> %s\n", err);
         assert_non_null(strstr(err, c.key_file));
@@ -196,12 +224,12 @@ static void test_central_client_new_key_not_regular(void **state) {
         make_config(&c, "ca", "client", "client", 2 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         snprintf(c.key_file, sizeof(c.key_file), "%s", env("CENTRAL_CERTS"));
-        assert_int_equal(central_client_new(&c, &cc, err, sizeof(err)), -EINVAL);
+        assert_int_equal(client_new_from(&c, &cc, err, sizeof(err)), -EINVAL);
         fprintf(stderr, "  -> %s\n", err);
         assert_non_null(strstr(err, "not a regular file"));
 
         snprintf(c.key_file, sizeof(c.key_file), "/dev/null");
-        assert_int_equal(central_client_new(&c, &cc, err, sizeof(err)), -EINVAL);
+        assert_int_equal(client_new_from(&c, &cc, err, sizeof(err)), -EINVAL);
         assert_non_null(strstr(err, "/dev/null is not a regular file"));
 }
 
@@ -212,24 +240,24 @@ static void test_central_client_new_missing_files(void **state) {
 
         make_config(&c, "no-such-ca", "client", "client", 2 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
-        assert_int_equal(central_client_new(&c, &cc, err, sizeof(err)), -ENOENT);
+        assert_int_equal(client_new_from(&c, &cc, err, sizeof(err)), -ENOENT);
         fprintf(stderr, "  -> %s\n", err);
         assert_non_null(strstr(err, c.ca_file));
 
         make_config(&c, "ca", "client", "no-such-key", 2 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
-        assert_int_equal(central_client_new(&c, &cc, err, sizeof(err)), -ENOENT);
+        assert_int_equal(client_new_from(&c, &cc, err, sizeof(err)), -ENOENT);
         assert_non_null(strstr(err, c.key_file));
 
         /* a key that is not the certificate's */
         make_config(&c, "ca", "client", "client2", 2 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
-        assert_int_equal(central_client_new(&c, &cc, err, sizeof(err)), -EINVAL);
+        assert_int_equal(client_new_from(&c, &cc, err, sizeof(err)), -EINVAL);
         fprintf(stderr, "  -> %s\n", err);
         assert_non_null(strstr(err, "does not match"));
 
         make_config(&c, "ca", "client", "client", 2 * SEC);
-        assert_int_equal(central_client_new(&c, &cc, err, sizeof(err)), -EINVAL);
+        assert_int_equal(client_new_from(&c, &cc, err, sizeof(err)), -EINVAL);
 }
 
 static void test_central_fetch_wrong_ca(void **state) {

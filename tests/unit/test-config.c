@@ -13,7 +13,7 @@
 
 #include <cmocka.h>
 
-#include "agent/config.h"
+#include "config.h"
 
 static char tmpdir[] = "/tmp/test-config.XXXXXX";
 static char conf_path[256];

@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "agent/envelope.h"
+#include "keystore.h"
 
 #define PT_SIZE 32   /* the apiserver's DEK seed */
 

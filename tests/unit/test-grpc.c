@@ -9,7 +9,7 @@
 
 #include <cmocka.h>
 
-#include "plugin/service.h"
+#include "service.h"
 
 /* ---- grpc_frame_unpack / grpc_frame_header ----------------------------- */
 

@@ -13,10 +13,10 @@
 
 #include <cmocka.h>
 
-#include "agent/keyring.h"
-#include "common/macro.h"
+#include "keystore.h"
+#include "macro.h"
 
-static uint8_t kek_a[KEK_SIZE], kek_b[KEK_SIZE], kek_c[KEK_SIZE];
+static uint8_t kek_a[AES256_KEY_SIZE], kek_b[AES256_KEY_SIZE], kek_c[AES256_KEY_SIZE];
 
 static int setup(void **state) {
         if (keyring_secure_heap_init() < 0)
@@ -77,7 +77,7 @@ static void test_keyring_new_ordering(void **state) {
 }
 
 static void test_keyring_new_copies_keks(void **state) {
-        uint8_t kek[KEK_SIZE];
+        uint8_t kek[AES256_KEY_SIZE];
         struct key_version k;
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         const struct key_version *v;
@@ -92,7 +92,7 @@ static void test_keyring_new_copies_keks(void **state) {
         assert_ptr_not_equal(v->kek, kek);
         assert_true(CRYPTO_secure_allocated(v->kek));
         memset(kek, 0x42, sizeof(kek));
-        assert_memory_equal(v->kek, kek, KEK_SIZE);
+        assert_memory_equal(v->kek, kek, AES256_KEY_SIZE);
         assert_string_equal(v->id, "id1");
         assert_int_equal(v->first_seen_usec, 7);
 }
@@ -177,9 +177,9 @@ static void test_keyring_find_exact(void **state) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
 
         assert_int_equal(keyring_new(keys, 3, &kr), 0);
-        assert_memory_equal(keyring_find(kr, "key")->kek, kek_a, KEK_SIZE);
-        assert_memory_equal(keyring_find(kr, "key.1")->kek, kek_b, KEK_SIZE);
-        assert_memory_equal(keyring_find(kr, "key.10")->kek, kek_c, KEK_SIZE);
+        assert_memory_equal(keyring_find(kr, "key")->kek, kek_a, AES256_KEY_SIZE);
+        assert_memory_equal(keyring_find(kr, "key.1")->kek, kek_b, AES256_KEY_SIZE);
+        assert_memory_equal(keyring_find(kr, "key.10")->kek, kek_c, AES256_KEY_SIZE);
         assert_null(keyring_find(kr, "key.100"));
         assert_null(keyring_find(kr, "key.0"));
         assert_null(keyring_find(kr, "ke"));
@@ -222,7 +222,7 @@ static void test_keyring_slot_publish(void **state) {
 
         /* the reader keeps the old snapshot intact after the swap */
         assert_string_equal(keyring_primary(held)->id, "one");
-        assert_memory_equal(keyring_primary(held)->kek, kek_a, KEK_SIZE);
+        assert_memory_equal(keyring_primary(held)->kek, kek_a, AES256_KEY_SIZE);
         keyring_unref(held);
 
         got = keyring_slot_get(&slot);
@@ -267,7 +267,7 @@ static void test_keyring_slot_concurrent(void **state) {
         for (int i = 0; i < 3; i++)
                 assert_int_equal(pthread_create(&t[i], NULL, reader, &race), 0);
         for (int i = 0; i < 2000; i++) {
-                uint8_t kek[KEK_SIZE];
+                uint8_t kek[AES256_KEY_SIZE];
                 struct key_version k;
                 struct keyring *kr = NULL;
                 char id[2] = { (char) ('a' + i % 26), 0 };
@@ -295,10 +295,10 @@ static void test_keyring_add_primary_demotes(void **state) {
         assert_int_equal(keyring_add_primary(kr, &next, &kr2), 0);
         assert_int_equal(keyring_size(kr2), 3);
         assert_string_equal(keyring_primary(kr2)->id, "new");
-        assert_memory_equal(keyring_primary(kr2)->kek, kek_c, KEK_SIZE);
+        assert_memory_equal(keyring_primary(kr2)->kek, kek_c, AES256_KEY_SIZE);
         assert_int_equal(keyring_find(kr2, "cur")->role, KEY_ROLE_RETIRED);
         assert_int_equal(keyring_find(kr2, "old")->role, KEY_ROLE_RETIRED);
-        assert_memory_equal(keyring_find(kr2, "cur")->kek, kek_b, KEK_SIZE);
+        assert_memory_equal(keyring_find(kr2, "cur")->kek, kek_b, AES256_KEY_SIZE);
         /* the old snapshot is untouched */
         assert_string_equal(keyring_primary(kr)->id, "cur");
         assert_int_equal(keyring_size(kr), 2);
@@ -319,7 +319,7 @@ static void test_keyring_add_primary_demotes(void **state) {
 
 static void test_key_id_make_deterministic(void **state) {
         char a[KEY_ID_MAX], b[KEY_ID_MAX], c[KEY_ID_MAX], d[KEY_ID_MAX];
-        uint8_t zero[KEK_SIZE] = {};
+        uint8_t zero[AES256_KEY_SIZE] = {};
 
         assert_int_equal(key_id_make("kmip:1234-abcd", kek_a, a, sizeof(a)), 0);
         assert_int_equal(key_id_make("kmip:1234-abcd", kek_a, b, sizeof(b)), 0);

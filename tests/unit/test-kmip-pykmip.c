@@ -21,8 +21,8 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-#include "agent/kmip.h"
-#include "common/macro.h"
+#include "message.h"
+#include "macro.h"
 
 static int die(const char *what) {
         fprintf(stderr, "test-kmip-pykmip: %s\n", what);
@@ -200,7 +200,7 @@ int main(int argc, char **argv) {
                         printf("uid %s\n", ids[i]);
                 free(ids);
         } else if (strcmp(op, "get") == 0) {
-                _cleanup_wipe32_ uint8_t k[KMIP_KEY_SIZE];
+                _cleanup_erase_key_ uint8_t k[AES256_KEY_SIZE];
                 char uid[KMIP_ID_MAX];
                 r = kmip_response_get_symmetric_key(resp, resp_len, uid, k, &err);
                 if (r >= 0) {

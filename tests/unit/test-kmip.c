@@ -15,8 +15,8 @@
 
 #include <cmocka.h>
 
-#include "agent/kmip.h"
-#include "agent/ttlv.h"
+#include "message.h"
+#include "ttlv.h"
 
 /* KMIP 1.2 section 9.1.3.1 */
 #define T_ATTRIBUTE 0x420008
@@ -62,7 +62,7 @@
 #define BUF 8192
 
 /* twice the key size, so a test can send a key that is too long */
-static const uint8_t test_key[2 * KMIP_KEY_SIZE] = {
+static const uint8_t test_key[2 * AES256_KEY_SIZE] = {
         0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
         0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2, 0xe1, 0xf0,
 };
@@ -379,7 +379,7 @@ static size_t resp_failure(uint8_t *b, uint32_t op, bool with_operation, uint32_
 static int parse_as(uint32_t op, const uint8_t *b, size_t n, struct kmip_error *err) {
         struct kmip_version versions[4];
         char uids[4][KMIP_ID_MAX], uid[KMIP_ID_MAX];
-        uint8_t key[KMIP_KEY_SIZE];
+        uint8_t key[AES256_KEY_SIZE];
         struct kmip_key_attributes attr;
         size_t count;
 
@@ -720,7 +720,7 @@ static size_t build_get(uint8_t *b, const struct key_opts *k) {
 
 static void test_kmip_response_get_symmetric_key_raw(void **state) {
         uint8_t *b = malloc(BUF);
-        uint8_t key[KMIP_KEY_SIZE];
+        uint8_t key[AES256_KEY_SIZE];
         char uid[KMIP_ID_MAX];
         struct kmip_error err;
         size_t n;
@@ -728,7 +728,7 @@ static void test_kmip_response_get_symmetric_key_raw(void **state) {
         assert_non_null(b);
         n = build_get(b, &good_key);
         assert_int_equal(kmip_response_get_symmetric_key(b, n, uid, key, &err), 0);
-        assert_memory_equal(key, test_key, KMIP_KEY_SIZE);
+        assert_memory_equal(key, test_key, AES256_KEY_SIZE);
         assert_string_equal(uid, "17");
         assert_int_equal(kmip_response_get_symmetric_key(b, n, NULL, key, NULL), 0);
         explicit_bzero(key, sizeof(key));
@@ -738,7 +738,7 @@ static void test_kmip_response_get_symmetric_key_raw(void **state) {
 
 static void test_kmip_response_get_symmetric_key_transparent(void **state) {
         uint8_t *b = malloc(BUF);
-        uint8_t key[KMIP_KEY_SIZE];
+        uint8_t key[AES256_KEY_SIZE];
         char uid[KMIP_ID_MAX];
         struct key_opts k = good_key;
         size_t n;
@@ -747,7 +747,7 @@ static void test_kmip_response_get_symmetric_key_transparent(void **state) {
         k.format = 7;
         n = build_get(b, &k);
         assert_int_equal(kmip_response_get_symmetric_key(b, n, uid, key, NULL), 0);
-        assert_memory_equal(key, test_key, KMIP_KEY_SIZE);
+        assert_memory_equal(key, test_key, AES256_KEY_SIZE);
         explicit_bzero(key, sizeof(key));
         explicit_bzero(b, n);
         free(b);
@@ -755,8 +755,8 @@ static void test_kmip_response_get_symmetric_key_transparent(void **state) {
 
 static void check_get_refused(const struct key_opts *k) {
         uint8_t *b = malloc(BUF);
-        uint8_t key[KMIP_KEY_SIZE];
-        static const uint8_t zero[KMIP_KEY_SIZE];
+        uint8_t key[AES256_KEY_SIZE];
+        static const uint8_t zero[AES256_KEY_SIZE];
         char uid[KMIP_ID_MAX];
         size_t n;
 
@@ -765,7 +765,7 @@ static void check_get_refused(const struct key_opts *k) {
         memset(key, 0xAA, sizeof(key));
         memset(uid, 'x', sizeof(uid));
         assert_int_equal(kmip_response_get_symmetric_key(b, n, uid, key, NULL), -EBADMSG);
-        assert_memory_equal(key, zero, KMIP_KEY_SIZE);  /* wiped */
+        assert_memory_equal(key, zero, AES256_KEY_SIZE);  /* wiped */
         assert_string_equal(uid, "");
         explicit_bzero(b, n);
         free(b);

@@ -21,8 +21,8 @@
 #include <nghttp2/nghttp2.h>
 #include <systemd/sd-event.h>
 
-#include "common/macro.h"
-#include "plugin/plugin.h"
+#include "macro.h"
+#include "plugin.h"
 
 #define PATH_STATUS "/v2.KeyManagementService/Status"
 #define PATH_ENCRYPT "/v2.KeyManagementService/Encrypt"
@@ -106,7 +106,7 @@ struct fixture {
         int last_observed_code;
 };
 
-static void fixture_log(void *userdata, int level, const struct kms_peer *peer, const char *msg) {
+static void fixture_log(void *userdata, int level, const struct peer_cred *peer, const char *msg) {
         struct fixture *f = userdata;
         f->n_log++;
         snprintf(f->last_log, sizeof(f->last_log), "%s", msg);

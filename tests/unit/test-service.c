@@ -13,8 +13,8 @@
 #include <cmocka.h>
 
 #include "kms_v2.pb-c.h"
-#include "plugin/proto.h"
-#include "plugin/service.h"
+#include "proto.h"
+#include "service.h"
 
 #define PATH_STATUS "/v2.KeyManagementService/Status"
 #define PATH_ENCRYPT "/v2.KeyManagementService/Encrypt"
@@ -38,7 +38,7 @@ struct fake {
         unsigned calls;
         char uid[KMS_UID_MAX + 1];
         char seen_key_id[KMS_KEY_ID_MAX + 1];
-        const struct kms_peer *peer;
+        const struct peer_cred *peer;
 };
 
 static void fake_status(void *userdata, struct kms_status *st) {
@@ -124,7 +124,7 @@ static int teardown(void **state) {
 
 /* ---- helpers ------------------------------------------------------------ */
 
-static const struct kms_peer test_peer = { .pid = 1234, .uid = 0, .gid = 0 };
+static const struct peer_cred test_peer = { .pid = 1234, .uid = 0, .gid = 0 };
 
 /* Frame raw protobuf bytes and call. */
 static void call_raw(struct fake *f, const char *path, const void *msg, size_t len,

@@ -15,8 +15,8 @@
 
 #include <cmocka.h>
 
-#include "common/macro.h"
-#include "plugin/plugin.h"
+#include "macro.h"
+#include "socket.h"
 
 struct dir {
         char path[64];
@@ -183,7 +183,7 @@ static void test_unix_socket_listen_bad_args(void **state) {
 
 static void test_unix_socket_peer_self(void **state) {
         struct dir *d = *state;
-        struct kms_peer p = { .pid = -1 };
+        struct peer_cred p = { .pid = -1 };
         int fd, c, a;
 
         fd = unix_socket_listen(d->sock, 0600);

@@ -27,8 +27,8 @@
 #include <tss2/tss2_esys.h>
 #include <tss2/tss2_tctildr.h>
 
-#include "common/macro.h"
-#include "tpm/tpm.h"
+#include "macro.h"
+#include "tpm.h"
 
 static const char *tcti;
 
@@ -51,8 +51,8 @@ static void log_reset(void) {
         log_buf[0] = '\0';
 }
 
-static void random_secret(uint8_t s[TPM_SECRET_SIZE]) {
-        assert_int_equal(getrandom(s, TPM_SECRET_SIZE, 0), TPM_SECRET_SIZE);
+static void random_secret(uint8_t s[AES256_KEY_SIZE]) {
+        assert_int_equal(getrandom(s, AES256_KEY_SIZE, 0), AES256_KEY_SIZE);
 }
 
 static struct tpm *open_tpm(const char *t) {
@@ -167,9 +167,9 @@ static bool is_zero(const void *p, size_t n) {
         return true;
 }
 
-static void assert_secret_not_in_blobs(const struct tpm_sealed *s, const uint8_t secret[TPM_SECRET_SIZE]) {
+static void assert_secret_not_in_blobs(const struct tpm_sealed *s, const uint8_t secret[AES256_KEY_SIZE]) {
         /* Any 8-byte window of the secret would be a leak too. */
-        for (size_t i = 0; i + 8 <= TPM_SECRET_SIZE; i++) {
+        for (size_t i = 0; i + 8 <= AES256_KEY_SIZE; i++) {
                 assert_null(memmem(s->public_blob, s->public_size, secret + i, 8));
                 assert_null(memmem(s->private_blob, s->private_size, secret + i, 8));
         }
@@ -177,14 +177,14 @@ static void assert_secret_not_in_blobs(const struct tpm_sealed *s, const uint8_t
 
 static void seal_unseal_ok(struct tpm *tpm, const char *selection) {
         struct tpm_pcr_selection sel = sel_of(selection);
-        uint8_t secret[TPM_SECRET_SIZE], out[TPM_SECRET_SIZE];
+        uint8_t secret[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
         struct tpm_sealed sealed;
         struct tpm_pcr_values cur;
 
         random_secret(secret);
         assert_int_equal(tpm_seal(tpm, &sel, secret, &sealed), 0);
         assert_int_equal(tpm_unseal(tpm, &sealed, out, &cur), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
 }
 
 /* ---- a second swtpm: another machine ------------------------------------ */
@@ -509,7 +509,7 @@ static void test_tpm_open_dead_port(void **state) {
 
 static void test_tpm_seal_unseal_roundtrip(void **state) {
         struct tpm_pcr_selection sel = sel_of("sha256:7");
-        uint8_t secret[TPM_SECRET_SIZE], out[TPM_SECRET_SIZE];
+        uint8_t secret[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
         struct tpm_pcr_values now, cur;
         struct tpm_sealed sealed;
         struct tpm *tpm = open_tpm(tcti);
@@ -532,10 +532,10 @@ static void test_tpm_seal_unseal_roundtrip(void **state) {
 
         memset(out, 0x5a, sizeof(out));
         assert_int_equal(tpm_unseal(tpm, &sealed, out, &cur), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
         /* Again, from the same blobs. */
         assert_int_equal(tpm_unseal(tpm, &sealed, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
 
         tpm_close(tpm);
         assert_tpm_clean(tcti);
@@ -576,7 +576,7 @@ static void test_tpm_seal_unseal_sha1_bank(void **state) {
 
 static void test_tpm_seal_unseal_none(void **state) {
         struct tpm_pcr_selection sel = sel_of("none");
-        uint8_t secret[TPM_SECRET_SIZE], out[TPM_SECRET_SIZE];
+        uint8_t secret[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
         struct tpm_sealed sealed;
         struct tpm *tpm = open_tpm(tcti);
 
@@ -588,21 +588,21 @@ static void test_tpm_seal_unseal_none(void **state) {
         assert_false(is_zero(sealed.policy_digest, 32));
         assert_secret_not_in_blobs(&sealed, secret);
         assert_int_equal(tpm_unseal(tpm, &sealed, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
         tpm_close(tpm);
 
         /* PCRs do not matter to it. */
         pcr_extend(tcti, 7);
         tpm = open_tpm(tcti);
         assert_int_equal(tpm_unseal(tpm, &sealed, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
         tpm_close(tpm);
         assert_tpm_clean(tcti);
 }
 
 static void test_tpm_unseal_pcr_changed(void **state) {
         struct tpm_pcr_selection sel7 = sel_of("sha256:7"), sel0 = sel_of("sha256:0");
-        uint8_t secret[TPM_SECRET_SIZE], out[TPM_SECRET_SIZE];
+        uint8_t secret[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
         struct tpm_sealed sealed7, sealed0;
         struct tpm_pcr_values cur;
         char buf[256];
@@ -634,19 +634,19 @@ static void test_tpm_unseal_pcr_changed(void **state) {
 
         /* Bound to PCR 0 only: still fine. */
         assert_int_equal(tpm_unseal(tpm, &sealed0, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
 
         /* Reseal to the new value works (what tpmkmsctl reseal does). */
         assert_int_equal(tpm_seal(tpm, &sel7, secret, &sealed7), 0);
         assert_int_equal(tpm_unseal(tpm, &sealed7, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
         tpm_close(tpm);
         assert_tpm_clean(tcti);
 }
 
 static void test_tpm_unseal_altered_blobs(void **state) {
         struct tpm_pcr_selection sel = sel_of("sha256:7");
-        uint8_t secret[TPM_SECRET_SIZE], out[TPM_SECRET_SIZE];
+        uint8_t secret[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
         struct tpm_sealed sealed, bad;
         struct tpm *tpm = open_tpm(tcti);
 
@@ -707,14 +707,14 @@ static void test_tpm_unseal_altered_blobs(void **state) {
 
         /* Nothing leaked on the failure paths: the originals still work. */
         assert_int_equal(tpm_unseal(tpm, &sealed, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
         tpm_close(tpm);
         assert_tpm_clean(tcti);
 }
 
 static void test_tpm_unseal_other_tpm(void **state) {
         struct tpm_pcr_selection sel = sel_of("sha256:7");
-        uint8_t secret[TPM_SECRET_SIZE], out[TPM_SECRET_SIZE];
+        uint8_t secret[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
         struct tpm_sealed here, there;
         struct tpm *a, *b;
 
@@ -733,9 +733,9 @@ static void test_tpm_unseal_other_tpm(void **state) {
         assert_int_equal(tpm_unseal(b, &here, out, NULL), -EXDEV);
 
         assert_int_equal(tpm_unseal(a, &here, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
         assert_int_equal(tpm_unseal(b, &there, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
 
         tpm_close(b);
         tpm_close(a);
@@ -751,7 +751,7 @@ static char pcap_path[64];
 
 static void test_tpm_seal_unseal_secret_not_on_wire(void **state) {
         struct tpm_pcr_selection sel = sel_of("sha256:7");
-        uint8_t secret[TPM_SECRET_SIZE], out[TPM_SECRET_SIZE];
+        uint8_t secret[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
         char pcap_tcti[160];
         static uint8_t wire[1 << 20];
         struct tpm_sealed sealed;
@@ -769,7 +769,7 @@ static void test_tpm_seal_unseal_secret_not_on_wire(void **state) {
         random_secret(secret);
         assert_int_equal(tpm_seal(tpm, &sel, secret, &sealed), 0);
         assert_int_equal(tpm_unseal(tpm, &sealed, out, NULL), 0);
-        assert_memory_equal(out, secret, TPM_SECRET_SIZE);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
         tpm_close(tpm);
         unsetenv("TCTI_PCAP_FILE");
 
@@ -779,7 +779,7 @@ static void test_tpm_seal_unseal_secret_not_on_wire(void **state) {
         pcap_path[0] = '\0';
         assert_true(n > 0 && (size_t) n < sizeof(wire));
         assert_non_null(memmem(wire, (size_t) n, sealed.policy_digest, 32));
-        for (size_t i = 0; i + 8 <= TPM_SECRET_SIZE; i++)
+        for (size_t i = 0; i + 8 <= AES256_KEY_SIZE; i++)
                 assert_null(memmem(wire, (size_t) n, secret + i, 8));
         assert_tpm_clean(tcti);
 }

@@ -11,7 +11,7 @@
 
 #include <cmocka.h>
 
-#include "agent/ttlv.h"
+#include "ttlv.h"
 
 /* KMIP 1.2 section 9.1.2 examples, all with tag 0x420020. */
 static const uint8_t vec_integer[] = {            /* Integer 8 */

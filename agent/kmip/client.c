@@ -1,7 +1,9 @@
-/* agent/central.c: the central KMS endpoints (see central.h). Transport in
- * tls.c, KMIP messages in kmip.c; this file decides which endpoint to ask,
- * what to ask it, and what its health is. */
+/* The central KMS client (see kmip.h). Transport in tls.c, KMIP messages in
+ * message.c; this file decides which endpoint to ask, what to ask it, and
+ * what its health is, and translates KMIP into the terms of kmip.h. */
 #include <errno.h>
+#include <inttypes.h>
+#include <openssl/crypto.h>
 #include <stdatomic.h>
 #include <limits.h>
 #include <pthread.h>
@@ -13,10 +15,11 @@
 #include <sys/random.h>
 #include <time.h>
 
-#include "central.h"
-#include "common/macro.h"
-#include "common/util.h"
+#include "kmip.h"
+#include "macro.h"
+#include "util.h"
 #include "log.h"
+#include "message.h"
 #include "tls.h"
 
 /* Backoff for an endpoint that failed: full jitter over an exponential window
@@ -36,17 +39,17 @@
 struct central_client {
         struct tls_context *tls;
         char cert_file[PATH_MAX];         /* named when the server refuses it */
-        char group[256];
+        char group[CENTRAL_GROUP_MAX + 1];
         uint64_t timeout_usec;
         uint64_t backoff_cap_usec;
         size_t n_endpoints;
-        struct endpoint endpoints[CONFIG_MAX_ENDPOINTS];
+        struct central_endpoint endpoints[CENTRAL_ENDPOINTS_MAX];
 
         atomic_bool cancelled;            /* central_client_cancel: stop soon */
 
         /* health is written by the sync thread and read by the main one */
         pthread_mutex_t lock;
-        struct central_endpoint_health health[CONFIG_MAX_ENDPOINTS];
+        struct central_endpoint_health health[CENTRAL_ENDPOINTS_MAX];
 };
 
 /* One connection to one endpoint during one fetch. */
@@ -59,17 +62,58 @@ struct session {
 
 
 
-int central_client_new(const struct config *c, struct central_client **ret, char *err, size_t err_size) {
+const char *central_state_to_string(enum central_state s) {
+        static const char *const names[_CENTRAL_STATE_MAX] = {
+                [CENTRAL_STATE_PRE_ACTIVE] = "Pre-Active",
+                [CENTRAL_STATE_ACTIVE] = "Active",
+                [CENTRAL_STATE_DEACTIVATED] = "Deactivated",
+                [CENTRAL_STATE_COMPROMISED] = "Compromised",
+                [CENTRAL_STATE_DESTROYED] = "Destroyed",
+        };
+        return (unsigned) s < _CENTRAL_STATE_MAX ? names[s] : "unknown";
+}
+
+bool central_state_has_material(enum central_state s) {
+        return s == CENTRAL_STATE_PRE_ACTIVE || s == CENTRAL_STATE_ACTIVE || s == CENTRAL_STATE_DEACTIVATED;
+}
+
+/* KMIP 1.2 section 9.1.3.2.17. A State the server did not send, or one this
+ * client does not know, is no answer: -EBADMSG (the fetch fails and the
+ * cache is kept, never purged on a guess). */
+static int state_from_kmip(int32_t state, enum central_state *ret) {
+        switch (state) {
+        case KMIP_STATE_PRE_ACTIVE:
+                *ret = CENTRAL_STATE_PRE_ACTIVE;
+                return 0;
+        case KMIP_STATE_ACTIVE:
+                *ret = CENTRAL_STATE_ACTIVE;
+                return 0;
+        case KMIP_STATE_DEACTIVATED:
+                *ret = CENTRAL_STATE_DEACTIVATED;
+                return 0;
+        case KMIP_STATE_COMPROMISED:
+        case KMIP_STATE_DESTROYED_COMPROMISED:
+                *ret = CENTRAL_STATE_COMPROMISED;
+                return 0;
+        case KMIP_STATE_DESTROYED:
+                *ret = CENTRAL_STATE_DESTROYED;
+                return 0;
+        default:
+                return -EBADMSG;
+        }
+}
+
+int central_client_new(const struct central_options *c, struct central_client **ret, char *err, size_t err_size) {
         struct central_client *cc;
         int r;
 
-        if (c->n_endpoints == 0 || c->n_endpoints > CONFIG_MAX_ENDPOINTS) {
+        if (c->n_endpoints == 0 || c->n_endpoints > CENTRAL_ENDPOINTS_MAX) {
                 errorf(err, err_size, "[central] needs 1 to %d endpoints, got %zu",
-                       CONFIG_MAX_ENDPOINTS, c->n_endpoints);
+                       CENTRAL_ENDPOINTS_MAX, c->n_endpoints);
                 return -EINVAL;
         }
-        if (c->key_group[0] == '\0') {
-                errorf(err, err_size, "[central] key_group is empty");
+        if (!c->group || c->group[0] == '\0' || strlen(c->group) > CENTRAL_GROUP_MAX) {
+                errorf(err, err_size, "[central] key_group must be 1 to %d bytes", CENTRAL_GROUP_MAX);
                 return -EINVAL;
         }
 
@@ -92,13 +136,13 @@ int central_client_new(const struct config *c, struct central_client **ret, char
         }
 
         snprintf(cc->cert_file, sizeof(cc->cert_file), "%s", c->cert_file);
-        snprintf(cc->group, sizeof(cc->group), "%s", c->key_group);
-        cc->timeout_usec = c->central_timeout_usec > 0 ? c->central_timeout_usec : DEFAULT_TIMEOUT_USEC;
-        cc->backoff_cap_usec = c->sync_interval_usec > BACKOFF_CAP_MIN_USEC ? c->sync_interval_usec
-                                                                             : BACKOFF_CAP_MIN_USEC;
+        snprintf(cc->group, sizeof(cc->group), "%s", c->group);
+        cc->timeout_usec = c->timeout_usec > 0 ? c->timeout_usec : DEFAULT_TIMEOUT_USEC;
+        cc->backoff_cap_usec = c->backoff_cap_usec > BACKOFF_CAP_MIN_USEC ? c->backoff_cap_usec
+                                                                          : BACKOFF_CAP_MIN_USEC;
         cc->n_endpoints = c->n_endpoints;
         for (size_t i = 0; i < c->n_endpoints; i++) {
-                const struct endpoint *e = &c->endpoints[i];
+                const struct central_endpoint *e = &c->endpoints[i];
 
                 cc->endpoints[i] = *e;
                 /* IPv6 literals in brackets, as in the config file */
@@ -121,7 +165,9 @@ void central_client_free(struct central_client *cc) {
 void central_keys_free(struct central_key *keys, size_t n) {
         if (!keys)
                 return;
-        erase_and_free(keys, n * sizeof(*keys));
+        for (size_t i = 0; i < n; i++)
+                OPENSSL_secure_clear_free(keys[i].kek, AES256_KEY_SIZE);
+        free(keys);
 }
 
 size_t central_client_health(struct central_client *cc, struct central_endpoint_health *ret, size_t max) {
@@ -160,10 +206,20 @@ static int kmip_failure(const struct session *s, const char *op, int r, const st
 
 /* Send one request and read one response (header, then the length it
  * announces, bounded by KMIP_MESSAGE_MAX in kmip_message_length), both
- * within one timeout. The caller wipes the response if it can hold key
- * material; on failure a partial one is wiped here. */
-static int exchange(const struct session *s, const char *op, const uint8_t *req, size_t req_len,
-                    uint8_t **ret, size_t *ret_len, char *err, size_t err_size) {
+ * within one timeout. A response that holds key material (secret) is read
+ * into the secure heap, bounded by SECRET_RESPONSE_MAX, and freed by the
+ * caller with response_free(); on failure a partial one is wiped here. */
+#define SECRET_RESPONSE_MAX (16u * 1024)    /* a Get answer is a few hundred bytes */
+
+static void response_free(uint8_t *buf, size_t len, bool secret) {
+        if (secret)
+                OPENSSL_secure_clear_free(buf, len);
+        else
+                free(buf);
+}
+
+static int exchange(const struct session *s, const char *op, bool secret, const uint8_t *req,
+                    size_t req_len, uint8_t **ret, size_t *ret_len, char *err, size_t err_size) {
         uint64_t deadline = now_usec(CLOCK_MONOTONIC) + s->cc->timeout_usec;
         uint8_t hdr[KMIP_HEADER_SIZE];
         uint8_t *buf;
@@ -177,21 +233,25 @@ static int exchange(const struct session *s, const char *op, const uint8_t *req,
         if (r < 0)
                 goto fail;
         len = kmip_message_length(hdr);
-        if (len < KMIP_HEADER_SIZE) {
+        if (len < KMIP_HEADER_SIZE || (secret && (size_t) len > SECRET_RESPONSE_MAX)) {
                 errorf(err, err_size, "%s: %s: the response is not a KMIP message "
-                       "(or longer than %u bytes)", s->peer, op, KMIP_MESSAGE_MAX);
+                       "(or longer than %u bytes)", s->peer, op, secret ? SECRET_RESPONSE_MAX : KMIP_MESSAGE_MAX);
                 return -EBADMSG;
         }
 
-        buf = malloc((size_t) len);
+        buf = secret ? OPENSSL_secure_malloc((size_t) len) : malloc((size_t) len);
         if (!buf) {
-                errorf(err, err_size, "%s: %s: out of memory", s->peer, op);
+                errorf(err, err_size, "%s: %s: out of memory%s", s->peer, op,
+                       secret ? " (secure heap)" : "");
                 return -ENOMEM;
         }
         memcpy(buf, hdr, sizeof(hdr));
         r = tls_read(s->conn, buf + sizeof(hdr), (size_t) len - sizeof(hdr), deadline, e, sizeof(e));
         if (r < 0) {
-                erase_and_free(buf, (size_t) len);
+                if (secret)
+                        OPENSSL_secure_clear_free(buf, (size_t) len);
+                else
+                        erase_and_free(buf, (size_t) len);
                 goto fail;
         }
 
@@ -247,7 +307,7 @@ static int discover_versions(struct session *s, char *err, size_t err_size) {
         r = kmip_request_discover_versions(&req, &req_len);
         if (r < 0)
                 return kmip_failure(s, "DiscoverVersions", r, &ke, err, err_size);
-        r = exchange(s, "DiscoverVersions", req, req_len, &resp, &resp_len, err, err_size);
+        r = exchange(s, "DiscoverVersions", false, req, req_len, &resp, &resp_len, err, err_size);
         if (r < 0)
                 return r;
         r = kmip_response_discover_versions(resp, resp_len, v, VERSIONS_MAX, &n, &ke);
@@ -268,7 +328,7 @@ static int locate(const struct session *s, char (*uids)[KMIP_ID_MAX], size_t *re
         r = kmip_request_locate(&s->version, s->cc->group, 0, &req, &req_len);
         if (r < 0)
                 return kmip_failure(s, "Locate", r, &ke, err, err_size);
-        r = exchange(s, "Locate", req, req_len, &resp, &resp_len, err, err_size);
+        r = exchange(s, "Locate", false, req, req_len, &resp, &resp_len, err, err_size);
         if (r < 0)
                 return r;
         r = kmip_response_locate(resp, resp_len, uids, KMIP_LOCATE_MAX, ret_n, &ke);
@@ -293,7 +353,7 @@ static int get_attributes(const struct session *s, const char *uid, struct kmip_
         r = kmip_request_get_attributes(&s->version, uid, &req, &req_len);
         if (r < 0)
                 return kmip_failure(s, "GetAttributes", r, &ke, err, err_size);
-        r = exchange(s, "GetAttributes", req, req_len, &resp, &resp_len, err, err_size);
+        r = exchange(s, "GetAttributes", false, req, req_len, &resp, &resp_len, err, err_size);
         if (r < 0)
                 return r;
         memset(ret, 0, sizeof(*ret));
@@ -313,8 +373,8 @@ static int get_attributes(const struct session *s, const char *uid, struct kmip_
 }
 
 /* Returns 0, 1 if the object is gone, or a negative errno. The response
- * holds the key: wiped on every path. */
-static int get_key(const struct session *s, const char *uid, uint8_t kek[KMIP_KEY_SIZE],
+ * holds the key: it lives in the secure heap and is wiped on every path. */
+static int get_key(const struct session *s, const char *uid, uint8_t kek[AES256_KEY_SIZE],
                    char *err, size_t err_size) {
         _cleanup_free_ uint8_t *req = NULL;
         uint8_t *resp = NULL;
@@ -326,18 +386,18 @@ static int get_key(const struct session *s, const char *uid, uint8_t kek[KMIP_KE
         r = kmip_request_get(&s->version, uid, &req, &req_len);
         if (r < 0)
                 return kmip_failure(s, "Get", r, &ke, err, err_size);
-        r = exchange(s, "Get", req, req_len, &resp, &resp_len, err, err_size);
+        r = exchange(s, "Get", true, req, req_len, &resp, &resp_len, err, err_size);
         if (r < 0)
                 return r;
         r = kmip_response_get_symmetric_key(resp, resp_len, got, kek, &ke);
-        erase_and_free(resp, resp_len);
+        response_free(resp, resp_len, true);
         if (r == -EREMOTEIO && ke.result_status == KMIP_STATUS_OPERATION_FAILED &&
             ke.result_reason == KMIP_REASON_ITEM_NOT_FOUND)
                 return 1;
         if (r < 0)
                 return kmip_failure(s, "Get", r, &ke, err, err_size);
         if (got[0] != '\0' && strcmp(got, uid) != 0) {
-                explicit_bzero(kek, KMIP_KEY_SIZE);
+                explicit_bzero(kek, AES256_KEY_SIZE);
                 errorf(err, err_size, "%s: Get of %s answered for %s", s->peer, uid, got);
                 return -EBADMSG;
         }
@@ -347,11 +407,22 @@ static int get_key(const struct session *s, const char *uid, uint8_t kek[KMIP_KE
 /* A KEK version is a symmetric AES-256 key. Cryptographic Algorithm and
  * Length are required attributes of a symmetric key (KMIP 1.2, 3.4 and 3.5):
  * a key that does not show them is not taken for one. Anything else in the
- * group is reported without material and ignored by the sync, rather than
- * failing the Get and with it the whole fetch. */
-static bool attributes_fit(const struct kmip_key_attributes *a) {
-        return (a->object_type == 0 || a->object_type == KMIP_OBJECT_SYMMETRIC_KEY) &&
-               a->algorithm == KMIP_ALGORITHM_AES && a->length == KMIP_KEY_SIZE * 8;
+ * group is reported without material (the caller decides what to do with
+ * it), rather than failing the Get and with it the whole fetch. */
+static int key_from_attributes(const struct session *s, const struct kmip_key_attributes *a,
+                               struct central_key *ret, char *err, size_t err_size) {
+        if (state_from_kmip(a->state, &ret->state) < 0) {
+                errorf(err, err_size, "%s: GetAttributes of %s: %s State (%d)", s->peer, a->uid,
+                       a->state == 0 ? "no" : "unknown", (int) a->state);
+                return -EBADMSG;
+        }
+        snprintf(ret->uid, sizeof(ret->uid), "%s", a->uid);
+        ret->created_usec = a->initial_date > 0 ? (uint64_t) a->initial_date * USEC_PER_SEC : 0;
+        ret->is_aes256 = (a->object_type == 0 || a->object_type == KMIP_OBJECT_SYMMETRIC_KEY) &&
+                         a->algorithm == KMIP_ALGORITHM_AES && a->length == AES256_KEY_SIZE * 8;
+        snprintf(ret->kind, sizeof(ret->kind), "object type %d, algorithm %d, %d bits",
+                 (int) a->object_type, (int) a->algorithm, (int) a->length);
+        return 0;
 }
 
 /* The whole fetch over one connection to endpoint i. */
@@ -392,6 +463,7 @@ static int fetch_from(struct central_client *cc, size_t i, struct central_key **
         }
         for (size_t k = 0; k < n_uids; k++) {
                 struct central_key *key = &keys[n];
+                struct kmip_key_attributes attr;
 
                 /* Between requests: a stopping daemon waits for at most
                  * one request's timeout, not for the whole group. */
@@ -401,7 +473,7 @@ static int fetch_from(struct central_client *cc, size_t i, struct central_key **
                         goto fail;
                 }
 
-                r = get_attributes(&s, uids[k], &key->attr, err, err_size);
+                r = get_attributes(&s, uids[k], &attr, err, err_size);
                 if (r < 0)
                         goto fail;
                 if (r > 0) {
@@ -409,15 +481,24 @@ static int fetch_from(struct central_client *cc, size_t i, struct central_key **
                         log_debug("central: %s: %s vanished after Locate", s.peer, uids[k]);
                         continue;
                 }
-                if (kmip_state_has_material(key->attr.state) && attributes_fit(&key->attr)) {
+                r = key_from_attributes(&s, &attr, key, err, err_size);
+                if (r < 0)
+                        goto fail;
+                if (central_state_has_material(key->state) && key->is_aes256) {
+                        key->kek = OPENSSL_secure_malloc(AES256_KEY_SIZE);
+                        if (!key->kek) {
+                                errorf(err, err_size, "out of locked memory for key material");
+                                r = -ENOMEM;
+                                goto fail;
+                        }
                         r = get_key(&s, uids[k], key->kek, err, err_size);
                         if (r < 0)
                                 goto fail;
                         if (r > 0) {
-                                explicit_bzero(key, sizeof(*key));
+                                OPENSSL_secure_clear_free(key->kek, AES256_KEY_SIZE);
+                                *key = (struct central_key) {};
                                 continue;
                         }
-                        key->has_material = true;
                 }
                 n++;
         }
@@ -482,7 +563,7 @@ void central_client_cancel(struct central_client *cc) {
 
 int central_fetch(struct central_client *cc, struct central_key **ret, size_t *ret_n,
                   char *err, size_t err_size) {
-        size_t order[CONFIG_MAX_ENDPOINTS], n_order = 0, n_tried = 0, off = 0;
+        size_t order[CENTRAL_ENDPOINTS_MAX], n_order = 0, n_tried = 0, off = 0;
         char all[1024] = "", e[512] = "";
         uint64_t now = now_usec(CLOCK_MONOTONIC);
         int r = -EHOSTUNREACH;

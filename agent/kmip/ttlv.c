@@ -1,5 +1,5 @@
 /* KMIP TTLV codec, KMIP 1.2 section 9.1. See ttlv.h. */
-#include "agent/ttlv.h"
+#include "ttlv.h"
 
 #include <errno.h>
 #include <string.h>

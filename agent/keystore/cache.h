@@ -44,18 +44,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "keyring.h"
-#include "tpm/tpm.h"
+#include "keystore.h"
+#include "tpm.h"
 
 #define CACHE_FILE_NAME "kek-cache"
 #define CACHE_FORMAT_VERSION 1
 #define CACHE_FILE_MAX (1u << 20)   /* refuse larger files */
-#define CACHE_KEY_SIZE 32
 
 /* Serialise a whole cache file. *ret is malloc'ed (no secret in it).
  * Returns 0, -EINVAL (sealed sizes out of range), -EFBIG (over
  * CACHE_FILE_MAX), -ENOMEM, -EIO. */
-int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[CACHE_KEY_SIZE],
+int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[AES256_KEY_SIZE],
                  const struct keyring *kr, uint8_t **ret, size_t *ret_len);
 
 /* Parse the header only (the framing of the payload is checked too, so a
@@ -67,7 +66,7 @@ int cache_decode_header(const uint8_t *buf, size_t len, struct tpm_sealed *ret);
 /* Authenticate and decrypt the payload, and build the keyring. Returns 0;
  * -EBADMSG (tampered, truncated, wrong key, malformed keys);
  * -EPROTONOSUPPORT (unknown format version); -ENOMEM. */
-int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[CACHE_KEY_SIZE],
+int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[AES256_KEY_SIZE],
                       struct keyring **ret);
 
 /* Write dir/CACHE_FILE_NAME atomically: temp file (O_EXCL, exactly 0600),

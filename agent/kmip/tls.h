@@ -19,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "common/macro.h"
+#include "macro.h"
 
 struct tls_context;
 struct tls_conn;

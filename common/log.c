@@ -8,7 +8,7 @@
 #include <systemd/sd-journal.h>
 
 #include "log.h"
-#include "plugin/plugin.h"
+#include "socket.h"
 
 static int log_max_prio = LOG_INFO;
 static bool log_to_journal;
@@ -94,7 +94,7 @@ static const char *printable(const char *in, char *buf, size_t size) {
 }
 
 void log_audit(const char *op, const char *key_id, const char *request_uid,
-               const struct kms_peer *peer, int result) {
+               const struct peer_cred *peer, int result) {
         const char *res = result >= 0 ? "ok" : strerrorname_np(-result);
         char kbuf[300], ubuf[300];
 

@@ -1,4 +1,4 @@
-/* Unix stream sockets for the KMS v2 endpoint and the agent's control socket. */
+/* Unix stream sockets (see socket.h). */
 #include <errno.h>
 #include <stdbool.h>
 #include <string.h>
@@ -8,8 +8,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "common/macro.h"
-#include "plugin/plugin.h"
+#include "macro.h"
+#include "socket.h"
 
 #define LISTEN_BACKLOG 128
 
@@ -105,7 +105,7 @@ int unix_socket_listen(const char *path, mode_t mode) {
         return TAKE_FD(fd);
 }
 
-int unix_socket_peer(int fd, struct kms_peer *ret) {
+int unix_socket_peer(int fd, struct peer_cred *ret) {
         struct ucred uc;
         socklen_t len = sizeof(uc);
 

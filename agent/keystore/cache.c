@@ -14,16 +14,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "agent/cache.h"
-#include "common/macro.h"
-#include "common/util.h"
+#include "cache.h"
+#include "macro.h"
+#include "util.h"
 
 static const uint8_t cache_magic[8] = { 'T', 'P', 'M', 'K', 'M', 'S', 'C', '\0' };
 
 #define CACHE_NONCE_SIZE 12
 #define CACHE_TAG_SIZE 16
 /* per version: role, created, first seen, id length, central id length, KEK */
-#define KEY_RECORD_FIXED (1 + 8 + 8 + 2 + 2 + KEK_SIZE)
+#define KEY_RECORD_FIXED (1 + 8 + 8 + 2 + 2 + AES256_KEY_SIZE)
 
 /* ---- bounded reader ---- */
 
@@ -248,7 +248,7 @@ static void keys_write(uint8_t *p, const struct keyring *kr) {
                 p = wr_bytes(p, v->id, id_len);
                 p = wr_u16(p, (uint16_t) cid_len);
                 p = wr_bytes(p, v->central_id, cid_len);
-                p = wr_bytes(p, v->kek, KEK_SIZE);
+                p = wr_bytes(p, v->kek, AES256_KEY_SIZE);
         }
 }
 
@@ -286,7 +286,7 @@ static int keys_parse(const uint8_t *pt, size_t len, struct keyring **ret) {
                     !rd_u64(&r, &v->created_usec) || !rd_u64(&r, &v->first_seen_usec) ||
                     !rd_string(&r, 1, v->id, sizeof(v->id)) ||
                     !rd_string(&r, 0, v->central_id, sizeof(v->central_id)) ||
-                    !rd_bytes(&r, KEK_SIZE, &kek))
+                    !rd_bytes(&r, AES256_KEY_SIZE, &kek))
                         return -EBADMSG;
                 v->role = role;
                 v->kek = (uint8_t *) kek;
@@ -306,7 +306,7 @@ static int keys_parse(const uint8_t *pt, size_t len, struct keyring **ret) {
         }
 }
 
-int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[CACHE_KEY_SIZE],
+int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[AES256_KEY_SIZE],
                  const struct keyring *kr, uint8_t **ret, size_t *ret_len) {
         EVP_CIPHER_CTX *ctx = NULL;
         uint8_t *pt = NULL, *buf = NULL, *p, *ct;
@@ -361,7 +361,7 @@ out:
         return r;
 }
 
-int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[CACHE_KEY_SIZE],
+int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[AES256_KEY_SIZE],
                       struct keyring **ret) {
         EVP_CIPHER_CTX *ctx = NULL;
         struct layout lay;

@@ -11,8 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "agent/keyring.h"
-#include "common/macro.h"
+#include "keystore.h"
+#include "macro.h"
+#include "util.h"
 
 /* 1 MiB of mlock'ed memory (a power of two, as OpenSSL requires). It holds
  * two snapshots of KEYRING_MAX_KEYS KEKs during a publish (32 KiB), the
@@ -78,7 +79,7 @@ static void keyring_free(struct keyring *kr) {
         for (size_t i = 0; i < kr->n; i++)
                 /* Falls back to cleanse + free for memory that came from the
                  * ordinary heap (no secure heap initialised). */
-                OPENSSL_secure_clear_free(kr->e[i].v.kek, KEK_SIZE);
+                OPENSSL_secure_clear_free(kr->e[i].v.kek, AES256_KEY_SIZE);
         free(kr);
 }
 
@@ -133,13 +134,13 @@ int keyring_new(const struct key_version *keys, size_t n, struct keyring **ret) 
                 struct keyring_entry *e = &kr->e[i];
 
                 e->v = keys[i];
-                e->v.kek = OPENSSL_secure_malloc(KEK_SIZE);
+                e->v.kek = OPENSSL_secure_malloc(AES256_KEY_SIZE);
                 if (!e->v.kek) {
                         keyring_free(kr);
                         return -ENOMEM;
                 }
                 kr->n++;
-                memcpy(e->v.kek, keys[i].kek, KEK_SIZE);
+                memcpy(e->v.kek, keys[i].kek, AES256_KEY_SIZE);
                 e->id_len = strlen(e->v.id);
         }
 
@@ -229,8 +230,7 @@ static bool identity_valid(const char *s) {
         return true;
 }
 
-int key_id_make(const char *identity, const uint8_t kek[KEK_SIZE], char *out, size_t size) {
-        static const char hex[] = "0123456789abcdef";
+int key_id_make(const char *identity, const uint8_t kek[AES256_KEY_SIZE], char *out, size_t size) {
         uint8_t mac[EVP_MAX_MD_SIZE];
         unsigned mac_len = 0;
         size_t n;
@@ -246,7 +246,7 @@ int key_id_make(const char *identity, const uint8_t kek[KEK_SIZE], char *out, si
          * central version gets the same id on every host and a different KEK
          * under a reused identity never collides. Not secret, but derived
          * from one: wiped anyway. */
-        if (!HMAC(EVP_sha256(), kek, KEK_SIZE, (const unsigned char *) KEY_CHECK_LABEL,
+        if (!HMAC(EVP_sha256(), kek, AES256_KEY_SIZE, (const unsigned char *) KEY_CHECK_LABEL,
                   strlen(KEY_CHECK_LABEL), mac, &mac_len) ||
             mac_len < KEY_CHECK_VALUE_SIZE) {
                 OPENSSL_cleanse(mac, sizeof(mac));
@@ -255,11 +255,7 @@ int key_id_make(const char *identity, const uint8_t kek[KEK_SIZE], char *out, si
 
         memcpy(out, identity, n);
         out[n] = '.';
-        for (size_t i = 0; i < KEY_CHECK_VALUE_SIZE; i++) {
-                out[n + 1 + 2 * i] = hex[mac[i] >> 4];
-                out[n + 2 + 2 * i] = hex[mac[i] & 0xf];
-        }
-        out[n + 1 + 2 * KEY_CHECK_VALUE_SIZE] = '\0';
+        (void) hex_encode(mac, KEY_CHECK_VALUE_SIZE, out + n + 1, size - n - 1);
         OPENSSL_cleanse(mac, sizeof(mac));
         return 0;
 }

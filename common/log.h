@@ -1,13 +1,14 @@
 /* Logging for the daemon and the CLI. Under systemd (JOURNAL_STREAM names our
  * stderr) records go to the journal with structured fields; otherwise one line
- * each to stderr. Libraries (tpm/, plugin/) do not log; the agent logs where it
- * decides, with the cause. */
+ * each to stderr. tpm/ and plugin/ do not log (they take hooks); the agent
+ * libraries (kmip/, keystore/) log at debug level at most, and the agent logs
+ * where it decides, with the cause. */
 #pragma once
 
 #include <stdarg.h>
 #include <syslog.h>
 
-struct kms_peer;
+struct peer_cred;
 
 /* Choose journal or stderr; max_prio e.g. LOG_INFO (LOG_DEBUG with -v). */
 void log_setup(int max_prio);
@@ -27,7 +28,7 @@ int log_internal(int prio, int error, const char *fmt, ...) __attribute__((forma
 /* One audit record per Encrypt/Decrypt: operation, key id, request uid, peer
  * uid/pid and result ("ok" or the error). */
 void log_audit(const char *op, const char *key_id, const char *request_uid,
-               const struct kms_peer *peer, int result);
+               const struct peer_cred *peer, int result);
 
 /* Key lifecycle events carry a MESSAGE_ID so they can be found with
  * `journalctl MESSAGE_ID=...`. */

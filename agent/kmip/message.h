@@ -2,7 +2,7 @@
  * KMIP Profiles for the operations used) for the four requests tpmkms makes:
  * DiscoverVersions, Locate, Get and GetAttributes. Builds request messages and
  * parses response messages as bytes: it knows nothing of sockets or keyrings.
- * The TTLV codec underneath (agent/ttlv.[ch]) is bounded: every length is
+ * The TTLV codec underneath (ttlv.h) is bounded: every length is
  * checked, nesting is limited, and nothing is read past the buffer.
  *
  * Failure returns: -EBADMSG malformed or unexpected response; -EREMOTEIO the
@@ -14,12 +14,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kmip.h"
+
 #define KMIP_HEADER_SIZE 8          /* tag(3) type(1) length(4) of the outer structure */
 #define KMIP_MESSAGE_MAX (1u << 20) /* refuse longer responses */
-#define KMIP_ID_MAX 128             /* Unique Identifier (text) */
-#define KMIP_LOCATE_MAX 1024        /* Maximum Items we ask for and accept */
-#define KMIP_KEY_SIZE 32            /* AES-256 */
-#define KMIP_GROUP_MAX 255          /* Object Group (text) we send in a Locate */
+#define KMIP_ID_MAX CENTRAL_ID_MAX          /* Unique Identifier (text) */
+#define KMIP_LOCATE_MAX CENTRAL_KEYS_MAX    /* Maximum Items we ask for and accept */
+#define KMIP_GROUP_MAX CENTRAL_GROUP_MAX    /* Object Group (text) we send in a Locate */
 #define KMIP_VERSIONS_MAX 3         /* versions we offer in DiscoverVersions: 1.2, 1.1, 1.0 */
 
 /* KMIP 1.2 section 9.1.3.2.17 State */
@@ -32,9 +33,6 @@ enum kmip_state {
         KMIP_STATE_DESTROYED_COMPROMISED = 6,
 };
 const char *kmip_state_to_string(int state);
-/* Pre-Active, Active and Deactivated keys have material to Get (a key
- * version that may still decrypt); Compromised and Destroyed do not. */
-bool kmip_state_has_material(int32_t state);
 
 struct kmip_version {
         int32_t major, minor;
@@ -121,7 +119,7 @@ int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX
  * Unique Identifier in uid (may be NULL). The response buffer holds key
  * material: the caller wipes it. */
 int kmip_response_get_symmetric_key(const uint8_t *buf, size_t len, char uid[KMIP_ID_MAX],
-                                    uint8_t key[KMIP_KEY_SIZE], struct kmip_error *err);
+                                    uint8_t key[AES256_KEY_SIZE], struct kmip_error *err);
 /* Attributes the server did not return are left 0 / "" (PyKMIP has no
  * Activation Date, for instance); a duplicated single-valued attribute, a
  * value of the wrong type or a Unique Identifier attribute that differs from

@@ -20,8 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "common/macro.h"
-#include "common/util.h"
+#include "macro.h"
+#include "util.h"
 #include "tls.h"
 
 /* TLS 1.2 suites, best first. All are ECDHE (forward secret) with AEAD

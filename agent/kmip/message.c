@@ -1,7 +1,7 @@
 /* KMIP 1.2 request builders and response parsers for DiscoverVersions,
- * Locate, Get and GetAttributes, on the TTLV codec of agent/ttlv.c. Bytes in,
- * bytes out: the TLS transport lives in agent/tls.c. See kmip.h. */
-#include "agent/kmip.h"
+ * Locate, Get and GetAttributes, on the TTLV codec of ttlv.c. Bytes in,
+ * bytes out: the TLS transport lives in tls.c. See message.h. */
+#include "message.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -10,8 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "agent/ttlv.h"
-#include "common/macro.h"
+#include "ttlv.h"
+#include "macro.h"
 
 /* KMIP 1.2 section 9.1.3.1 Tags (only those this module uses). */
 enum {
@@ -80,11 +80,6 @@ enum {
 #define ATTR_INITIAL_DATE "Initial Date"
 
 #define REQUEST_MAX 4096            /* our requests are a few hundred bytes */
-
-bool kmip_state_has_material(int32_t state) {
-        return state == KMIP_STATE_PRE_ACTIVE || state == KMIP_STATE_ACTIVE ||
-               state == KMIP_STATE_DEACTIVATED;
-}
 
 const char *kmip_state_to_string(int state) {
         switch (state) {
@@ -576,7 +571,7 @@ int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX
  * Raw (Key Material is the Byte String) or Transparent Symmetric Key (Key
  * Material is a structure holding Key, section 2.1.7.1); AES, 256 bits. */
 static int parse_symmetric_key(const struct ttlv_item *payload, char uid[KMIP_ID_MAX],
-                               uint8_t key[KMIP_KEY_SIZE]) {
+                               uint8_t key[AES256_KEY_SIZE]) {
         struct ttlv_item it, sk, block, value, material;
         uint32_t object_type, format, algorithm;
         int32_t length;
@@ -621,7 +616,7 @@ static int parse_symmetric_key(const struct ttlv_item *payload, char uid[KMIP_ID
         r = need_integer(&block, TAG_CRYPTOGRAPHIC_LENGTH, &length);
         if (r < 0)
                 return r;
-        if (algorithm != ALGORITHM_AES || length != KMIP_KEY_SIZE * 8)
+        if (algorithm != ALGORITHM_AES || length != AES256_KEY_SIZE * 8)
                 return -EBADMSG;
 
         /* Key Value is a structure when not wrapped (a Byte String when it is). */
@@ -641,14 +636,14 @@ static int parse_symmetric_key(const struct ttlv_item *payload, char uid[KMIP_ID
         r = ttlv_get_bytes(&material, &bytes, &n);
         if (r < 0)
                 return r;
-        if (n != KMIP_KEY_SIZE)
+        if (n != AES256_KEY_SIZE)
                 return -EBADMSG;
-        memcpy(key, bytes, KMIP_KEY_SIZE);
+        memcpy(key, bytes, AES256_KEY_SIZE);
         return 0;
 }
 
 int kmip_response_get_symmetric_key(const uint8_t *buf, size_t len, char uid[KMIP_ID_MAX],
-                                    uint8_t key[KMIP_KEY_SIZE], struct kmip_error *err) {
+                                    uint8_t key[AES256_KEY_SIZE], struct kmip_error *err) {
         struct ttlv_item payload;
         int r;
 
@@ -660,7 +655,7 @@ int kmip_response_get_symmetric_key(const uint8_t *buf, size_t len, char uid[KMI
         if (r >= 0)
                 r = parse_symmetric_key(&payload, uid, key);
         if (r < 0) {
-                explicit_bzero(key, KMIP_KEY_SIZE);
+                explicit_bzero(key, AES256_KEY_SIZE);
                 if (uid)
                         uid[0] = 0;
         }

@@ -7,10 +7,11 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#include "common/macro.h"
-#include "common/util.h"
+#include "macro.h"
+#include "util.h"
+#include "cache.h"
+#include "keystore.h"
 #include "log.h"
-#include "vault.h"
 
 
 static const char *tpm_error_hint(int r) {
@@ -24,25 +25,24 @@ static const char *tpm_error_hint(int r) {
         }
 }
 
-static int open_tpm(const struct config *c, struct tpm **ret) {
-        int r = tpm_open(c->tpm_tcti, ret);
+static int open_tpm(const struct vault_options *o, struct tpm **ret) {
+        int r = tpm_open(o->tcti, ret);
         if (r < 0)
-                return log_error_errno(r, "Cannot open the TPM at '%s': %s (%m)", c->tpm_tcti,
+                return log_error_errno(r, "Cannot open the TPM at '%s': %s (%m)", o->tcti,
                                        tpm_error_hint(r));
         return 0;
 }
 
-int vault_new_local_version(struct key_version *ret, uint8_t kek[KEK_SIZE]) {
+int vault_new_local_version(struct key_version *ret, uint8_t kek[AES256_KEY_SIZE]) {
         uint8_t rnd[16];
         char identity[6 + 2 * sizeof(rnd) + 1] = "local:";
         int r;
 
         /* The identity is random and made once per version, so key ids never
          * repeat across hosts or versions (DESIGN.md, KMS v2 contract). */
-        if (RAND_bytes(kek, KEK_SIZE) != 1 || RAND_bytes(rnd, sizeof(rnd)) != 1)
+        if (RAND_bytes(kek, AES256_KEY_SIZE) != 1 || RAND_bytes(rnd, sizeof(rnd)) != 1)
                 return -EIO;
-        for (size_t i = 0; i < sizeof(rnd); i++)
-                sprintf(identity + 6 + 2 * i, "%02x", rnd[i]);
+        (void) hex_encode(rnd, sizeof(rnd), identity + 6, sizeof(identity) - 6);
 
         *ret = (struct key_version) {
                 .role = KEY_ROLE_PRIMARY,
@@ -64,12 +64,12 @@ static int vault_refuse(struct vault *v, const char *fmt, ...) {
         va_end(ap);
         v->refused = true;
         /* Nothing is unsealed for a refused cache; what may be is wiped. */
-        OPENSSL_secure_clear_free(v->cache_key, CACHE_KEY_SIZE);
+        OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
         v->cache_key = NULL;
         log_key_event(LOG_MESSAGE_CACHE_REFUSED, NULL, NULL,
                       "Refusing the sealed cache in %s: %s. The file is left untouched; "
                       "nothing is served until this is resolved (see README, recovery runbook).",
-                      v->config->state_dir, v->reason);
+                      v->options.state_dir, v->reason);
         return 1;
 }
 
@@ -82,10 +82,10 @@ static int write_cache(struct vault *v, const struct tpm_sealed *sealed,
         r = cache_encode(sealed, cache_key, kr, &buf, &len);
         if (r < 0)
                 return log_error_errno(r, "Cannot encode the key cache: %m");
-        r = cache_write_file(v->config->state_dir, buf, len);
+        r = cache_write_file(v->options.state_dir, buf, len);
         if (r < 0)
                 return log_error_errno(r, "Cannot write the key cache to %s/%s: %m",
-                                       v->config->state_dir, CACHE_FILE_NAME);
+                                       v->options.state_dir, CACHE_FILE_NAME);
         return 0;
 }
 
@@ -93,12 +93,12 @@ static int seal_new_cache_key(struct vault *v, struct tpm_sealed *sealed, uint8_
         _cleanup_(tpm_closep) struct tpm *t = NULL;
         int r;
 
-        if (RAND_bytes(cache_key, CACHE_KEY_SIZE) != 1)
+        if (RAND_bytes(cache_key, AES256_KEY_SIZE) != 1)
                 return log_error_errno(EIO, "Cannot draw a random cache key");
-        r = open_tpm(v->config, &t);
+        r = open_tpm(&v->options, &t);
         if (r < 0)
                 return r;
-        r = tpm_seal(t, &v->config->pcrs, cache_key, sealed);
+        r = tpm_seal(t, &v->options.pcrs, cache_key, sealed);
         if (r < 0)
                 return log_error_errno(r, "Cannot seal the cache key in the TPM: %s (%m)",
                                        tpm_error_hint(r));
@@ -107,7 +107,7 @@ static int seal_new_cache_key(struct vault *v, struct tpm_sealed *sealed, uint8_
 
 static int vault_create(struct vault *v, bool make_first_key, struct keyring **ret_keys) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
-        _cleanup_wipe32_ uint8_t kek[KEK_SIZE];
+        _cleanup_erase_key_ uint8_t kek[AES256_KEY_SIZE];
         struct key_version first;
         int r;
 
@@ -129,8 +129,8 @@ static int vault_create(struct vault *v, bool make_first_key, struct keyring **r
         if (make_first_key)
                 log_key_event(LOG_MESSAGE_KEY_CREATED, first.id, "primary",
                               "Created key %s (primary) on first start", first.id);
-        log_info("Created the sealed cache in %s (PCR policy %s)", v->config->state_dir,
-                 tpm_pcr_selection_is_empty(&v->config->pcrs) ? "none" : "bound");
+        log_info("Created the sealed cache in %s (PCR policy %s)", v->options.state_dir,
+                 tpm_pcr_selection_is_empty(&v->options.pcrs) ? "none" : "bound");
         *ret_keys = TAKE_PTR(kr);
         return 0;
 }
@@ -147,7 +147,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
         if (r < 0)
                 return vault_refuse(v, "sealed cache: malformed or truncated file");
 
-        r = open_tpm(v->config, &t);
+        r = open_tpm(&v->options, &t);
         if (r < 0)
                 return r;
         r = tpm_unseal(t, &v->sealed, v->cache_key, &current);
@@ -181,23 +181,23 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
         return 0;
 }
 
-int vault_open(struct vault *v, const struct config *c, bool make_first_key,
+int vault_open(struct vault *v, const struct vault_options *opt, bool make_first_key,
                struct keyring **ret_keys) {
         _cleanup_free_ uint8_t *buf = NULL;
         size_t len = 0;
         int r;
 
-        *v = (struct vault) { .config = c };
+        *v = (struct vault) { .options = *opt };
         *ret_keys = NULL;
 
-        if (mkdir(c->state_dir, 0700) < 0 && errno != EEXIST)
-                return log_error_errno(errno, "Cannot create the state dir %s: %m", c->state_dir);
+        if (mkdir(v->options.state_dir, 0700) < 0 && errno != EEXIST)
+                return log_error_errno(errno, "Cannot create the state dir %s: %m", v->options.state_dir);
 
-        v->cache_key = OPENSSL_secure_zalloc(CACHE_KEY_SIZE);
+        v->cache_key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
         if (!v->cache_key)
                 return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
 
-        r = cache_read_file(c->state_dir, &buf, &len);
+        r = cache_read_file(v->options.state_dir, &buf, &len);
         if (r == -ENOENT)
                 return vault_create(v, make_first_key, ret_keys);
         if (r == -EFBIG)
@@ -206,7 +206,7 @@ int vault_open(struct vault *v, const struct config *c, bool make_first_key,
                 return vault_refuse(v, "sealed cache: %s is a symlink or not a regular file; "
                                     "move it away (keep it for forensics)", CACHE_FILE_NAME);
         if (r < 0)
-                return log_error_errno(r, "Cannot read the key cache %s/%s: %m", c->state_dir, CACHE_FILE_NAME);
+                return log_error_errno(r, "Cannot read the key cache %s/%s: %m", v->options.state_dir, CACHE_FILE_NAME);
         return vault_unseal(v, buf, len, ret_keys);
 }
 
@@ -223,17 +223,17 @@ int vault_reseal(struct vault *v, const struct keyring *kr) {
 
         if (v->refused)
                 return -EPERM;
-        key = OPENSSL_secure_zalloc(CACHE_KEY_SIZE);
+        key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
         if (!key)
                 return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
         r = seal_new_cache_key(v, &sealed, key);
         if (r >= 0)
                 r = write_cache(v, &sealed, key, kr);
         if (r < 0) {
-                OPENSSL_secure_clear_free(key, CACHE_KEY_SIZE);
+                OPENSSL_secure_clear_free(key, AES256_KEY_SIZE);
                 return r;
         }
-        OPENSSL_secure_clear_free(v->cache_key, CACHE_KEY_SIZE);
+        OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
         v->cache_key = key;
         v->sealed = sealed;
         log_key_event(LOG_MESSAGE_CACHE_RESEALED, NULL, NULL,
@@ -243,6 +243,6 @@ int vault_reseal(struct vault *v, const struct keyring *kr) {
 
 void vault_done(struct vault *v) {
         if (v->cache_key)
-                OPENSSL_secure_clear_free(v->cache_key, CACHE_KEY_SIZE);
+                OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
         v->cache_key = NULL;
 }

@@ -22,8 +22,8 @@
 #include <stdbool.h>
 #include <string.h>
 
-#include "agent/envelope.h"
-#include "common/macro.h"
+#include "keystore.h"
+#include "macro.h"
 
 #define ENVELOPE_AAD_LABEL "tpmkms-envelope"
 #define ENVELOPE_KEY_SIZE 32

@@ -1,0 +1,109 @@
+/* kmip/ — the central KMS client: KMIP 1.2 over mutual TLS (OpenSSL 3, TLS
+ * 1.2+, forward-secret suites), a list of endpoints tried in order with
+ * failover, each with its health recorded, and exponential backoff with
+ * jitter for endpoints that failed. This is the library's one public header:
+ * it speaks of key versions and their lifecycle state, never of KMIP types
+ * (the TTLV codec, messages and transport are internal: ttlv.h, message.h,
+ * tls.h).
+ *
+ * Calls block, bounded by the configured timeout on connect, handshake, read
+ * and write: run them off the event loop (the sync thread). Key material is
+ * only ever in OpenSSL's secure heap (keystore.h: keyring_secure_heap_init). */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "macro.h"
+
+#define CENTRAL_ENDPOINTS_MAX 8
+#define CENTRAL_ID_MAX 128          /* a key version's identifier at the central KMS */
+#define CENTRAL_GROUP_MAX 255       /* the key group's name */
+#define CENTRAL_KEYS_MAX 1024       /* versions in one group */
+
+struct central_endpoint {
+        char host[256];             /* name, IPv4 or IPv6 literal */
+        uint16_t port;
+};
+
+struct central_options {
+        struct central_endpoint endpoints[CENTRAL_ENDPOINTS_MAX];
+        size_t n_endpoints;         /* 1..CENTRAL_ENDPOINTS_MAX */
+        const char *ca_file;        /* the only trust anchors: no system store */
+        const char *cert_file;      /* our certificate chain */
+        const char *key_file;       /* our key: group/other access is refused */
+        const char *group;          /* the key group (KMIP Object Group), 1..CENTRAL_GROUP_MAX bytes */
+        uint64_t timeout_usec;      /* per connect, handshake and request; 0: 5 s */
+        uint64_t backoff_cap_usec;  /* longest backoff; raised to at least 5 min */
+};
+
+/* A key version's lifecycle state at the central KMS (KMIP 1.2 section 3.22). */
+enum central_state {
+        CENTRAL_STATE_PRE_ACTIVE,
+        CENTRAL_STATE_ACTIVE,
+        CENTRAL_STATE_DEACTIVATED,
+        CENTRAL_STATE_COMPROMISED,  /* also Destroyed Compromised */
+        CENTRAL_STATE_DESTROYED,
+        _CENTRAL_STATE_MAX,
+};
+const char *central_state_to_string(enum central_state s);
+/* Pre-Active, Active and Deactivated versions have material to fetch (they
+ * may still decrypt); Compromised and Destroyed do not. */
+bool central_state_has_material(enum central_state s);
+
+/* One key version of the group as the central KMS describes it. */
+struct central_key {
+        char uid[CENTRAL_ID_MAX];
+        enum central_state state;
+        uint64_t created_usec;      /* CLOCK_REALTIME (Initial Date); 0 when not given */
+        bool is_aes256;             /* a symmetric AES key of 256 bits */
+        char kind[64];              /* what it is otherwise ("algorithm 4, 168 bits"), for messages */
+        uint8_t *kek;               /* AES256_KEY_SIZE bytes in the secure heap, fetched when
+                                     * the state has material and the key is AES-256; else NULL */
+};
+
+struct central_endpoint_health {
+        char name[300];                   /* "host:port" */
+        uint64_t last_success_usec;       /* CLOCK_REALTIME, 0 never */
+        uint64_t last_failure_usec;
+        uint64_t last_latency_usec;       /* of the last successful exchange (the whole fetch:
+                                           * connect, handshake and every request) */
+        uint64_t next_attempt_usec;       /* backoff: not tried before (CLOCK_MONOTONIC) */
+        unsigned consecutive_failures;
+        uint64_t requests, failures;      /* totals (requests: fetches tried here) */
+        char last_error[512];             /* "" when the last attempt succeeded */
+        /* A failure the server answered (Permission Denied, ...) counts in
+         * failures and consecutive_failures, but puts the endpoint in no
+         * backoff: it is up and answering. */
+};
+
+struct central_client;
+
+/* Load the CA, client certificate and key of opt (refusing a key file that
+ * group or others can read) and prepare the endpoints. opt's strings are
+ * copied. Returns 0, or a negative errno with a message in err. */
+int central_client_new(const struct central_options *opt, struct central_client **ret,
+                       char *err, size_t err_size);
+void central_client_free(struct central_client *cc);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct central_client *, central_client_free);
+
+/* Fetch every version of the key group: Locate, GetAttributes of each, and
+ * Get of those whose state has material and that are AES-256 keys. Tries
+ * endpoints in order, skipping those in backoff unless all are; one
+ * connection per fetch. On success *ret is an array of *ret_n keys (free with
+ * central_keys_free, which wipes). Returns 0, or a negative errno with what
+ * failed in err (the server's reason and message when it answered with a
+ * failure): -EREMOTEIO the server refused, -E2BIG more than CENTRAL_KEYS_MAX
+ * versions in the group, -ECANCELED cancelled, another negative errno for a
+ * transport or protocol failure. */
+int central_fetch(struct central_client *cc, struct central_key **ret, size_t *ret_n,
+                  char *err, size_t err_size);
+void central_keys_free(struct central_key *keys, size_t n);
+
+/* From another thread: make a running central_fetch end after its current
+ * request (it then fails with -ECANCELED), and every later one at once. */
+void central_client_cancel(struct central_client *cc);
+
+/* Copy the endpoints' health (thread-safe). Returns the number of endpoints. */
+size_t central_client_health(struct central_client *cc, struct central_endpoint_health *ret, size_t max);
