@@ -264,8 +264,9 @@ int policy_apply(const char *group, const struct central_key *keys, size_t n,
                 }
         }
         if (m > KEYRING_MAX_KEYS) {
-                errorf(err, err_size, "more than %d versions to keep for key group %s; destroy versions "
-                       "no longer needed at the central KMS and purge them (tpmkmsctl purge)",
+                errorf(err, err_size, "more than %d usable versions in key group %s (missing ones "
+                       "included); destroy versions no longer needed at the central KMS, and purge "
+                       "missing ones (tpmkmsctl purge)",
                        KEYRING_MAX_KEYS, group);
                 policy_result_done(&res);
                 return -E2BIG;
