@@ -18,6 +18,56 @@
 
 #include "cache.h"
 
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static const uint8_t fuzz_key[AES256_KEY_SIZE] = { 0x6b, 0x65, 0x79 };
+static uint8_t *header;      /* a valid header, made once */
+static size_t header_len;
+
+static void make_header(void) {
+        struct tpm_sealed s = { .public_size = 4, .private_size = 4 };
+        struct keyring *empty = NULL;
+        uint8_t *file;
+        size_t len;
+
+        if (keyring_new(NULL, 0, &empty) < 0 || cache_encode(&s, fuzz_key, empty, &file, &len) < 0)
+                abort();
+        keyring_unref(empty);
+        /* header | nonce 12 | u32 length | 4-byte empty key list | tag 16 */
+        header_len = len - 12 - 4 - 4 - 16;
+        header = file;
+}
+
+static void check(const uint8_t *buf, size_t len) {
+        struct tpm_sealed s;
+        struct keyring *kr = NULL;
+        int r;
+
+        r = cache_decode_header(buf, len, &s);
+        if (r != 0 && r != -EBADMSG && r != -EPROTONOSUPPORT)
+                abort();
+        r = cache_decode_keys(buf, len, fuzz_key, &kr);
+        if (r == 0) {
+                /* whatever decodes is a consistent keyring */
+                size_t n_primary = 0;
+
+                for (size_t i = 0; i < keyring_size(kr); i++) {
+                        const struct key_version *v = keyring_get(kr, i);
+
+                        if (keyring_find(kr, v->id) != v)
+                                abort();
+                        n_primary += v->role == KEY_ROLE_PRIMARY;
+                        /* missing exactly when it says since when */
+                        if ((v->role == KEY_ROLE_MISSING) != (v->missing_since_usec != 0))
+                                abort();
+                }
+                if (n_primary > 1)
+                        abort();
+                keyring_unref(kr);
+        } else if (kr || (r != -EBADMSG && r != -EPROTONOSUPPORT && r != -ENOMEM))
+                abort();
+}
+
 /* The plaintext data sealed behind the valid header, saying format version. */
 static void check_sealed(const uint8_t *data, size_t size, uint8_t version) {
         EVP_CIPHER_CTX *ctx;
