@@ -115,7 +115,7 @@ int parse_duration(const char *s, uint64_t *ret_usec) {
 }
 
 static void format_duration(uint64_t usec, char *buf, size_t size) {
-        if (usec % USEC_PER_DAY == 0 && usec > 0)
+        if (usec % USEC_PER_DAY == 0 && usec > USEC_PER_DAY)   /* "24h" stays */
                 snprintf(buf, size, "%" PRIu64 "d", usec / USEC_PER_DAY);
         else if (usec % USEC_PER_HOUR == 0 && usec > 0)
                 snprintf(buf, size, "%" PRIu64 "h", usec / USEC_PER_HOUR);
