@@ -568,15 +568,14 @@ class MissingTest(FleetCase):
         self.assertEqual(a.keys()[v1]["missing_since"], "")
         self.assert_decrypts(a, sealed)                 # missing still decrypts
         self.assert_serving(a, self.key_id(v1))
-        self.assertTrue(self.missing_line(a, kid2), "no missing alarm for %s in:
-%s" % (kid2, a.log()))
+        self.assertTrue(self.missing_line(a, kid2), "no missing alarm for %s in:\n%s" % (kid2, a.log()))
         text = a.ctl("status", check=True).stdout
         self.assertRegex(text, r"missing\s+%s .*MISSING since \d{4}-" % re.escape(kid2), text)
         # purged once missing for purge_after (3 s), at a later sync
         self.wait_roles((a,), {v1: "primary"}, CONVERGE)
         self.assertGreaterEqual(time.monotonic() - t_missing, 2.0)
         self.assertEqual(t.rpc_code(t.decrypt, a.stub(), sealed[0], kid2), StatusCode.NOT_FOUND)
-        purged = [ln for ln in a.log().splitlines() if kid2 in ln and "purged" in ln]
+        purged = [ln for ln in a.log().splitlines() if kid2 in ln and "purged from the cache" in ln]
         self.assertTrue(purged and "purge_after" in purged[-1], a.log())
         self.assertEqual(len(self.missing_line(a, kid2)), 1, "the alarm is raised once")
         # compromised: purged at the next sync, no grace
