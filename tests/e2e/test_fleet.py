@@ -205,8 +205,7 @@ class RotationTest(FleetCase):
             self.assert_decrypts(w, s2a)
 
         # 7. Destroyed (a staged version withdrawn): missing, kept decrypt-only
-        #    until purge_after (the issue "the sealed state holds"; it was
-        #    purged at once before)
+        #    until purge_after (docs/key-lifecycle.md; it used to be purged at once)
         v3 = self.kms.create_version(GROUP)
         self.wait_roles(hosts, {v2: "primary", v3: "staged"})
         self.kms.destroy(v3)

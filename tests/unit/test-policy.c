@@ -115,8 +115,8 @@ static const struct policy_case cases[] = {
         { "Compromised primary: purged, no primary left",
           .cached = { { "u1", KEY_ROLE_PRIMARY, 1, NULL, 0 } },
           .central = { C("u1", 10) }, .purged = { "u1" }, .changed = true },
-        /* Destroyed and no longer located were purged before the issue "the
-         * sealed state holds"; now they go missing (docs/key-lifecycle.md). */
+        /* Destroyed and no longer located used to purge; they go missing
+         * now (docs/key-lifecycle.md). */
         { "Destroyed: missing, kept decrypt-only",
           .cached = { { "u1", KEY_ROLE_RETIRED, 1, NULL, 0 }, { "u2", KEY_ROLE_PRIMARY, 2, NULL, 0 } },
           .central = { X("u1", 10), A("u2", 20, 2) },
