@@ -31,6 +31,7 @@
 
 #include "config.h"
 #include "macro.h"
+#include "policy.h"
 #include "util.h"
 
 
@@ -89,6 +90,7 @@ int parse_duration(const char *s, uint64_t *ret_usec) {
                 { "s", USEC_PER_SEC },
                 { "min", USEC_PER_MIN },
                 { "h", USEC_PER_HOUR },
+                { "d", USEC_PER_DAY },
                 { "", USEC_PER_SEC },   /* a plain number is seconds */
         };
         size_t n;
@@ -113,7 +115,9 @@ int parse_duration(const char *s, uint64_t *ret_usec) {
 }
 
 static void format_duration(uint64_t usec, char *buf, size_t size) {
-        if (usec % USEC_PER_HOUR == 0 && usec > 0)
+        if (usec % USEC_PER_DAY == 0 && usec > USEC_PER_DAY)   /* "24h" stays */
+                snprintf(buf, size, "%" PRIu64 "d", usec / USEC_PER_DAY);
+        else if (usec % USEC_PER_HOUR == 0 && usec > 0)
                 snprintf(buf, size, "%" PRIu64 "h", usec / USEC_PER_HOUR);
         else if (usec % USEC_PER_MIN == 0 && usec > 0)
                 snprintf(buf, size, "%" PRIu64 "min", usec / USEC_PER_MIN);
@@ -150,6 +154,32 @@ static int parse_optional_duration_item(const struct config_item *it, const char
                 return 0;
         }
         return parse_duration_item(it, value, c, why, why_size);
+}
+
+/* A duration that may be infinite: "never" gives UINT64_MAX. */
+static int parse_duration_or_never_item(const struct config_item *it, const char *value,
+                                        struct config *c, char *why, size_t why_size) {
+        if (strcmp(value, "never") == 0) {
+                *(uint64_t *) ((uint8_t *) c + it->offset) = UINT64_MAX;
+                return 0;
+        }
+        return parse_duration_item(it, value, c, why, why_size);
+}
+
+/* "50%" or "50", 0..100 (it->max). */
+static int parse_percent_item(const struct config_item *it, const char *value,
+                              struct config *c, char *why, size_t why_size) {
+        size_t n = strlen(value);
+        uint64_t v;
+
+        if (n > 0 && value[n - 1] == '%')
+                n--;
+        if (parse_uint(value, n, it->max, &v) < 0) {
+                errorf(why, why_size, "must be a percentage from 0%% to %" PRIu64 "%% (e.g. 50%%)", it->max);
+                return -EINVAL;
+        }
+        *(unsigned *) ((uint8_t *) c + it->offset) = (unsigned) v;
+        return 0;
 }
 
 static int parse_string_item(const struct config_item *it, const char *value,
@@ -193,6 +223,20 @@ static int parse_socket_item(const struct config_item *it, const char *value,
         if (strlen(value) >= it->size) {
                 errorf(why, why_size, "too long for a unix socket (at most %zu characters)",
                         it->size - 1);
+                return -EINVAL;
+        }
+        return parse_string_item(it, value, c, why, why_size);
+}
+
+/* Key ids are "kmip:<group>/<uid>.<check value>", percent-encoded
+ * (agent/policy.h): bound the group so that the longest plain central
+ * identifier still fits in KEY_ID_MAX. */
+static int parse_key_group_item(const struct config_item *it, const char *value,
+                                struct config *c, char *why, size_t why_size) {
+        if (policy_encoded_length(value) > POLICY_GROUP_ENCODED_MAX) {
+                errorf(why, why_size, "too long for a key id: at most %d characters, each one other than "
+                       "A-Z a-z 0-9 . _ - counting as 3 (it is percent-encoded in every key id)",
+                       POLICY_GROUP_ENCODED_MAX);
                 return -EINVAL;
         }
         return parse_string_item(it, value, c, why, why_size);
@@ -456,7 +500,7 @@ static const struct config_item config_table[] = {
         { "central", "ca_file", parse_path_item, FIELD(ca_file), 0, 0, "" },
         { "central", "cert_file", parse_path_item, FIELD(cert_file), 0, 0, "" },
         { "central", "key_file", parse_path_item, FIELD(key_file), 0, 0, "" },
-        { "central", "key_group", parse_string_item, FIELD(key_group), 0, 0, "" },
+        { "central", "key_group", parse_key_group_item, FIELD(key_group), 0, 0, "" },
         /* At least 1s: a tighter poll only loads the central KMS. */
         { "central", "sync_interval", parse_duration_item, FIELD(sync_interval_usec),
           USEC_PER_SEC, 24 * USEC_PER_HOUR, "60s" },
@@ -467,6 +511,14 @@ static const struct config_item config_table[] = {
          * down is the point; this is for those who want fail-closed. */
         { "central", "max_staleness", parse_optional_duration_item, FIELD(max_staleness_usec),
           USEC_PER_SEC, 30 * 24 * USEC_PER_HOUR, "off" },
+        /* How long a Destroyed or no longer located version stays
+         * decrypt-only before it is purged (docs/key-lifecycle.md). */
+        { "central", "purge_after", parse_duration_or_never_item, FIELD(purge_after_usec),
+          USEC_PER_SEC, 3650 * USEC_PER_DAY, "7d" },
+        /* A sync that would make more of the cached versions go missing at
+         * once changes nothing and fails. */
+        { "central", "max_missing_share", parse_percent_item, FIELD(max_missing_percent),
+          0, 100, "50%" },
         { "control", "socket", parse_socket_item, FIELD(control_socket), 1, 0, "/run/tpmkms/control.sock" },
         { "metrics", "listen", parse_listen_item, FIELD(metrics_listen), 0, 0, "" },
 };
@@ -723,4 +775,11 @@ void config_central_options(const struct config *c, struct central_options *ret)
                 .backoff_cap_usec = c->sync_interval_usec,
         };
         memcpy(ret->endpoints, c->endpoints, sizeof(ret->endpoints));
+}
+
+void config_policy_options(const struct config *c, struct policy_options *ret) {
+        *ret = (struct policy_options) {
+                .purge_after_usec = c->purge_after_usec,   /* "never" is UINT64_MAX = POLICY_PURGE_NEVER */
+                .max_missing_percent = c->max_missing_percent,
+        };
 }

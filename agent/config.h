@@ -10,6 +10,7 @@
 #include <sys/types.h>
 
 #include "kmip.h"
+#include "policy.h"
 #include "keystore.h"
 #include "tpm.h"
 
@@ -44,6 +45,8 @@ struct config {
         uint64_t sync_interval_usec;
         uint64_t central_timeout_usec;
         uint64_t max_staleness_usec;  /* 0: off (serve from the cache however old) */
+        uint64_t purge_after_usec;    /* UINT64_MAX: never (only tpmkmsctl purge) */
+        unsigned max_missing_percent; /* 0..100 */
         /* [control] */
         char control_socket[CONFIG_SOCKET_PATH_MAX];
         /* [metrics] */
@@ -56,6 +59,7 @@ void config_defaults(struct config *c);
 /* The parts of c that the libraries take (pointers into c: keep c alive). */
 void config_vault_options(const struct config *c, struct vault_options *ret);
 void config_central_options(const struct config *c, struct central_options *ret);
+void config_policy_options(const struct config *c, struct policy_options *ret);
 
 /* Load path over the defaults and check the result as a whole (e.g. pcrs =
  * none needs insecure_no_pcr_policy = yes; kmip needs endpoints and files).
@@ -67,5 +71,5 @@ void config_central_options(const struct config *c, struct central_options *ret)
  * getpwnam). */
 int config_load(const char *path, struct config *c, char *err, size_t err_size);
 
-/* "250ms", "5s", "2min", "1h" (a plain number is seconds). Returns 0 or -EINVAL. */
+/* "250ms", "5s", "2min", "1h", "7d" (a plain number is seconds). Returns 0 or -EINVAL. */
 int parse_duration(const char *s, uint64_t *ret_usec);

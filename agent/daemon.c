@@ -20,6 +20,7 @@
 #include "daemon.h"
 #include "log.h"
 #include "plugin.h"
+#include "policy.h"
 #include "status.h"
 #include "sync.h"
 #include "keystore.h"
@@ -146,6 +147,44 @@ static int cmd_reseal_locked(struct daemon *d, FILE *out, char *err, size_t err_
         return 0;
 }
 
+/* tpmkmsctl purge ID: the operator drops a missing version before
+ * purge_after (agent/policy.c decides what may go). */
+static int cmd_purge_locked(struct daemon *d, const char *id, FILE *out, char *err, size_t err_size) {
+        _cleanup_(keyring_unrefp) struct keyring *old = keyring_slot_get(&d->keys);
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        struct policy_result res;
+        int r;
+
+        if (d->vault.refused || !old) {
+                snprintf(err, err_size, "refusing to purge: the daemon holds no keys (%s)",
+                         d->vault.refused ? d->vault.reason : "nothing unsealed");
+                return -EPERM;
+        }
+        r = policy_purge(old, id, &res, err, err_size);
+        if (r < 0)
+                return r;
+        r = keyring_new(res.versions, res.n_versions, &kr);
+        if (r < 0)
+                snprintf(err, err_size, "cannot build the keyring: %s", strerror(-r));
+        else {
+                r = vault_store(&d->vault, kr);
+                if (r < 0)
+                        snprintf(err, err_size, "cannot persist the cache without %s: %s (see the journal); "
+                                 "nothing purged", id, strerror(-r));
+        }
+        if (r >= 0) {
+                const struct policy_change *c = &res.changes[0];
+
+                keyring_slot_publish(&d->keys, kr);
+                log_key_event(LOG_MESSAGE_KEY_ROLE, c->id, "purged", "Key %s (central %s) purged from the "
+                              "cache: %s", c->id, *c->central_id ? c->central_id : "-", c->why);
+                daemon_update_status(d);
+                fprintf(out, "%s purged\n", c->id);
+        }
+        policy_result_done(&res);
+        return r;
+}
+
 /* Rotate and reseal write the cache like the sync thread does: one writer at
  * a time, each working from the snapshot it will replace. */
 static int cmd_locked(struct daemon *d, int (*fn)(struct daemon *, FILE *, char *, size_t),
@@ -228,6 +267,18 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
                 return cmd_locked(d, cmd_reseal_locked, out, err, err_size);
         if (strcmp(argv[0], "sync") == 0 && argc == 1)
                 return cmd_sync(d, conn, err, err_size);
+        if (strcmp(argv[0], "purge") == 0) {
+                int r;
+
+                if (argc != 2) {
+                        snprintf(err, err_size, "usage: purge KEY_ID (a missing version; see tpmkmsctl status)");
+                        return -EINVAL;
+                }
+                pthread_mutex_lock(&d->state_lock);
+                r = cmd_purge_locked(d, argv[1], out, err, err_size);
+                pthread_mutex_unlock(&d->state_lock);
+                return r;
+        }
         snprintf(err, err_size, "unknown command '%s'", argv[0]);
         return -EINVAL;
 }

@@ -99,7 +99,7 @@ static void central_text(const struct status_view *d, FILE *out) {
 void status_render(const struct status_view *d, bool json, FILE *out) {
         const struct keyring *kr = d->keys;
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
-        char pcrs[64], created[32], seen[32], started[32], rotated[32];
+        char pcrs[64], created[32], seen[32], started[32], rotated[32], since[32];
 
         (void) tpm_pcr_selection_format(&d->config->pcrs, pcrs, sizeof(pcrs));
         format_time(d->started_usec, started, sizeof(started));
@@ -119,11 +119,13 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
                         const struct key_version *k = keyring_get(kr, i);
                         format_time(k->created_usec, created, sizeof(created));
                         format_time(k->first_seen_usec, seen, sizeof(seen));
+                        format_time(k->missing_since_usec, since, sizeof(since));
                         fprintf(out, "%s{\"id\": ", i ? ", " : "");
                         json_string(out, k->id);
                         fprintf(out, ", \"role\": \"%s\", \"central_id\": ", key_role_to_string(k->role));
                         json_string(out, k->central_id);
-                        fprintf(out, ", \"created\": \"%s\", \"first_seen\": \"%s\"}", created, seen);
+                        fprintf(out, ", \"created\": \"%s\", \"first_seen\": \"%s\", \"missing_since\": \"%s\"}",
+                                created, seen, since);
                 }
                 fputs("]", out);
                 if (d->sync)
@@ -145,8 +147,10 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
                 const struct key_version *k = keyring_get(kr, i);
                 format_time(k->created_usec, created, sizeof(created));
                 format_time(k->first_seen_usec, seen, sizeof(seen));
-                fprintf(out, "  %-8s %s  created %s  first seen %s%s%s\n", key_role_to_string(k->role),
-                        k->id, created, seen, *k->central_id ? "  central " : "", k->central_id);
+                format_time(k->missing_since_usec, since, sizeof(since));
+                fprintf(out, "  %-8s %s  created %s  first seen %s%s%s%s%s\n", key_role_to_string(k->role),
+                        k->id, created, seen, *k->central_id ? "  central " : "", k->central_id,
+                        *since ? "  MISSING since " : "", since);
         }
         if (d->sync)
                 central_text(d, out);

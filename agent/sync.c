@@ -69,6 +69,15 @@ static void sync_report(const struct sync *s, const struct policy_result *res, c
                         log_key_event(LOG_MESSAGE_KEY_ROLE, c->id, "purged",
                                       "Key %s (central %s) purged from the cache: %s", c->id, central, c->why);
                         break;
+                case POLICY_MISSING:
+                        strappendf(change, size, "%s%s %s -> missing", *change ? "; " : "", c->id,
+                                   key_role_to_string(c->from));
+                        log_key_event(LOG_MESSAGE_KEY_MISSING, c->id, to,
+                                      "ALARM: key %s (central %s) is missing: %s. Kept decrypt-only; purged "
+                                      "after [central] purge_after unless it reappears (tpmkmsctl purge "
+                                      "to purge it now). If the central KMS lost it, this cache may hold "
+                                      "the last copy", c->id, central, c->why);
+                        break;
                 case POLICY_IGNORED:
                         log_warning("Central key %s in group %s is not an AES-256 key (%s): ignored; "
                                     "keep only KEK versions in the group", central, s->config->key_group, c->why);
@@ -83,6 +92,7 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
         struct central_key *ck = NULL;
         _cleanup_(keyring_unrefp) struct keyring *old = NULL, *kr = NULL;
         struct policy_result res = {};
+        struct policy_options popt;
         struct central_client *cc;
         bool changed = false;
         size_t n = 0;
@@ -112,11 +122,14 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
 
         pthread_mutex_lock(s->state_lock);
         old = keyring_slot_get(s->keys);
-        r = policy_apply(s->config->key_group, ck, n, old, now_usec(CLOCK_REALTIME), &res, err, err_size);
+        config_policy_options(s->config, &popt);
+        r = policy_apply(s->config->key_group, ck, n, old, now_usec(CLOCK_REALTIME), &popt, &res, err, err_size);
         if (r == -EBADMSG && res.conflict)
                 log_key_event(LOG_MESSAGE_KEY_MATERIAL_CHANGED, res.conflict->id,
                               key_role_to_string(res.conflict->role),
                               "ALARM: %s; keeping the cached key %s", err, res.conflict->id);
+        else if (r == -ENODATA)
+                log_error("ALARM: sync with the central KMS refused: %s", err);
         if (r >= 0) {
                 sync_report(s, &res, change, change_size);
                 changed = res.changed;

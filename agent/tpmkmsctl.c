@@ -18,6 +18,8 @@ static void usage(FILE *f) {
                 "Commands:\n"
                 "  status [--json]  keys and their roles, seal state, PCR policy\n"
                 "  sync             fleet mode: sync with the central KMS now, print what changed\n"
+                "  purge KEY_ID     fleet mode: purge a missing version now, before purge_after\n"
+                "                   (refuses the primary, versions not missing and unknown ids)\n"
                 "  rotate           standalone mode: make a new primary key (old ones stay readable)\n"
                 "  reseal           re-seal the key cache to the current PCRs (after a verified update)\n"
                 "  encryption-config [--name NAME] [--timeout DURATION] [RESOURCE...]\n"

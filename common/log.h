@@ -37,5 +37,7 @@ void log_audit(const char *op, const char *key_id, const char *request_uid,
 #define LOG_MESSAGE_CACHE_REFUSED "2b8e6f1d4c7a4e0f9d3b5a1c8e7f6d20"
 #define LOG_MESSAGE_CACHE_RESEALED "d41f7a2c9e3b4856a0c1f2e3d4b5a697"
 #define LOG_MESSAGE_KEY_MATERIAL_CHANGED "7f3c9a1e5b2d4c80a6e1f9d3b7c5a214"
+/* A cached version went missing at the central KMS (Destroyed, not located). */
+#define LOG_MESSAGE_KEY_MISSING   "c3e85b1f6a0d4e27b94f2d7a1c6e8b35"
 void log_key_event(const char *message_id, const char *key_id, const char *role,
                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));

@@ -15,6 +15,7 @@
 #define USEC_PER_SEC UINT64_C(1000000)
 #define USEC_PER_MIN (60 * USEC_PER_SEC)
 #define USEC_PER_HOUR (60 * USEC_PER_MIN)
+#define USEC_PER_DAY (24 * USEC_PER_HOUR)
 
 /* Microseconds on clock (CLOCK_MONOTONIC for deadlines, CLOCK_REALTIME for
  * what is shown to people). */

@@ -22,8 +22,10 @@ static const uint8_t cache_magic[8] = { 'T', 'P', 'M', 'K', 'M', 'S', 'C', '\0' 
 
 #define CACHE_NONCE_SIZE 12
 #define CACHE_TAG_SIZE 16
-/* per version: role, created, first seen, id length, central id length, KEK */
-#define KEY_RECORD_FIXED (1 + 8 + 8 + 2 + 2 + AES256_KEY_SIZE)
+/* per version: role, created, first seen, missing since (format 2 on), id
+ * length, central id length, KEK */
+#define KEY_RECORD_FIXED_V1 (1 + 8 + 8 + 2 + 2 + AES256_KEY_SIZE)
+#define KEY_RECORD_FIXED (KEY_RECORD_FIXED_V1 + 8)
 
 /* ---- bounded reader ---- */
 
@@ -146,6 +148,7 @@ static uint8_t *header_write(uint8_t *p, const struct tpm_sealed *s) {
 
 /* Where the parts of a file are; filled by file_parse. */
 struct layout {
+        uint32_t version;          /* format version: decides the record layout */
         size_t header_len;         /* = the AAD */
         const uint8_t *nonce;
         const uint8_t *ct;
@@ -171,8 +174,11 @@ static int file_parse(const uint8_t *buf, size_t len, struct tpm_sealed *ret,
                 return -EBADMSG;
         if (!rd_u32(&r, &version))
                 return -EBADMSG;
-        if (version != CACHE_FORMAT_VERSION)
+        /* Format 1 differs only in its records (no missing_since): still
+         * read, never written. */
+        if (version != CACHE_FORMAT_VERSION && version != 1)
                 return -EPROTONOSUPPORT;
+        lay->version = version;
 
         if (!rd_u16(&r, &s.pcrs.sel.hash_alg) || !rd_u32(&r, &s.pcrs.sel.mask))
                 return -EBADMSG;
@@ -244,6 +250,7 @@ static void keys_write(uint8_t *p, const struct keyring *kr) {
                 p = wr_u8(p, (uint8_t) v->role);
                 p = wr_u64(p, v->created_usec);
                 p = wr_u64(p, v->first_seen_usec);
+                p = wr_u64(p, v->missing_since_usec);
                 p = wr_u16(p, (uint16_t) id_len);
                 p = wr_bytes(p, v->id, id_len);
                 p = wr_u16(p, (uint16_t) cid_len);
@@ -264,14 +271,16 @@ static bool rd_string(struct rd *r, size_t min, char *dst, size_t size) {
         return true;
 }
 
-/* Builds the keyring from pt. The key_version array points into pt for the
- * KEKs and holds no secret of its own. */
-static int keys_parse(const uint8_t *pt, size_t len, struct keyring **ret) {
+/* Builds the keyring from pt, whose records are of format version. The
+ * key_version array points into pt for the KEKs and holds no secret of its
+ * own. */
+static int keys_parse(const uint8_t *pt, size_t len, uint32_t version, struct keyring **ret) {
         _cleanup_free_ struct key_version *keys = NULL;
         struct rd r = { .p = pt, .left = len };
+        size_t fixed = version == 1 ? KEY_RECORD_FIXED_V1 : KEY_RECORD_FIXED;
         uint32_t n;
 
-        if (!rd_u32(&r, &n) || n > KEYRING_MAX_KEYS || n > r.left / KEY_RECORD_FIXED)
+        if (!rd_u32(&r, &n) || n > KEYRING_MAX_KEYS || n > r.left / fixed)
                 return -EBADMSG;
         keys = calloc(n ? n : 1, sizeof(*keys));
         if (!keys)
@@ -284,9 +293,15 @@ static int keys_parse(const uint8_t *pt, size_t len, struct keyring **ret) {
 
                 if (!rd_u8(&r, &role) || role >= _KEY_ROLE_MAX ||
                     !rd_u64(&r, &v->created_usec) || !rd_u64(&r, &v->first_seen_usec) ||
+                    (version >= 2 && !rd_u64(&r, &v->missing_since_usec)) ||
                     !rd_string(&r, 1, v->id, sizeof(v->id)) ||
                     !rd_string(&r, 0, v->central_id, sizeof(v->central_id)) ||
                     !rd_bytes(&r, AES256_KEY_SIZE, &kek))
+                        return -EBADMSG;
+                /* Format 1 had no missing role; a missing version always
+                 * says since when, and only a missing one does. */
+                if ((version == 1 && role == KEY_ROLE_MISSING) ||
+                    (role == KEY_ROLE_MISSING) != (v->missing_since_usec != 0))
                         return -EBADMSG;
                 v->role = role;
                 v->kek = (uint8_t *) kek;
@@ -390,7 +405,7 @@ int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[AE
             EVP_DecryptFinal_ex(ctx, pt + outl, &finl) != 1)
                 goto out;
 
-        r = keys_parse(pt, lay.ct_len, ret);
+        r = keys_parse(pt, lay.ct_len, lay.version, ret);
 out:
         EVP_CIPHER_CTX_free(ctx);
         OPENSSL_secure_clear_free(pt, lay.ct_len);

@@ -1,10 +1,10 @@
 /* The sealed cache file in the state dir (dir/CACHE_FILE_NAME). Format
- * version 1, all integers big-endian, no padding, nothing after the tag:
+ * version 2, all integers big-endian, no padding, nothing after the tag:
  *
  *   size      field
  *   -- header (all of it is the GCM additional data) -----------------------
  *   8         magic "TPMKMSC\0"
- *   4         u32 format version (1); another value: -EPROTONOSUPPORT
+ *   4         u32 format version (2; 1 is still read); another value: -EPROTONOSUPPORT
  *   2         u16 PCR bank hash algorithm (TPM2_ALG_*; 0 with "none")
  *   4         u32 PCR mask (bit n = PCR n; PCRs 0..23 only)
  *   2         u16 P = TPM2B_PUBLIC size, 1..TPM_BLOB_MAX
@@ -24,14 +24,18 @@
  *
  * keys (the plaintext, L bytes; only ever in wiped memory):
  *   4         u32 N = number of versions, 0..KEYRING_MAX_KEYS
- *   N times:
+ *   N times (format 2):
  *     1       u8 role (enum key_role)
  *     8       u64 created_usec
  *     8       u64 first_seen_usec
+ *     8       u64 missing_since_usec (non-zero exactly when role is missing)
  *     2+I     u16 I (1..KEY_ID_MAX-1), key id, no NUL
  *     2+J     u16 J (0..KEY_ID_MAX-1), central id, no NUL
  *     32      KEK
  *   then nothing: the records must end exactly at L.
+ *   A format-1 file (the same header with version 1) has records without
+ *   missing_since_usec and no missing role; it is read, and the next write
+ *   makes it format 2.
  *
  * The header is the payload's additional data, so any altered byte fails
  * authentication (the nonce and L are covered by GCM itself). The cache key
@@ -48,7 +52,7 @@
 #include "tpm.h"
 
 #define CACHE_FILE_NAME "kek-cache"
-#define CACHE_FORMAT_VERSION 1
+#define CACHE_FORMAT_VERSION 2
 #define CACHE_FILE_MAX (1u << 20)   /* refuse larger files */
 
 /* Serialise a whole cache file. *ret is malloc'ed (no secret in it).

@@ -41,6 +41,7 @@ static const char *const role_names[_KEY_ROLE_MAX] = {
         [KEY_ROLE_STAGED] = "staged",
         [KEY_ROLE_PRIMARY] = "primary",
         [KEY_ROLE_RETIRED] = "retired",
+        [KEY_ROLE_MISSING] = "missing",
 };
 
 const char *key_role_to_string(enum key_role r) {

@@ -26,6 +26,8 @@ enum key_role {
         KEY_ROLE_STAGED,   /* may decrypt, not encrypt yet (central Pre-Active) */
         KEY_ROLE_PRIMARY,  /* encrypts; at most one per keyring */
         KEY_ROLE_RETIRED,  /* decrypt only */
+        KEY_ROLE_MISSING,  /* decrypt only: Destroyed or no longer found at the central KMS,
+                            * kept until [central] purge_after (docs/key-lifecycle.md) */
         _KEY_ROLE_MAX,
 };
 
@@ -39,6 +41,8 @@ struct key_version {
         enum key_role role;
         uint64_t created_usec;        /* CLOCK_REALTIME: central Initial Date or local creation */
         uint64_t first_seen_usec;     /* CLOCK_REALTIME: when this host first cached it */
+        uint64_t missing_since_usec;  /* CLOCK_REALTIME: when it went missing; 0 unless
+                                       * role is KEY_ROLE_MISSING */
         uint8_t *kek;                 /* AES256_KEY_SIZE bytes; inside a keyring: secure heap */
 };
 

@@ -204,11 +204,12 @@ class RotationTest(FleetCase):
             self.assert_serving(w, kid2)
             self.assert_decrypts(w, s2a)
 
-        # 7. Destroyed (a staged version withdrawn): purged too
+        # 7. Destroyed (a staged version withdrawn): missing, kept decrypt-only
+        #    until purge_after (docs/key-lifecycle.md; it used to be purged at once)
         v3 = self.kms.create_version(GROUP)
         self.wait_roles(hosts, {v2: "primary", v3: "staged"})
         self.kms.destroy(v3)
-        self.wait_roles(hosts, {v2: "primary"})
+        self.wait_roles(hosts, {v2: "primary", v3: "missing"})
         for w in hosts:
             self.assert_serving(w, kid2)
             self.assertTrue(w.alive(), w.log())
@@ -530,6 +531,115 @@ class InProgressSyncTest(FleetCase):
         self.assertEqual(result.get("pt"), pt,
                          "Decrypt for a version created before it: %r (the on-demand sync "
                          "joined a sync that had read the group before)" % result)
+
+
+class MissingTest(FleetCase):
+    """A key leaves a cache only when the central KMS clearly says so
+    (docs/key-lifecycle.md): Destroyed or no longer located -> missing
+    (decrypt-only, an alarm), purged after purge_after or tpmkmsctl purge;
+    an answer that locates none of the cached versions changes nothing."""
+
+    def missing_line(self, w, kid):
+        return [ln for ln in w.log().splitlines() if "ALARM" in ln and kid in ln and "missing" in ln]
+
+    def two_versions_second_sealed(self, w):
+        """v1 primary, v2 retired (activated, then deactivated), a ciphertext
+        sealed under v2 while it was primary."""
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        v2 = self.kms.create_version(GROUP)
+        self.kms.activate(v2)
+        self.wait_primary((w,), v2)
+        sealed = self.seal(w)
+        self.kms.deactivate(v2)
+        self.wait_roles((w,), {v1: "primary", v2: "retired"})
+        return v1, v2, sealed
+
+    def test_destroyed_goes_missing_then_purged_after_purge_after(self):
+        a = self.host("node-a", purge_after="3s")
+        v1, v2, sealed = self.two_versions_second_sealed(a)
+        kid2 = self.key_id(v2)
+        self.kms.destroy(v2)
+        self.wait_roles((a,), {v1: "primary", v2: "missing"})
+        t_missing = time.monotonic()
+        k2 = a.keys()[v2]
+        self.assertRegex(k2["missing_since"], RFC3339, k2)
+        self.assertEqual(a.keys()[v1]["missing_since"], "")
+        self.assert_decrypts(a, sealed)                 # missing still decrypts
+        self.assert_serving(a, self.key_id(v1))
+        self.assertTrue(self.missing_line(a, kid2), "no missing alarm for %s in:\n%s" % (kid2, a.log()))
+        text = a.ctl("status", check=True).stdout
+        self.assertRegex(text, r"missing\s+%s .*MISSING since \d{4}-" % re.escape(kid2), text)
+        # purged once missing for purge_after (3 s), at a later sync
+        self.wait_roles((a,), {v1: "primary"}, CONVERGE)
+        self.assertGreaterEqual(time.monotonic() - t_missing, 2.0)
+        self.assertEqual(t.rpc_code(t.decrypt, a.stub(), sealed[0], kid2), StatusCode.NOT_FOUND)
+        purged = [ln for ln in a.log().splitlines() if kid2 in ln and "purged from the cache" in ln]
+        self.assertTrue(purged and "purge_after" in purged[-1], a.log())
+        self.assertEqual(len(self.missing_line(a, kid2)), 1, "the alarm is raised once")
+        # compromised: purged at the next sync, no grace
+        self.kms.compromise(v1)
+        a.ctl("sync")
+        self.assertEqual(a.roles(), {})
+        self.assertTrue(a.alive(), a.log())
+
+    def test_empty_central_database_purges_nothing(self):
+        a = self.host("node-a")
+        v1, v2, sealed = self.two_versions_second_sealed(a)
+        kid1 = self.key_id(v1)
+        self.kms.restart_empty()
+        self.assertEqual(self.kms.locate(GROUP), [])
+        err = k.wait_for(lambda: (lambda e: e if "located none" in e else None)(a.central()["last_error"]),
+                         RECOVER, "the sync error after the empty restart")
+        self.assertIn("located none of the 2 cached versions of key group %s" % GROUP, err)
+        for cause in ("restored or empty central database", "access policy", "key_group"):
+            self.assertIn(cause, err)
+        time.sleep(2.5)                                 # more syncs: still nothing changes
+        self.assertEqual(a.roles(), {v1: "primary", v2: "retired"})
+        self.assertTrue(all(x["missing_since"] == "" for x in a.status_json()["keys"]))
+        self.assertNotIn("purged from the cache", a.log())
+        self.assertFalse(self.missing_line(a, kid1))
+        self.assert_serving(a, kid1)
+        self.assert_decrypts(a, sealed)
+        r = a.ctl("sync")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("located none of the 2 cached versions", r.stderr)
+        self.assertIn("ALARM: sync with the central KMS refused", a.log())
+        # a restart reads the same cache: still both versions
+        a.restart_daemon()
+        self.assertEqual(a.roles(), {v1: "primary", v2: "retired"})
+        self.assert_decrypts(a, sealed)
+
+    def test_ctl_purge_missing_refuses_primary_and_unknown(self):
+        a = self.host("node-a", purge_after="never")
+        v1, v2, sealed = self.two_versions_second_sealed(a)
+        kid1, kid2 = self.key_id(v1), self.key_id(v2)
+        self.kms.destroy(v2)
+        self.wait_roles((a,), {v1: "primary", v2: "missing"})
+        since = a.keys()[v2]["missing_since"]
+        # the role and missing_since survive a restart (cache records)
+        a.restart_daemon()
+        self.assertEqual(a.roles(), {v1: "primary", v2: "missing"})
+        self.assertEqual(a.keys()[v2]["missing_since"], since)
+        self.assert_decrypts(a, sealed)
+        r = a.ctl("purge", kid1)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("refusing to purge %s: it is the primary key" % kid1, r.stderr)
+        r = a.ctl("purge", "kmip:%s/424242.0123456789abcdef" % GROUP)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("no key version kmip:%s/424242.0123456789abcdef in the cache" % GROUP, r.stderr)
+        r = a.ctl("purge")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("usage: purge KEY_ID", r.stderr)
+        self.assertEqual(a.roles(), {v1: "primary", v2: "missing"})
+        r = a.ctl("purge", kid2)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("%s purged" % kid2, r.stdout)
+        self.assertEqual(a.roles(), {v1: "primary"})
+        self.assertEqual(t.rpc_code(t.decrypt, a.stub(), sealed[0], kid2), StatusCode.NOT_FOUND)
+        a.restart_daemon()
+        self.assertEqual(a.roles(), {v1: "primary"})
+        self.assert_serving(a, kid1)
 
 
 class MeasuredBootTest(FleetCase):

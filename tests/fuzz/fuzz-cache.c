@@ -6,7 +6,10 @@
  * 2. The input as the *plaintext* key list: sealed under the fixed key behind
  *    a valid header, so it gets through GCM and reaches the key-list parser
  *    and keyring_new, which no attacker without the cache key can reach but
- *    which must be bounded all the same. */
+ *    which must be bounded all the same. The plaintext is sealed twice:
+ *    behind a format-2 header (CACHE_FORMAT_VERSION) and behind the same
+ *    header saying format 1, whose records have no missing_since
+ *    (agent/keystore/cache.h). */
 #include <errno.h>
 #include <openssl/evp.h>
 #include <stdint.h>
@@ -54,6 +57,9 @@ static void check(const uint8_t *buf, size_t len) {
                         if (keyring_find(kr, v->id) != v)
                                 abort();
                         n_primary += v->role == KEY_ROLE_PRIMARY;
+                        /* missing exactly when it says since when */
+                        if ((v->role == KEY_ROLE_MISSING) != (v->missing_since_usec != 0))
+                                abort();
                 }
                 if (n_primary > 1)
                         abort();
@@ -62,25 +68,20 @@ static void check(const uint8_t *buf, size_t len) {
                 abort();
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+/* The plaintext data sealed behind the valid header, saying format version. */
+static void check_sealed(const uint8_t *data, size_t size, uint8_t version) {
         EVP_CIPHER_CTX *ctx;
         uint8_t *file, *p;
         size_t len;
         int outl;
 
-        if (!header)
-                make_header();
-
-        check(data, size);
-
-        if (size > 64 * 1024)
-                return 0;
         len = header_len + 12 + 4 + size + 16;
         file = malloc(len);
         ctx = EVP_CIPHER_CTX_new();
         if (!file || !ctx)
                 abort();
         memcpy(file, header, header_len);
+        file[11] = version;    /* u32 format version, big-endian, after the 8-byte magic */
         p = file + header_len;
         memset(p, 0x4e, 12);   /* fixed nonce: fine for a fuzzer, never in the daemon */
         p[12] = (uint8_t) (size >> 24);
@@ -96,5 +97,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         EVP_CIPHER_CTX_free(ctx);
         check(file, len);
         free(file);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+        if (!header)
+                make_header();
+
+        check(data, size);
+
+        if (size > 64 * 1024)
+                return 0;
+        check_sealed(data, size, CACHE_FORMAT_VERSION);
+        check_sealed(data, size, 1);
         return 0;
 }

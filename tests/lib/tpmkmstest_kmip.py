@@ -374,6 +374,17 @@ class KmipServer:
             except OSError:
                 break
 
+    def restart_empty(self):
+        """Stop, and start again on the same port with an EMPTY database (a
+        restored-empty or lost central KMS): every object is gone."""
+        self.stop()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            try:
+                os.unlink(self.db + suffix)
+            except FileNotFoundError:
+                pass
+        return self.start(self.server_cert)
+
     def restart(self, server_cert="server"):
         self.stop()
         return self.start(server_cert)
@@ -615,11 +626,13 @@ class FleetWorld(t.World):
     the whole config instead (same [kms], [tpm], [state], [control], [metrics]).
     Attributes may be changed between restarts (restart_daemon rewrites the
     config): endpoints, ca, cert, key, group, sync_interval, timeout,
-    max_staleness (None: not written, the daemon's default)."""
+    max_staleness, purge_after, max_missing_share (None: not written, the
+    daemon's default)."""
 
     def __init__(self, testcase, kms, cn="node-a", group="cluster-a-kek",
                  sync_interval="1s", timeout="2s", max_staleness=None,
-                 endpoints=None, ca="ca", tpm=None, pcrs="sha256:7"):
+                 endpoints=None, ca="ca", tpm=None, pcrs="sha256:7",
+                 purge_after=None, max_missing_share=None):
         super().__init__(testcase, tpm=tpm, pcrs=pcrs)
         self.kms = kms
         self.cn = cn
@@ -631,6 +644,8 @@ class FleetWorld(t.World):
         self.sync_interval = sync_interval
         self.timeout = timeout
         self.max_staleness = max_staleness
+        self.purge_after = purge_after
+        self.max_missing_share = max_missing_share
 
     def write_config(self, kms_sock=None, tcti=None, ctl_sock=None, state_dir=None):
         central = ("[central]\ntype = kmip\nendpoints = %s\nca_file = %s\ncert_file = %s\n"
@@ -639,6 +654,10 @@ class FleetWorld(t.World):
                       self.sync_interval, self.timeout))
         if self.max_staleness is not None:
             central += "max_staleness = %s\n" % self.max_staleness
+        if self.purge_after is not None:
+            central += "purge_after = %s\n" % self.purge_after
+        if self.max_missing_share is not None:
+            central += "max_missing_share = %s\n" % self.max_missing_share
         with open(self.config, "w") as f:
             f.write("[kms]\nsocket = %s\nallowed_uids = 0\n"
                     "[tpm]\ntcti = %s\npcrs = %s\n"

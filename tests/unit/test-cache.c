@@ -115,6 +115,7 @@ static void assert_keyring_equal(const struct keyring *a, const struct keyring *
                 assert_int_equal(x->role, y->role);
                 assert_int_equal(x->created_usec, y->created_usec);
                 assert_int_equal(x->first_seen_usec, y->first_seen_usec);
+                assert_int_equal(x->missing_since_usec, y->missing_since_usec);
                 assert_memory_equal(x->kek, y->kek, AES256_KEY_SIZE);
         }
 }
@@ -127,11 +128,11 @@ static void test_cache_encode_round_trip(void **state) {
 
         encode(&buf, &len);
         assert_int_equal(len, HEADER_SIZE + 12 + 4 + 16 + 4 +
-                                      3 * (1 + 8 + 8 + 2 + 2 + AES256_KEY_SIZE) +
+                                      3 * (1 + 8 + 8 + 8 + 2 + 2 + AES256_KEY_SIZE) +
                                       strlen("kmip:uid-1.0011223344556677") + 5 +
                                       strlen("kmip:uid-2.8899aabbccddeeff") + 5 +
                                       strlen("local.0123456789abcdef"));
-        assert_memory_equal(buf, "TPMKMSC\0\0\0\0\1", 12);
+        assert_memory_equal(buf, "TPMKMSC\0\0\0\0\2", 12);
 
         assert_int_equal(cache_decode_header(buf, len, &hdr), 0);
         assert_sealed_equal(&hdr, &sealed);
@@ -293,8 +294,11 @@ static void test_cache_decode_header_other_version(void **state) {
         size_t len;
 
         encode(&buf, &len);
-        buf[11] = 2;
+        buf[11] = 3;
         assert_int_equal(cache_decode_header(buf, len, &hdr), -EPROTONOSUPPORT);
+        buf[11] = 0;
+        assert_int_equal(cache_decode_header(buf, len, &hdr), -EPROTONOSUPPORT);
+        buf[11] = 3;
         /* the version is checked before anything after it is believed */
         assert_int_equal(cache_decode_header(buf, 12, &hdr), -EPROTONOSUPPORT);
 }
@@ -323,12 +327,17 @@ static size_t reseal(const uint8_t *file, const uint8_t *pt, size_t pt_len, uint
         return HEADER_SIZE + 12 + 4 + pt_len + 16;
 }
 
-static size_t put_key(uint8_t *p, uint8_t role, const char *id, size_t id_len, const uint8_t *kek) {
+/* A record of format version (1: no missing_since), missing since `since`. */
+static size_t put_record(uint8_t *p, uint32_t version, uint8_t role, uint64_t since, const char *id,
+                         size_t id_len, const uint8_t *kek) {
         uint8_t *start = p;
 
         *p++ = role;
         memset(p, 0, 16);   /* created, first seen */
         p += 16;
+        if (version >= 2)
+                for (int i = 7; i >= 0; i--)
+                        *p++ = (uint8_t) (since >> (8 * i));
         *p++ = (uint8_t) (id_len >> 8);
         *p++ = (uint8_t) id_len;
         memcpy(p, id, id_len);
@@ -337,6 +346,10 @@ static size_t put_key(uint8_t *p, uint8_t role, const char *id, size_t id_len, c
         *p++ = 0;
         memcpy(p, kek, AES256_KEY_SIZE);
         return (size_t) (p + AES256_KEY_SIZE - start);
+}
+
+static size_t put_key(uint8_t *p, uint8_t role, const char *id, size_t id_len, const uint8_t *kek) {
+        return put_record(p, CACHE_FORMAT_VERSION, role, 0, id, id_len, kek);
 }
 
 static int decode_plaintext(const uint8_t *file, const uint8_t *pt, size_t pt_len) {
@@ -422,6 +435,87 @@ static void test_cache_decode_keys_malformed_plaintext(void **state) {
                 n += put_key(pt + n, KEY_ROLE_PRIMARY, id, KEY_ID_MAX, kek1);
                 assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
         }
+}
+
+static void test_cache_encode_round_trip_missing(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        _cleanup_(keyring_unrefp) struct keyring *with = NULL, *got = NULL;
+        struct key_version keys[2];
+        size_t len;
+
+        keys[0] = kv("kmip:uid-1.0011223344556677", "uid-1", KEY_ROLE_MISSING, 1000, kek1);
+        keys[0].missing_since_usec = UINT64_C(0x0102030405060708);
+        keys[1] = kv("kmip:uid-2.8899aabbccddeeff", "uid-2", KEY_ROLE_PRIMARY, 2000, kek2);
+        assert_int_equal(keyring_new(keys, 2, &with), 0);
+        assert_int_equal(cache_encode(&sealed, cache_key, with, &buf, &len), 0);
+        assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
+        assert_keyring_equal(got, with);
+        assert_int_equal(keyring_find(got, keys[0].id)->role, KEY_ROLE_MISSING);
+        assert_int_equal(keyring_find(got, keys[0].id)->missing_since_usec, UINT64_C(0x0102030405060708));
+}
+
+static void test_cache_decode_keys_missing_since_consistent(void **state) {
+        _cleanup_free_ uint8_t *file = NULL;
+        uint8_t pt[1024];
+        size_t len, n;
+
+        encode(&file, &len);
+        /* missing with a time: fine */
+        n = 4;
+        memcpy(pt, "\0\0\0\1", 4);
+        n += put_record(pt + n, 2, KEY_ROLE_MISSING, 42, "a", 1, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), 0);
+        /* missing without one, or a time on a version that is not missing */
+        n = 4;
+        n += put_record(pt + n, 2, KEY_ROLE_MISSING, 0, "a", 1, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        n = 4;
+        n += put_record(pt + n, 2, KEY_ROLE_RETIRED, 42, "a", 1, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+}
+
+/* A format-1 file (what the previous release wrote): the same header with
+ * version 1, records without missing_since. Still read. */
+static void test_cache_decode_keys_format_1(void **state) {
+        _cleanup_free_ uint8_t *file = NULL;
+        uint8_t pt[1024], out[HEADER_SIZE + 12 + 4 + 1024 + 16];
+        struct keyring *got = NULL;
+        struct tpm_sealed hdr;
+        size_t len, n, m;
+
+        encode(&file, &len);
+        file[11] = 1;
+        n = 4;
+        memcpy(pt, "\0\0\0\2", 4);
+        n += put_record(pt + n, 1, KEY_ROLE_RETIRED, 0, "a", 1, kek1);
+        n += put_record(pt + n, 1, KEY_ROLE_PRIMARY, 0, "b", 1, kek2);
+        m = reseal(file, pt, n, out);
+        assert_int_equal(cache_decode_header(out, m, &hdr), 0);
+        assert_sealed_equal(&hdr, &sealed);
+        assert_int_equal(cache_decode_keys(out, m, cache_key, &got), 0);
+        assert_int_equal(keyring_size(got), 2);
+        assert_int_equal(keyring_find(got, "a")->role, KEY_ROLE_RETIRED);
+        assert_int_equal(keyring_find(got, "a")->missing_since_usec, 0);
+        assert_memory_equal(keyring_find(got, "b")->kek, kek2, AES256_KEY_SIZE);
+        assert_string_equal(keyring_primary(got)->id, "b");
+        keyring_unref(got);
+        got = NULL;
+
+        /* format-2 records behind a format-1 header do not parse */
+        n = 4;
+        n += put_record(pt + n, 2, KEY_ROLE_RETIRED, 0, "a", 1, kek1);
+        n += put_record(pt + n, 2, KEY_ROLE_PRIMARY, 0, "b", 1, kek2);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* format 1 had no missing role */
+        n = 4;
+        memcpy(pt, "\0\0\0\1", 4);
+        n += put_record(pt + n, 1, KEY_ROLE_MISSING, 0, "a", 1, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* and format-1 records behind a format-2 header do not parse either */
+        file[11] = 2;
+        n = 4;
+        n += put_record(pt + n, 1, KEY_ROLE_RETIRED, 0, "a", 1, kek1);
+        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
 }
 
 static void test_cache_decode_header_bounds(void **state) {
@@ -567,6 +661,9 @@ int main(void) {
                 cmocka_unit_test(test_cache_decode_header_other_version),
                 cmocka_unit_test(test_cache_decode_keys_malformed_plaintext),
                 cmocka_unit_test(test_cache_decode_header_bounds),
+                cmocka_unit_test(test_cache_encode_round_trip_missing),
+                cmocka_unit_test(test_cache_decode_keys_missing_since_consistent),
+                cmocka_unit_test(test_cache_decode_keys_format_1),
                 cmocka_unit_test(test_cache_write_file_atomic),
                 cmocka_unit_test(test_cache_write_file_errors),
                 cmocka_unit_test(test_cache_read_file_missing),

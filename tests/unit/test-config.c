@@ -86,6 +86,8 @@ static void test_config_defaults_values(void **state) {
         assert_string_equal(c.key_group, "");
         assert_int_equal(c.sync_interval_usec, 60 * 1000000ull);
         assert_int_equal(c.central_timeout_usec, 5 * 1000000ull);
+        assert_int_equal(c.purge_after_usec, 7 * 24 * 3600 * 1000000ull);
+        assert_int_equal(c.max_missing_percent, 50);
         assert_string_equal(c.control_socket, "/run/tpmkms/control.sock");
         assert_string_equal(c.metrics_listen, "");   /* no metrics served yet: off */
 }
@@ -137,6 +139,8 @@ static void test_config_load_every_key_values(void **state) {
                 "key_group = cluster-a-kek\n"
                 "sync_interval = 2min\n"
                 "timeout = 250ms\n"
+                "purge_after = 3s\n"
+                "max_missing_share = 25%\n"
                 "[control]\n"
                 "socket = /run/test/control.sock\n"
                 "[metrics]\n"
@@ -175,6 +179,8 @@ static void test_config_load_every_key_values(void **state) {
         assert_string_equal(c.key_group, "cluster-a-kek");
         assert_int_equal(c.sync_interval_usec, 120 * 1000000ull);
         assert_int_equal(c.central_timeout_usec, 250 * 1000ull);
+        assert_int_equal(c.purge_after_usec, 3 * 1000000ull);
+        assert_int_equal(c.max_missing_percent, 25);
         assert_string_equal(c.control_socket, "/run/test/control.sock");
         assert_string_equal(c.metrics_listen, "[::1]:9999");
 }
@@ -216,6 +222,50 @@ static void test_config_load_metrics_listen(void **state) {
         expect_error("[metrics]\nlisten = /run/tpmkms/kms.sock\n", 0, "another socket");
 }
 
+static void test_config_load_purge_rules(void **state) {
+        struct config c;
+        struct policy_options opt;
+        char err[256];
+
+        assert_int_equal(load("[central]\npurge_after = never\n", &c, err, sizeof(err)), 0);
+        assert_int_equal(c.purge_after_usec, UINT64_MAX);
+        config_policy_options(&c, &opt);
+        assert_int_equal(opt.purge_after_usec, POLICY_PURGE_NEVER);
+        assert_int_equal(load("[central]\npurge_after = 30d\nmax_missing_share = 100\n", &c, err, sizeof(err)), 0);
+        assert_int_equal(c.purge_after_usec, 30 * 24 * 3600 * 1000000ull);
+        assert_int_equal(c.max_missing_percent, 100);
+        config_policy_options(&c, &opt);
+        assert_int_equal(opt.max_missing_percent, 100);
+        assert_int_equal(load("[central]\nmax_missing_share = 0%\n", &c, err, sizeof(err)), 0);
+        assert_int_equal(c.max_missing_percent, 0);
+}
+
+/* Key ids are "kmip:<group>/<uid>.<16 hex>" in KEY_ID_MAX (agent/policy.h):
+ * a group that would not leave room for a 127-byte uid is refused here. */
+static void test_config_load_key_group_bound(void **state) {
+        char text[300], group[POLICY_GROUP_ENCODED_MAX + 2], err[256];
+        struct config c;
+
+        memset(group, 'g', sizeof(group));
+        group[POLICY_GROUP_ENCODED_MAX] = 0;
+        snprintf(text, sizeof(text), "[central]\nkey_group = %s\n", group);
+        assert_int_equal(load(text, &c, err, sizeof(err)), 0);
+        assert_string_equal(c.key_group, group);
+        group[POLICY_GROUP_ENCODED_MAX] = 'g';
+        group[POLICY_GROUP_ENCODED_MAX + 1] = 0;
+        snprintf(text, sizeof(text), "[central]\nkey_group = %s\n", group);
+        expect_error(text, 2, "[central] key_group: too long for a key id: at most 105 characters");
+        /* an encoded character counts three times: 35 '+' are 105, 36 too many */
+        memset(group, '+', 35);
+        group[35] = 0;
+        snprintf(text, sizeof(text), "[central]\nkey_group = %s\n", group);
+        assert_int_equal(load(text, &c, err, sizeof(err)), 0);
+        memset(group, '+', 36);
+        group[36] = 0;
+        snprintf(text, sizeof(text), "[central]\nkey_group = %s\n", group);
+        expect_error(text, 2, "at most 105 characters");
+}
+
 static void test_config_load_bad_values(void **state) {
         static const struct {
                 const char *text;
@@ -255,6 +305,15 @@ static void test_config_load_bad_values(void **state) {
                 { "[central]\nendpoints = [::1]x\n", 2, "junk after ']'" },
                 { "[central]\nendpoints = host name:1\n", 2, "bad host name" },
                 { "[central]\nendpoints = a,b,c,d,e,f,g,h,i\n", 2, "more than 8 endpoints" },
+                { "[central]\npurge_after = 0\n", 2, "[central] purge_after: must be between 1s and 3650d" },
+                { "[central]\npurge_after = 3651d\n", 2, "must be between 1s and 3650d" },
+                { "[central]\npurge_after = off\n", 2, "not a duration" },
+                { "[central]\npurge_after = Never\n", 2, "not a duration" },
+                { "[central]\nmax_missing_share = 101%\n", 2, "[central] max_missing_share: must be a percentage" },
+                { "[central]\nmax_missing_share = 50%%\n", 2, "must be a percentage" },
+                { "[central]\nmax_missing_share = -1\n", 2, "must be a percentage" },
+                { "[central]\nmax_missing_share = %\n", 2, "must be a percentage" },
+                { "[central]\nmax_missing_share =\n", 2, "must be a percentage" },
                 { "[central]\nca_file = ca.pem\n", 2, "[central] ca_file: must be an absolute path" },
                 { "[central]\ncert_file = node.pem\n", 2, "[central] cert_file: must be an absolute path" },
                 { "[central]\nkey_file = node.key\n", 2, "[central] key_file: must be an absolute path" },
@@ -446,6 +505,7 @@ static void test_parse_duration_valid(void **state) {
                 { "18446744073709ms", 18446744073709000ull },
                 { "18446744073709s", 18446744073709000000ull },
                 { "5124095576h", 5124095576ull * 3600000000ull },
+                { "7d", 7 * 24 * 3600000000ull },
         };
         uint64_t u;
 
@@ -480,6 +540,8 @@ int main(void) {
                 cmocka_unit_test(test_config_load_every_key_values),
                 cmocka_unit_test(test_config_load_booleans),
                 cmocka_unit_test(test_config_load_metrics_listen),
+                cmocka_unit_test(test_config_load_purge_rules),
+                cmocka_unit_test(test_config_load_key_group_bound),
                 cmocka_unit_test(test_config_load_bad_values),
                 cmocka_unit_test(test_config_load_socket_length),
                 cmocka_unit_test(test_config_load_unknown),
