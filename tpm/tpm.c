@@ -1536,3 +1536,265 @@ int tpm_cache_key_create(struct tpm *t, const struct tpm_pcr_selection *sel, str
         *ret = s;
         return 0;
 }
+
+/* ---- rollback counter --------------------------------------------------- */
+
+/* Part 2, 13.4 TPMA_NV: authorized by the index's own (empty) authValue for
+ * read and write, not subject to dictionary-attack logic, a counter. */
+#define COUNTER_ATTRS (TPMA_NV_AUTHREAD | TPMA_NV_AUTHWRITE | TPMA_NV_NO_DA | \
+                       ((TPMA_NV) TPM2_NT_COUNTER << TPMA_NV_TPM2_NT_SHIFT))
+#define COUNTER_SIZE 8
+
+/* An NV index's ESYS_TR is closed, never flushed (it is not transient). */
+struct tpm_tr {
+        ESYS_CONTEXT *esys;
+        ESYS_TR tr;
+};
+
+static void tpm_tr_close(struct tpm_tr *h) {
+        if (h->tr != ESYS_TR_NONE)
+                (void) Esys_TR_Close(h->esys, &h->tr);
+        h->tr = ESYS_TR_NONE;
+}
+#define _cleanup_tr_close_ _cleanup_(tpm_tr_close)
+
+static bool nv_index_valid(uint32_t index) {
+        return (index >> 24) == TPM2_HT_NV_INDEX;
+}
+
+static void counter_template(uint32_t index, bool written, TPM2B_NV_PUBLIC *ret) {
+        *ret = (TPM2B_NV_PUBLIC) {
+                .nvPublic = {
+                        .nvIndex = index,
+                        .nameAlg = TPM2_ALG_SHA256,
+                        .attributes = COUNTER_ATTRS | (written ? TPMA_NV_WRITTEN : 0),
+                        .dataSize = COUNTER_SIZE,
+                },
+        };
+}
+
+/* Part 1, 16 "Names": nameAlg || H_nameAlg(TPMS_NV_PUBLIC), and the public
+ * area includes TPMA_NV_WRITTEN, so the Name changes at the first write. */
+static int counter_name(uint32_t index, bool written, TPM2B_NAME *ret) {
+        TPM2B_NV_PUBLIC pub;
+        uint8_t buf[sizeof(TPMS_NV_PUBLIC)];
+        size_t off = 0;
+        TSS2_RC rc;
+        int r;
+
+        counter_template(index, written, &pub);
+        rc = Tss2_MU_TPMS_NV_PUBLIC_Marshal(&pub.nvPublic, buf, sizeof(buf), &off);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPMS_NV_PUBLIC_Marshal");
+        if (r < 0)
+                return r;
+        *ret = (TPM2B_NAME) { .size = 2 + TPM2_SHA256_DIGEST_SIZE };
+        ret->name[0] = TPM2_ALG_SHA256 >> 8;
+        ret->name[1] = TPM2_ALG_SHA256 & 0xff;
+        return digest_parts(EVP_sha256(), (const void *[]) { buf }, (const size_t[]) { off }, 1, ret->name + 2);
+}
+
+static bool name_equal(const TPM2B_NAME *a, const TPM2B_NAME *b) {
+        return a->size == b->size && memcmp(a->name, b->name, a->size) == 0;
+}
+
+/* Open the index and check it is ours by its Name (TPM2_NV_ReadPublic,
+ * Part 3, 31.6). Returns 1 when written, 0 when ours but never written,
+ * -ENOENT, -ENOTUNIQ, or a TPM error. */
+static int counter_open(struct tpm *t, uint32_t index, struct tpm_tr *ret) {
+        _cleanup_esys_free_ TPM2B_NV_PUBLIC *pub = NULL;
+        _cleanup_esys_free_ TPM2B_NAME *name = NULL;
+        TPM2B_NAME written, unwritten;
+        TSS2_RC rc;
+        int r;
+
+        TPM_RETRY(rc, Esys_TR_FromTPMPublic(t->esys, index, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                            &ret->tr));
+        if (tpm_rc_code(rc) == TPM2_RC_HANDLE) {
+                ret->tr = ESYS_TR_NONE;
+                log_debug("NV index 0x%x is not defined", index);
+                return -ENOENT;
+        }
+        r = tpm_rc_to_errno(rc, -EIO, "TR_FromTPMPublic(NV)");
+        if (r < 0) {
+                ret->tr = ESYS_TR_NONE;
+                return r;
+        }
+
+        TPM_RETRY(rc, Esys_NV_ReadPublic(t->esys, ret->tr, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &pub,
+                                         &name));
+        r = tpm_rc_to_errno(rc, -EIO, "NV_ReadPublic");
+        if (r < 0)
+                return r;
+
+        r = counter_name(index, true, &written);
+        if (r < 0)
+                return r;
+        r = counter_name(index, false, &unwritten);
+        if (r < 0)
+                return r;
+        if (name_equal(name, &written))
+                return 1;
+        if (name_equal(name, &unwritten))
+                return 0;
+        log_debug("NV index 0x%x: attributes 0x%x, nameAlg 0x%x, size %u: not our counter's template "
+                  "(0x%x, sha256, 8)", index, pub->nvPublic.attributes, pub->nvPublic.nameAlg,
+                  pub->nvPublic.dataSize, (unsigned) (COUNTER_ATTRS | TPMA_NV_WRITTEN));
+        return -ENOTUNIQ;
+}
+
+/* Read and increment go through a salted HMAC session, so that a value
+ * altered on the bus fails the response HMAC. */
+static int counter_read_tr(struct tpm *t, ESYS_TR tr, uint64_t *ret) {
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        _cleanup_esys_free_ TPM2B_MAX_NV_BUFFER *data = NULL;
+        uint64_t v = 0;
+        TSS2_RC rc;
+        int r;
+
+        r = start_session(t, TPM2_SE_HMAC, 0, &session);
+        if (r < 0)
+                return r;
+        TPM_RETRY(rc, Esys_NV_Read(t->esys, tr, tr, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, COUNTER_SIZE, 0,
+                                   &data));
+        r = tpm_rc_to_errno(rc, -EIO, "NV_Read");
+        if (r < 0)
+                return r;
+        if (data->size != COUNTER_SIZE) {
+                log_debug("NV_Read: %u bytes, expected %d", data->size, COUNTER_SIZE);
+                return -EIO;
+        }
+        for (unsigned i = 0; i < COUNTER_SIZE; i++)
+                v = v << 8 | data->buffer[i];
+        if (ret)
+                *ret = v;
+        return 0;
+}
+
+static int counter_increment_tr(struct tpm *t, ESYS_TR tr) {
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        TSS2_RC rc;
+        int r;
+
+        r = start_session(t, TPM2_SE_HMAC, 0, &session);
+        if (r < 0)
+                return r;
+        /* Part 3, 31.8 TPM2_NV_Increment. Not retried on RETRY: ESYS
+         * resubmits those itself, and a second submission of ours could
+         * count twice. */
+        rc = Esys_NV_Increment(t->esys, tr, tr, session.tr, ESYS_TR_NONE, ESYS_TR_NONE);
+        return tpm_rc_to_errno(rc, -EIO, "NV_Increment");
+}
+
+int tpm_counter_read(struct tpm *t, uint32_t index, uint64_t *ret) {
+        struct tpm_tr nv _cleanup_tr_close_ = { .esys = t ? t->esys : NULL, .tr = ESYS_TR_NONE };
+        int r;
+
+        if (!t || !ret || !nv_index_valid(index))
+                return -EINVAL;
+        r = counter_open(t, index, &nv);
+        if (r == 0) {
+                log_debug("NV index 0x%x: our counter, never incremented", index);
+                return -ENOENT;
+        }
+        if (r < 0)
+                return r;
+        return counter_read_tr(t, nv.tr, ret);
+}
+
+int tpm_counter_increment(struct tpm *t, uint32_t index, uint64_t *ret) {
+        struct tpm_tr nv _cleanup_tr_close_ = { .esys = t ? t->esys : NULL, .tr = ESYS_TR_NONE };
+        int r;
+
+        if (!t || !nv_index_valid(index))
+                return -EINVAL;
+        r = counter_open(t, index, &nv);
+        if (r < 0)
+                return r;
+        r = counter_increment_tr(t, nv.tr);
+        if (r < 0)
+                return r;
+        return ret ? counter_read_tr(t, nv.tr, ret) : 0;
+}
+
+int tpm_counter_define(struct tpm *t, uint32_t index, const char *owner_auth, uint64_t *ret) {
+        static const TPM2B_AUTH empty = {};
+        struct tpm_tr nv _cleanup_tr_close_ = { .esys = t ? t->esys : NULL, .tr = ESYS_TR_NONE };
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        TPM2B_AUTH auth = {};
+        TPM2B_NV_PUBLIC template;
+        size_t len;
+        TSS2_RC rc;
+        int r;
+
+        if (!t || !nv_index_valid(index))
+                return -EINVAL;
+        len = owner_auth ? strlen(owner_auth) : 0;
+        if (len > sizeof(auth.buffer))
+                return -EINVAL;
+        auth.size = (UINT16) len;
+        if (len > 0)
+                memcpy(auth.buffer, owner_auth, len);
+
+        /* The owner's authValue goes into the session HMAC only, never on
+         * the bus (salted session, Part 1, "HMAC Computation"). */
+        r = start_session(t, TPM2_SE_HMAC, 0, &session);
+        if (r < 0) {
+                explicit_bzero(&auth, sizeof(auth));
+                return r;
+        }
+        rc = Esys_TR_SetAuth(t->esys, ESYS_TR_RH_OWNER, &auth);
+        explicit_bzero(&auth, sizeof(auth));
+        r = tpm_rc_to_errno(rc, -EIO, "TR_SetAuth(owner)");
+        if (r < 0)
+                return r;
+
+        counter_template(index, false, &template);
+        /* Part 3, 31.3 TPM2_NV_DefineSpace. */
+        TPM_RETRY(rc, Esys_NV_DefineSpace(t->esys, ESYS_TR_RH_OWNER, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                          &empty, &template, &nv.tr));
+        /* Forget the owner auth in ESYS (overwrites its copy). */
+        (void) Esys_TR_SetAuth(t->esys, ESYS_TR_RH_OWNER, &empty);
+        tpm_handle_flush(&session);
+
+        switch (rc == TSS2_RC_SUCCESS ? TPM2_RC_SUCCESS : tpm_rc_code(rc) ? tpm_rc_code(rc) : TPM2_RC_FAILURE) {
+        case TPM2_RC_SUCCESS:
+                break;
+        case TPM2_RC_BAD_AUTH:
+        case TPM2_RC_AUTH_FAIL:
+                nv.tr = ESYS_TR_NONE;
+                log_debug("NV_DefineSpace: owner authorization failed");
+                return -EACCES;
+        case TPM2_RC_NV_DEFINED:
+                nv.tr = ESYS_TR_NONE;
+                r = counter_open(t, index, &nv);
+                if (r > 0)
+                        return -EEXIST;
+                if (r < 0)
+                        return r;
+                /* Ours, never incremented: finish what was interrupted. */
+                break;
+        case TPM2_RC_NV_SPACE:
+                nv.tr = ESYS_TR_NONE;
+                return -ENOSPC;
+        default:
+                nv.tr = ESYS_TR_NONE;
+                r = tpm_rc_to_errno(rc, -EIO, "NV_DefineSpace");
+                if (r < 0)
+                        return r;
+        }
+
+        /* A counter is unreadable until its first increment, which also
+         * sets it to at least the highest value any counter had here. */
+        r = counter_increment_tr(t, nv.tr);
+        if (r < 0)
+                return r;
+        tpm_tr_close(&nv);
+
+        /* Read back through the checks every reader does. */
+        r = counter_open(t, index, &nv);
+        if (r == 0)
+                return -EIO;
+        if (r < 0)
+                return r;
+        return counter_read_tr(t, nv.tr, ret);
+}
