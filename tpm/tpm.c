@@ -625,9 +625,13 @@ static int start_session(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, struct
  *    response parameter area, through Tss2_Sys_GetRpBuffer, right after the
  *    command, on every path.
  *  - the stack: iesys_decrypt_param decrypts into a VLA (plaintext[]) and
- *    derives the CFB key into another (symKey[]), neither wiped; deeper
- *    frames (OpenSSL) too. Overwritten here: the 16 KiB of stack below the
- *    caller's frame, where those frames were.
+ *    derives the CFB key into another (symKey[]), neither wiped; the
+ *    unmarshalling into the output and deeper frames (OpenSSL) leave
+ *    copies too, some at the very top of ESYS's frames. Overwritten here:
+ *    the 32 KiB of stack below the frame of each public function that
+ *    handles a secret, on its way out (scrubbing right below the function
+ *    that called ESYS would miss the top of ESYS's frames, where the
+ *    scrubber's own return address, saved registers and canary sit).
  *  - ESYS's own output (TPM2B_SENSITIVE_DATA, TPM2B_DIGEST): wiped by the
  *    callers before Esys_Free.
  *  - the TCTI (swtpm/mssim sockets, /dev/tpmrm0) and the kernel only ever
@@ -647,7 +651,7 @@ static int start_session(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, struct
  * response header and parameterSize, with no response handles (Unseal,
  * HMAC, Create). Bounds the wipe even if a response lied about its size. */
 #define RP_WIPE_MAX (TPM2_MAX_COMMAND_SIZE - 10 - 4)
-#define STACK_SCRUB_SIZE (16 * 1024)
+#define STACK_SCRUB_SIZE (32 * 1024)
 
 static __attribute__((noinline)) void stack_scrub(void) {
         uint8_t buf[STACK_SCRUB_SIZE];
@@ -656,8 +660,8 @@ static __attribute__((noinline)) void stack_scrub(void) {
         __asm__ __volatile__("" : : "r"(buf) : "memory");
 }
 
-/* Call right after an ESYS command whose parameters were secret, in the
- * same frame as the call, on every path. */
+/* Call right after an ESYS command whose parameters were secret, on every
+ * path; and stack_scrub() on the way out of the public function. */
 static void esys_secrets_wipe(struct tpm *t) {
         TSS2_SYS_CONTEXT *sys = NULL;
         const uint8_t *rp = NULL;
@@ -667,7 +671,6 @@ static void esys_secrets_wipe(struct tpm *t) {
             Tss2_Sys_GetRpBuffer(sys, &size, &rp) == TSS2_RC_SUCCESS && rp)
                 /* The buffer is ESYS's, writable; the API hands it out const. */
                 explicit_bzero((uint8_t *) rp, size < RP_WIPE_MAX ? size : RP_WIPE_MAX);
-        stack_scrub();
 }
 
 /* ---- SRK ---------------------------------------------------------------- */
@@ -899,8 +902,8 @@ int tpm_open(const char *tcti, struct tpm **ret) {
 
 /* ---- seal --------------------------------------------------------------- */
 
-int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
-             const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret) {
+static __attribute__((noinline)) int seal_impl(struct tpm *t, const struct tpm_pcr_selection *sel,
+                                                const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret) {
         static const TPM2B_DATA outside = {};
         static const TPML_PCR_SELECTION creation_pcr = {};
         _cleanup_(sensitive_create_erasep) TPM2B_SENSITIVE_CREATE sensitive = {};
@@ -979,6 +982,15 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
 
         *ret = s;
         return 0;
+}
+
+int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
+             const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret) {
+        int r = seal_impl(t, sel, secret, ret);
+
+        /* The secret went into ESYS's frames (parameter encryption). */
+        stack_scrub();
+        return r;
 }
 
 /* ---- unseal ------------------------------------------------------------- */
@@ -1060,8 +1072,9 @@ static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selec
         return 0;
 }
 
-int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
-               uint8_t secret[AES256_KEY_SIZE], struct tpm_pcr_values *current) {
+static __attribute__((noinline)) int unseal_impl(struct tpm *t, const struct tpm_sealed *sealed,
+                                                  uint8_t secret[AES256_KEY_SIZE],
+                                                  struct tpm_pcr_values *current) {
         struct tpm_handle object _cleanup_flush_ = TPM_HANDLE_NULL(t);
         uint8_t policy[POLICY_SIZE];
         TPM2B_PUBLIC pub = {};
@@ -1149,6 +1162,14 @@ int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
 
         if (r < 0)
                 explicit_bzero(secret, AES256_KEY_SIZE);
+        return r;
+}
+
+int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
+               uint8_t secret[AES256_KEY_SIZE], struct tpm_pcr_values *current) {
+        int r = unseal_impl(t, sealed, secret, current);
+
+        stack_scrub();
         return r;
 }
 
@@ -1421,8 +1442,9 @@ static int cache_key_derive_hmac(struct tpm *t, const struct tpm_sealed *s, uint
         return r;
 }
 
-int tpm_cache_key_derive(struct tpm *t, const struct tpm_sealed *s, uint8_t key[AES256_KEY_SIZE],
-                         struct tpm_pcr_values *current) {
+static __attribute__((noinline)) int cache_key_derive_impl(struct tpm *t, const struct tpm_sealed *s,
+                                                            uint8_t key[AES256_KEY_SIZE],
+                                                            struct tpm_pcr_values *current) {
         int r;
 
         if (key)
@@ -1434,6 +1456,15 @@ int tpm_cache_key_derive(struct tpm *t, const struct tpm_sealed *s, uint8_t key[
 
         switch (s->kind) {
         case TPM_SEALED_DATA_PCR:
+                /* What tpm_sealed_check requires of kind 1 (tpm_unseal checks
+                 * less: an HMAC key recorded as kind 1 would reach Unseal). */
+                r = sealed_object_check(s, NULL, NULL, NULL, 0);
+                if (r == -EPERM) {
+                        log_debug("kind 1 object is not a sealed data object as tpm_seal makes them");
+                        return -EXDEV;
+                }
+                if (r < 0)
+                        return r;
                 return tpm_unseal(t, s, key, current);
         case TPM_SEALED_HMAC_PCR:
                 r = cache_key_derive_hmac(t, s, key, current);
@@ -1446,8 +1477,17 @@ int tpm_cache_key_derive(struct tpm *t, const struct tpm_sealed *s, uint8_t key[
         return r;
 }
 
-int tpm_cache_key_create(struct tpm *t, const struct tpm_pcr_selection *sel, struct tpm_sealed *ret,
-                         uint8_t key[AES256_KEY_SIZE]) {
+int tpm_cache_key_derive(struct tpm *t, const struct tpm_sealed *s, uint8_t key[AES256_KEY_SIZE],
+                         struct tpm_pcr_values *current) {
+        int r = cache_key_derive_impl(t, s, key, current);
+
+        stack_scrub();
+        return r;
+}
+
+static __attribute__((noinline)) int cache_key_create_impl(struct tpm *t, const struct tpm_pcr_selection *sel,
+                                                            struct tpm_sealed *ret,
+                                                            uint8_t key[AES256_KEY_SIZE]) {
         static const TPM2B_SENSITIVE_CREATE sensitive = {};
         static const TPM2B_DATA outside = {};
         static const TPML_PCR_SELECTION creation_pcr = {};
@@ -1535,6 +1575,14 @@ int tpm_cache_key_create(struct tpm *t, const struct tpm_pcr_selection *sel, str
         }
         *ret = s;
         return 0;
+}
+
+int tpm_cache_key_create(struct tpm *t, const struct tpm_pcr_selection *sel, struct tpm_sealed *ret,
+                         uint8_t key[AES256_KEY_SIZE]) {
+        int r = cache_key_create_impl(t, sel, ret, key);
+
+        stack_scrub();
+        return r;
 }
 
 /* ---- rollback counter --------------------------------------------------- */
