@@ -21,6 +21,7 @@
 #include <tss2/tss2_esys.h>
 #include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
+#include <tss2/tss2_sys.h>
 #include <tss2/tss2_tctildr.h>
 
 #include "macro.h"
@@ -192,6 +193,14 @@ static void esys_freep(void *p) {
 
 /* Unsealed data: wiped before it goes back to the allocator. */
 static void sensitive_data_erase_and_freep(TPM2B_SENSITIVE_DATA **p) {
+        if (!*p)
+                return;
+        explicit_bzero(*p, sizeof(**p));
+        Esys_Free(*p);
+}
+
+/* A derived key (HMAC output): the same. */
+static void digest_erase_and_freep(TPM2B_DIGEST **p) {
         if (!*p)
                 return;
         explicit_bzero(*p, sizeof(**p));
@@ -458,21 +467,40 @@ int tpm_pcr_read(struct tpm *t, const struct tpm_pcr_selection *sel, struct tpm_
 
 /* ---- policy digests, computed in software ------------------------------- */
 
-/* The sealed object's nameAlg and the policy sessions' hash. */
+/* The nameAlg of the objects this file creates, and so the hash of their
+ * policy sessions. tpm_sealed_check computes with whatever nameAlg an
+ * object has. */
 #define POLICY_ALG TPM2_ALG_SHA256
 #define POLICY_SIZE TPM2_SHA256_DIGEST_SIZE
 
-static int sha256(const void *const *parts, const size_t *sizes, size_t n, uint8_t out[POLICY_SIZE]) {
+static const EVP_MD *tpm_alg_md(uint16_t alg) {
+        switch (alg) {
+        case TPM2_ALG_SHA1:
+                return EVP_sha1();
+        case TPM2_ALG_SHA256:
+                return EVP_sha256();
+        case TPM2_ALG_SHA384:
+                return EVP_sha384();
+        case TPM2_ALG_SHA512:
+                return EVP_sha512();
+        default:
+                return NULL;
+        }
+}
+
+/* out holds EVP_MD_get_size(md) <= TPM_DIGEST_MAX bytes. */
+static int digest_parts(const EVP_MD *md, const void *const *parts, const size_t *sizes, size_t n,
+                        uint8_t *out) {
         EVP_MD_CTX *ctx = EVP_MD_CTX_new();
         unsigned int len = 0;
         int ok;
 
         if (!ctx)
                 return -ENOMEM;
-        ok = EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
+        ok = EVP_DigestInit_ex(ctx, md, NULL);
         for (size_t i = 0; ok && i < n; i++)
                 ok = EVP_DigestUpdate(ctx, parts[i], sizes[i]);
-        ok = ok && EVP_DigestFinal_ex(ctx, out, &len) && len == POLICY_SIZE;
+        ok = ok && EVP_DigestFinal_ex(ctx, out, &len) && len == (unsigned) EVP_MD_get_size(md);
         EVP_MD_CTX_free(ctx);
         return ok ? 0 : -EIO;
 }
@@ -484,35 +512,46 @@ static void be32(uint8_t out[4], uint32_t v) {
         out[3] = v;
 }
 
-/* The policy a fresh policy session reaches with one assertion, starting
- * from the all-zero digest (Part 3, TPM2_StartAuthSession):
+/* The policy a fresh policy session with hash alg reaches with one
+ * assertion, starting from the all-zero digest (Part 3, TPM2_StartAuthSession):
  *   PolicyPCR (Part 3, 23.7):
- *     H(0...0 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION || H(PCR values))
- *     with the PCR values concatenated in selection order;
+ *     H(0...0 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION || H(PCR values)),
+ *     the PCR values concatenated in selection order and hashed with the
+ *     session's hash, whatever the bank;
  *   PolicyCommandCode (Part 3, 23.11), used when the selection is empty:
- *     H(0...0 || TPM_CC_PolicyCommandCode || TPM_CC_Unseal). */
-static int policy_compute(const struct tpm_pcr_values *v, uint8_t out[POLICY_SIZE]) {
-        static const uint8_t zero[POLICY_SIZE];
+ *     H(0...0 || TPM_CC_PolicyCommandCode || empty_cc).
+ * empty_cc is TPM2_CC_Unseal for kind 1, TPM2_CC_HMAC for kind 2. out holds
+ * the digest size of alg; returns it, or -EINVAL for an unknown alg. */
+static int policy_digest(uint16_t alg, const struct tpm_pcr_values *v, TPM2_CC empty_cc, uint8_t *out) {
+        static const uint8_t zero[TPM_DIGEST_MAX];
+        const EVP_MD *md = tpm_alg_md(alg);
         uint8_t cc[4], arg[4];
+        size_t size;
         int r;
+
+        if (!md)
+                return -EINVAL;
+        size = (size_t) EVP_MD_get_size(md);
 
         if (tpm_pcr_selection_is_empty(&v->sel)) {
                 be32(cc, TPM2_CC_PolicyCommandCode);
-                be32(arg, TPM2_CC_Unseal);
-                return sha256((const void *[]) { zero, cc, arg },
-                              (const size_t[]) { sizeof(zero), sizeof(cc), sizeof(arg) }, 3, out);
+                be32(arg, empty_cc);
+                r = digest_parts(md, (const void *[]) { zero, cc, arg },
+                                 (const size_t[]) { size, sizeof(cc), sizeof(arg) }, 3, out);
         } else {
                 TPML_PCR_SELECTION l = pcr_selection_to_tpml(&v->sel);
-                uint8_t pcrs[sizeof(TPML_PCR_SELECTION)], pcr_digest[POLICY_SIZE];
+                uint8_t pcrs[sizeof(TPML_PCR_SELECTION)], pcr_digest[TPM_DIGEST_MAX];
                 const void *parts[TPM_PCR_MAX];
                 size_t sizes[TPM_PCR_MAX], off = 0;
                 TSS2_RC rc;
 
+                if (v->count > TPM_PCR_MAX)
+                        return -EINVAL;
                 for (size_t i = 0; i < v->count; i++) {
                         parts[i] = v->digest[i];
                         sizes[i] = v->digest_size;
                 }
-                r = sha256(parts, sizes, v->count, pcr_digest);
+                r = digest_parts(md, parts, sizes, v->count, pcr_digest);
                 if (r < 0)
                         return r;
 
@@ -522,10 +561,16 @@ static int policy_compute(const struct tpm_pcr_values *v, uint8_t out[POLICY_SIZ
                         return r;
 
                 be32(cc, TPM2_CC_PolicyPCR);
-                return sha256((const void *[]) { zero, cc, pcrs, pcr_digest },
-                              (const size_t[]) { sizeof(zero), sizeof(cc), off, sizeof(pcr_digest) },
-                              4, out);
+                r = digest_parts(md, (const void *[]) { zero, cc, pcrs, pcr_digest },
+                                 (const size_t[]) { size, sizeof(cc), off, size }, 4, out);
         }
+        return r < 0 ? r : (int) size;
+}
+
+/* Kind 1's policy, as tpm_seal has always computed it. */
+static int policy_compute(const struct tpm_pcr_values *v, uint8_t out[POLICY_SIZE]) {
+        int r = policy_digest(POLICY_ALG, v, TPM2_CC_Unseal, out);
+        return r < 0 ? r : 0;
 }
 
 /* ---- sessions ----------------------------------------------------------- */
@@ -540,7 +585,8 @@ static int policy_compute(const struct tpm_pcr_values *v, uint8_t out[POLICY_SIZ
  * The SRK public used for the salt is read from the TPM (TR_FromTPMPublic),
  * not pinned: this protects against a passive observer of the bus, not an
  * active interposer that substitutes its own key. */
-static int start_session(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, struct tpm_handle *ret) {
+static int start_session_hash(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, TPMI_ALG_HASH hash,
+                              struct tpm_handle *ret) {
         static const TPMT_SYM_DEF sym = {
                 .algorithm = TPM2_ALG_AES,
                 .keyBits.aes = 128,
@@ -550,7 +596,7 @@ static int start_session(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, struct
         int r;
 
         TPM_RETRY(rc, Esys_StartAuthSession(t->esys, t->srk, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
-                                            ESYS_TR_NONE, NULL, type, &sym, POLICY_ALG, &ret->tr));
+                                            ESYS_TR_NONE, NULL, type, &sym, hash, &ret->tr));
         r = tpm_rc_to_errno(rc, -EIO, "StartAuthSession");
         if (r < 0) {
                 ret->tr = ESYS_TR_NONE;
@@ -559,6 +605,72 @@ static int start_session(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, struct
 
         rc = Esys_TRSess_SetAttributes(t->esys, ret->tr, attrs | TPMA_SESSION_CONTINUESESSION, 0xff);
         return tpm_rc_to_errno(rc, -EIO, "TRSess_SetAttributes");
+}
+
+static int start_session(struct tpm *t, TPM2_SE type, TPMA_SESSION attrs, struct tpm_handle *ret) {
+        return start_session_hash(t, type, attrs, POLICY_ALG, ret);
+}
+
+/* ---- secrets left behind in tpm2-tss ------------------------------------
+ *
+ * Where a secret that came out of the TPM (Unseal's outData, HMAC's outHMAC)
+ * or went into it (tpm_seal's inSensitive) can linger in this process after
+ * the call, found by reading tpm2-tss 3.2 (src/tss2-esys/esys_iutil.c,
+ * src/tss2-sys/api/Tss2_Sys_GetRpBuffer.c, CommandUtil.c):
+ *  - the SYS context's command/response buffer (cmdBuffer, 4 KiB, allocated
+ *    once by Esys_Initialize and freed unwiped by Esys_Finalize): ESYS
+ *    decrypts the encrypted response parameter in place there
+ *    (iesys_decrypt_param -> Tss2_Sys_SetEncryptParam), and it stays until
+ *    a later response happens to overwrite those bytes. Wiped here: the
+ *    response parameter area, through Tss2_Sys_GetRpBuffer, right after the
+ *    command, on every path.
+ *  - the stack: iesys_decrypt_param decrypts into a VLA (plaintext[]) and
+ *    derives the CFB key into another (symKey[]), neither wiped; the
+ *    unmarshalling into the output and deeper frames (OpenSSL) leave
+ *    copies too, some at the very top of ESYS's frames. Overwritten here:
+ *    the 32 KiB of stack below the frame of each public function that
+ *    handles a secret, on its way out (scrubbing right below the function
+ *    that called ESYS would miss the top of ESYS's frames, where the
+ *    scrubber's own return address, saved registers and canary sit).
+ *  - ESYS's own output (TPM2B_SENSITIVE_DATA, TPM2B_DIGEST): wiped by the
+ *    callers before Esys_Free.
+ *  - the TCTI (swtpm/mssim sockets, /dev/tpmrm0) and the kernel only ever
+ *    see the parameter in its encrypted form: decryption happens above
+ *    them in ESYS, so there is nothing in clear to wipe there. The inbound
+ *    secret of tpm_seal is marshalled into cmdBuffer and encrypted in place
+ *    (iesys_encrypt_param -> Tss2_Sys_SetDecryptParam) before it is sent.
+ * Not covered: the session keys in ESYS's resource list (freed unwiped on
+ * flush; with a recording of the bus they would decrypt that session's
+ * parameters, but reading this process's heap gives the key itself
+ * anyway); an output ESYS frees itself on an unmarshalling error after
+ * decryption (Esys_*_Finish error paths, SAFE_FREE); ESYS debug logging
+ * (TSS2_LOG=esys+debug prints decrypted parameters: never in production);
+ * swap and core dumps, which the agent disables for the process. */
+
+/* The largest response parameter area that fits in cmdBuffer after the
+ * response header and parameterSize, with no response handles (Unseal,
+ * HMAC, Create). Bounds the wipe even if a response lied about its size. */
+#define RP_WIPE_MAX (TPM2_MAX_COMMAND_SIZE - 10 - 4)
+#define STACK_SCRUB_SIZE (32 * 1024)
+
+static __attribute__((noinline)) void stack_scrub(void) {
+        uint8_t buf[STACK_SCRUB_SIZE];
+
+        explicit_bzero(buf, sizeof(buf));
+        __asm__ __volatile__("" : : "r"(buf) : "memory");
+}
+
+/* Call right after an ESYS command whose parameters were secret, on every
+ * path; and stack_scrub() on the way out of the public function. */
+static void esys_secrets_wipe(struct tpm *t) {
+        TSS2_SYS_CONTEXT *sys = NULL;
+        const uint8_t *rp = NULL;
+        size_t size = 0;
+
+        if (Esys_GetSysContext(t->esys, &sys) == TSS2_RC_SUCCESS && sys &&
+            Tss2_Sys_GetRpBuffer(sys, &size, &rp) == TSS2_RC_SUCCESS && rp)
+                /* The buffer is ESYS's, writable; the API hands it out const. */
+                explicit_bzero((uint8_t *) rp, size < RP_WIPE_MAX ? size : RP_WIPE_MAX);
 }
 
 /* ---- SRK ---------------------------------------------------------------- */
@@ -790,8 +902,8 @@ int tpm_open(const char *tcti, struct tpm **ret) {
 
 /* ---- seal --------------------------------------------------------------- */
 
-int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
-             const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret) {
+static __attribute__((noinline)) int seal_impl(struct tpm *t, const struct tpm_pcr_selection *sel,
+                                                const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret) {
         static const TPM2B_DATA outside = {};
         static const TPML_PCR_SELECTION creation_pcr = {};
         _cleanup_(sensitive_create_erasep) TPM2B_SENSITIVE_CREATE sensitive = {};
@@ -813,6 +925,7 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
         if (r < 0)
                 return r;
         s.policy_digest_size = POLICY_SIZE;
+        s.kind = TPM_SEALED_DATA_PCR;
 
         /* A sealed data object (Part 1, "Sealed Data Objects"; Part 2, 8.3
          * TPMA_OBJECT; Part 3, 12.1 TPM2_Create):
@@ -846,6 +959,7 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
         TPM_RETRY(rc, Esys_Create(t->esys, t->srk, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &sensitive,
                                   &template, &outside, &creation_pcr, &out_private, &out_public, NULL,
                                   NULL, NULL));
+        esys_secrets_wipe(t);
         r = tpm_rc_to_errno(rc, -EIO, "Create");
         if (r < 0)
                 return r;
@@ -868,6 +982,15 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
 
         *ret = s;
         return 0;
+}
+
+int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
+             const uint8_t secret[AES256_KEY_SIZE], struct tpm_sealed *ret) {
+        int r = seal_impl(t, sel, secret, ret);
+
+        /* The secret went into ESYS's frames (parameter encryption). */
+        stack_scrub();
+        return r;
 }
 
 /* ---- unseal ------------------------------------------------------------- */
@@ -925,6 +1048,7 @@ static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selec
         }
 
         rc = Esys_Unseal(t->esys, object, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &out);
+        esys_secrets_wipe(t);
         if (tpm_rc_is_retryable(rc)) {
                 /* PCR_CHANGED: a PCR moved between PolicyPCR and Unseal; the
                  * session is spent, start over with a fresh one. */
@@ -948,8 +1072,9 @@ static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selec
         return 0;
 }
 
-int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
-               uint8_t secret[AES256_KEY_SIZE], struct tpm_pcr_values *current) {
+static __attribute__((noinline)) int unseal_impl(struct tpm *t, const struct tpm_sealed *sealed,
+                                                  uint8_t secret[AES256_KEY_SIZE],
+                                                  struct tpm_pcr_values *current) {
         struct tpm_handle object _cleanup_flush_ = TPM_HANDLE_NULL(t);
         uint8_t policy[POLICY_SIZE];
         TPM2B_PUBLIC pub = {};
@@ -964,6 +1089,8 @@ int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
         if (current)
                 *current = (struct tpm_pcr_values) {};
         if (!t || !sealed || !secret)
+                return -EINVAL;
+        if (sealed->kind != 0 && sealed->kind != TPM_SEALED_DATA_PCR)
                 return -EINVAL;
         sel = &sealed->pcrs.sel;
         if (!pcr_selection_is_valid(sel) ||
@@ -1036,4 +1163,686 @@ int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
         if (r < 0)
                 explicit_bzero(secret, AES256_KEY_SIZE);
         return r;
+}
+
+int tpm_unseal(struct tpm *t, const struct tpm_sealed *sealed,
+               uint8_t secret[AES256_KEY_SIZE], struct tpm_pcr_values *current) {
+        int r = unseal_impl(t, sealed, secret, current);
+
+        stack_scrub();
+        return r;
+}
+
+/* ---- the cache key: checking a sealed object ---------------------------- */
+
+#define CACHE_KEY_LABEL "tpmkms cache key v2"
+
+static int why_set(char *why, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int why_set(char *why, size_t size, const char *fmt, ...) {
+        va_list ap;
+
+        if (why && size > 0) {
+                va_start(ap, fmt);
+                vsnprintf(why, size, fmt, ap);
+                va_end(ap);
+        }
+        return -EPERM;
+}
+
+/* The part of tpm_sealed_check that does not depend on the configuration:
+ * sizes, unmarshalling, the object's type and attributes, and the recorded
+ * selection and values against its authPolicy. Fills pub and priv (may be
+ * NULL). Returns 0, -EINVAL, -EXDEV or -EPERM (with why, which ends in
+ * "sealed to <selection>" for the caller to complete). */
+static int sealed_object_check(const struct tpm_sealed *s, TPM2B_PUBLIC *ret_pub, TPM2B_PRIVATE *ret_priv,
+                               char *why, size_t why_size) {
+        TPM2B_PUBLIC pub = {};
+        TPM2B_PRIVATE priv = {};
+        const TPMT_PUBLIC *p = &pub.publicArea;
+        uint8_t policy[TPM_DIGEST_MAX];
+        char sealed_to[128];
+        TPMA_OBJECT need, forbid;
+        size_t off;
+        TSS2_RC rc;
+        int r;
+
+        if (s->kind != TPM_SEALED_DATA_PCR && s->kind != TPM_SEALED_HMAC_PCR)
+                return -EINVAL;
+        if (!pcr_selection_is_valid(&s->pcrs.sel) ||
+            s->public_size == 0 || s->public_size > sizeof(s->public_blob) ||
+            s->private_size == 0 || s->private_size > sizeof(s->private_blob) ||
+            s->policy_digest_size > sizeof(s->policy_digest))
+                return -EINVAL;
+        if (tpm_pcr_selection_format(&s->pcrs.sel, sealed_to, sizeof(sealed_to)) < 0)
+                return -EINVAL;
+
+        off = 0;
+        rc = Tss2_MU_TPM2B_PUBLIC_Unmarshal(s->public_blob, s->public_size, &off, &pub);
+        if (rc != TSS2_RC_SUCCESS || off != s->public_size) {
+                log_debug("sealed public area does not unmarshal: 0x%x %s", rc, Tss2_RC_Decode(rc));
+                return -EXDEV;
+        }
+        off = 0;
+        rc = Tss2_MU_TPM2B_PRIVATE_Unmarshal(s->private_blob, s->private_size, &off, &priv);
+        if (rc != TSS2_RC_SUCCESS || off != s->private_size) {
+                log_debug("sealed private area does not unmarshal: 0x%x %s", rc, Tss2_RC_Decode(rc));
+                return -EXDEV;
+        }
+
+        /* Part 2, 8.3 TPMA_OBJECT. fixedTPM: only TPM2_Create/CreatePrimary
+         * in this TPM can make such an object (TPM2_Import refuses it,
+         * Part 3, 13.3), so its sensitive part really was generated
+         * (sensitiveDataOrigin) or supplied as the attributes say. */
+        if (s->kind == TPM_SEALED_HMAC_PCR) {
+                need = TPMA_OBJECT_SIGN_ENCRYPT | TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_FIXEDTPM |
+                        TPMA_OBJECT_FIXEDPARENT;
+                forbid = TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_DECRYPT | TPMA_OBJECT_RESTRICTED;
+                if (p->type != TPM2_ALG_KEYEDHASH ||
+                    p->parameters.keyedHashDetail.scheme.scheme != TPM2_ALG_HMAC)
+                        return why_set(why, why_size, "object is not a keyedHash HMAC key: sealed to %s",
+                                       sealed_to);
+        } else {
+                /* What tpm_seal has always made (Part 1, "Sealed Data Objects"). */
+                need = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_NODA;
+                forbid = TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_SIGN_ENCRYPT | TPMA_OBJECT_DECRYPT |
+                        TPMA_OBJECT_RESTRICTED;
+                if (p->type != TPM2_ALG_KEYEDHASH ||
+                    p->parameters.keyedHashDetail.scheme.scheme != TPM2_ALG_NULL)
+                        return why_set(why, why_size, "object is not a sealed data object: sealed to %s",
+                                       sealed_to);
+        }
+        if ((p->objectAttributes & need) != need || (p->objectAttributes & forbid))
+                return why_set(why, why_size,
+                               "object attributes 0x%x (need 0x%x, forbid 0x%x%s): sealed to %s",
+                               p->objectAttributes, need, forbid,
+                               (p->objectAttributes & TPMA_OBJECT_USERWITHAUTH) ? ", userWithAuth set" : "",
+                               sealed_to);
+
+        /* The policy of the recorded selection and values, with the
+         * object's own nameAlg: what a policy session must reach. */
+        if (pcr_values_check(&s->pcrs) < 0)
+                return why_set(why, why_size, "recorded PCR values do not fit their selection: sealed to %s",
+                               sealed_to);
+        r = policy_digest(p->nameAlg, &s->pcrs,
+                          s->kind == TPM_SEALED_HMAC_PCR ? TPM2_CC_HMAC : TPM2_CC_Unseal, policy);
+        if (r == -EINVAL)
+                return why_set(why, why_size, "object nameAlg 0x%x unsupported: sealed to %s", p->nameAlg,
+                               sealed_to);
+        if (r < 0)
+                return r;
+        if (p->authPolicy.size != (size_t) r || memcmp(p->authPolicy.buffer, policy, (size_t) r) != 0)
+                return why_set(why, why_size,
+                               "recorded PCR values do not match the object's authPolicy: sealed to %s",
+                               sealed_to);
+        if (s->policy_digest_size != (size_t) r || memcmp(s->policy_digest, policy, (size_t) r) != 0)
+                return why_set(why, why_size,
+                               "recorded policy digest is not the object's authPolicy: sealed to %s",
+                               sealed_to);
+
+        if (ret_pub)
+                *ret_pub = pub;
+        if (ret_priv)
+                *ret_priv = priv;
+        return 0;
+}
+
+/* Every configured PCR in the same bank (Part 3, 23.7: PolicyPCR over more
+ * PCRs only binds more). */
+static bool selection_covers(const struct tpm_pcr_selection *sealed, const struct tpm_pcr_selection *configured) {
+        if (tpm_pcr_selection_is_empty(configured))
+                return true;
+        return sealed->hash_alg == configured->hash_alg &&
+               (sealed->mask & configured->mask) == configured->mask;
+}
+
+int tpm_sealed_check(const struct tpm_sealed *s, const struct tpm_pcr_selection *configured, char *why,
+                     size_t why_size) {
+        char sealed_to[128], conf[128];
+        size_t n;
+        int r;
+
+        if (why && why_size > 0)
+                why[0] = '\0';
+        if (!s || !configured || (!why && why_size > 0) || !pcr_selection_is_valid(configured))
+                return -EINVAL;
+        if (tpm_pcr_selection_format(configured, conf, sizeof(conf)) < 0)
+                return -EINVAL;
+
+        r = sealed_object_check(s, NULL, NULL, why, why_size);
+        if (r == -EPERM) {
+                n = strlen(why ? why : "");
+                if (why && n + 1 < why_size)
+                        snprintf(why + n, why_size - n, ", configured %s", conf);
+                return r;
+        }
+        if (r < 0)
+                return r;
+
+        if (!selection_covers(&s->pcrs.sel, configured)) {
+                (void) tpm_pcr_selection_format(&s->pcrs.sel, sealed_to, sizeof(sealed_to));
+                return why_set(why, why_size, "sealed to %s, configured %s", sealed_to, conf);
+        }
+        return 0;
+}
+
+/* ---- the cache key: derivation ------------------------------------------ */
+
+/* One attempt: a fresh policy session (salted, response encryption, with
+ * the object's nameAlg), the policy, the digest check, TPM2_HMAC (Part 3,
+ * 15.5) of the label. Returns -EAGAIN with *ret_rc when the TPM said
+ * "retry" for the HMAC. */
+static int hmac_once(struct tpm *t, ESYS_TR object, const TPMT_PUBLIC *pub, const struct tpm_pcr_selection *sel,
+                     uint8_t key[AES256_KEY_SIZE], struct tpm_pcr_values *current, TSS2_RC *ret_rc) {
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        _cleanup_(digest_erase_and_freep) TPM2B_DIGEST *out = NULL;
+        _cleanup_esys_free_ TPM2B_DIGEST *digest = NULL;
+        TPM2B_MAX_BUFFER label = { .size = sizeof(CACHE_KEY_LABEL) - 1 };
+        TSS2_RC rc;
+        int r;
+
+        *ret_rc = TSS2_RC_SUCCESS;
+        memcpy(label.buffer, CACHE_KEY_LABEL, label.size);
+
+        /* outHMAC is the first response parameter: TPMA_SESSION_ENCRYPT
+         * keeps the derived key off the bus. */
+        r = start_session_hash(t, TPM2_SE_POLICY, TPMA_SESSION_ENCRYPT, pub->nameAlg, &session);
+        if (r < 0)
+                return r;
+
+        if (tpm_pcr_selection_is_empty(sel)) {
+                TPM_RETRY(rc, Esys_PolicyCommandCode(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                                     ESYS_TR_NONE, TPM2_CC_HMAC));
+                r = tpm_rc_to_errno(rc, -EIO, "PolicyCommandCode");
+        } else {
+                static const TPM2B_DIGEST empty = {};
+                TPML_PCR_SELECTION l = pcr_selection_to_tpml(sel);
+
+                TPM_RETRY(rc, Esys_PolicyPCR(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                             ESYS_TR_NONE, &empty, &l));
+                r = tpm_rc_to_errno(rc, -EIO, "PolicyPCR");
+        }
+        if (r < 0)
+                return r;
+
+        TPM_RETRY(rc, Esys_PolicyGetDigest(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                           ESYS_TR_NONE, &digest));
+        r = tpm_rc_to_errno(rc, -EIO, "PolicyGetDigest");
+        if (r < 0)
+                return r;
+        if (digest->size != pub->authPolicy.size ||
+            memcmp(digest->buffer, pub->authPolicy.buffer, digest->size) != 0) {
+                log_debug("policy digest differs from the cache key object's authPolicy: "
+                          "the PCRs changed since it was created");
+                if (current)
+                        (void) tpm_pcr_read(t, sel, current);
+                return -EPERM;
+        }
+
+        rc = Esys_HMAC(t->esys, object, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &label, TPM2_ALG_SHA256, &out);
+        esys_secrets_wipe(t);
+        if (tpm_rc_is_retryable(rc)) {
+                /* PCR_CHANGED between PolicyPCR and HMAC: the session is spent. */
+                *ret_rc = rc;
+                return -EAGAIN;
+        }
+        r = tpm_rc_to_errno(rc, -EIO, "HMAC");
+        if (r == -EPERM) {
+                if (current)
+                        (void) tpm_pcr_read(t, sel, current);
+                return r;
+        }
+        if (r < 0)
+                return r;
+        if (out->size != AES256_KEY_SIZE) {
+                log_debug("HMAC: %u bytes, expected %d", out->size, AES256_KEY_SIZE);
+                return -EIO;
+        }
+        memcpy(key, out->buffer, AES256_KEY_SIZE);
+        return 0;
+}
+
+static int cache_key_derive_hmac(struct tpm *t, const struct tpm_sealed *s, uint8_t key[AES256_KEY_SIZE],
+                                 struct tpm_pcr_values *current) {
+        struct tpm_handle object _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        TPM2B_PUBLIC pub = {};
+        TPM2B_PRIVATE priv = {};
+        TSS2_RC rc;
+        int r;
+
+        r = sealed_object_check(s, &pub, &priv, NULL, 0);
+        if (r == -EPERM) {
+                log_debug("cache key object is not one tpm_cache_key_create makes, or its recorded "
+                          "PCR values were altered");
+                return -EXDEV;
+        }
+        if (r < 0)
+                return r;
+
+        /* Part 3, 12.2 TPM2_Load: proves the blobs are this SRK's child as
+         * made (integrity HMAC from the parent's seed over the Name). */
+        TPM_RETRY(rc, Esys_Load(t->esys, t->srk, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &priv,
+                                &pub, &object.tr));
+        r = tpm_rc_to_errno(rc, -EXDEV, "Load");
+        if (r < 0) {
+                object.tr = ESYS_TR_NONE;
+                return r;
+        }
+
+        for (unsigned attempt = 0;; attempt++) {
+                r = hmac_once(t, object.tr, &pub.publicArea, &s->pcrs.sel, key, current, &rc);
+                if (r != -EAGAIN)
+                        break;
+                if (attempt + 1 >= TPM_RETRY_MAX) {
+                        r = tpm_rc_to_errno(rc, -EIO, "HMAC (retries exhausted)");
+                        break;
+                }
+                log_debug("HMAC: 0x%x %s, retrying", rc, Tss2_RC_Decode(rc));
+                retry_sleep(attempt);
+        }
+        return r;
+}
+
+static __attribute__((noinline)) int cache_key_derive_impl(struct tpm *t, const struct tpm_sealed *s,
+                                                            uint8_t key[AES256_KEY_SIZE],
+                                                            struct tpm_pcr_values *current) {
+        int r;
+
+        if (key)
+                explicit_bzero(key, AES256_KEY_SIZE);
+        if (current)
+                *current = (struct tpm_pcr_values) {};
+        if (!t || !s || !key)
+                return -EINVAL;
+
+        switch (s->kind) {
+        case TPM_SEALED_DATA_PCR:
+                /* What tpm_sealed_check requires of kind 1 (tpm_unseal checks
+                 * less: an HMAC key recorded as kind 1 would reach Unseal). */
+                r = sealed_object_check(s, NULL, NULL, NULL, 0);
+                if (r == -EPERM) {
+                        log_debug("kind 1 object is not a sealed data object as tpm_seal makes them");
+                        return -EXDEV;
+                }
+                if (r < 0)
+                        return r;
+                return tpm_unseal(t, s, key, current);
+        case TPM_SEALED_HMAC_PCR:
+                r = cache_key_derive_hmac(t, s, key, current);
+                break;
+        default:
+                return -EINVAL;
+        }
+        if (r < 0)
+                explicit_bzero(key, AES256_KEY_SIZE);
+        return r;
+}
+
+int tpm_cache_key_derive(struct tpm *t, const struct tpm_sealed *s, uint8_t key[AES256_KEY_SIZE],
+                         struct tpm_pcr_values *current) {
+        int r = cache_key_derive_impl(t, s, key, current);
+
+        stack_scrub();
+        return r;
+}
+
+static __attribute__((noinline)) int cache_key_create_impl(struct tpm *t, const struct tpm_pcr_selection *sel,
+                                                            struct tpm_sealed *ret,
+                                                            uint8_t key[AES256_KEY_SIZE]) {
+        static const TPM2B_SENSITIVE_CREATE sensitive = {};
+        static const TPM2B_DATA outside = {};
+        static const TPML_PCR_SELECTION creation_pcr = {};
+        _cleanup_esys_free_ TPM2B_PRIVATE *out_private = NULL;
+        _cleanup_esys_free_ TPM2B_PUBLIC *out_public = NULL;
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        struct tpm_sealed s = { .kind = TPM_SEALED_HMAC_PCR };
+        TPM2B_PUBLIC template = {};
+        TPMT_PUBLIC *p = &template.publicArea;
+        TSS2_RC rc;
+        int r;
+
+        if (key)
+                explicit_bzero(key, AES256_KEY_SIZE);
+        if (!t || !sel || !ret || !key || !pcr_selection_is_valid(sel))
+                return -EINVAL;
+
+        r = tpm_pcr_read(t, sel, &s.pcrs);
+        if (r < 0)
+                return r;
+        r = policy_digest(POLICY_ALG, &s.pcrs, TPM2_CC_HMAC, s.policy_digest);
+        if (r < 0)
+                return r;
+        s.policy_digest_size = POLICY_SIZE;
+
+        /* An HMAC key (Part 1, "Keyed Hash Objects"; Part 2, 8.3 TPMA_OBJECT,
+         * 12.2.3.3 TPMS_KEYEDHASH_PARMS; Part 3, 12.1 TPM2_Create):
+         *  - sensitiveDataOrigin: the TPM generates the HMAC secret, and
+         *    with an empty inSensitive.data nobody outside ever knows it;
+         *  - fixedTPM|fixedParent: never duplicated off this TPM;
+         *  - userWithAuth clear: HMAC (USER role) needs the policy session;
+         *  - adminWithPolicy: the ADMIN role (ObjectChangeAuth, Certify)
+         *    needs a policy with PolicyCommandCode for that command, which
+         *    the authPolicy never contains: no ADMIN use at all;
+         *  - noDA: a PCR mismatch must not count towards lockout;
+         *  - sign, HMAC-SHA256 scheme: what TPM2_HMAC needs. */
+        p->type = TPM2_ALG_KEYEDHASH;
+        p->nameAlg = POLICY_ALG;
+        p->objectAttributes = TPMA_OBJECT_SIGN_ENCRYPT | TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_ADMINWITHPOLICY | TPMA_OBJECT_NODA;
+        p->authPolicy.size = POLICY_SIZE;
+        memcpy(p->authPolicy.buffer, s.policy_digest, POLICY_SIZE);
+        p->parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_HMAC;
+        p->parameters.keyedHashDetail.scheme.details.hmac.hashAlg = TPM2_ALG_SHA256;
+
+        /* Nothing secret goes in or comes out in clear (outPrivate is
+         * wrapped by the SRK); the salted HMAC session authorizes the SRK
+         * and protects the template (authPolicy) from change on the bus. */
+        r = start_session(t, TPM2_SE_HMAC, 0, &session);
+        if (r < 0)
+                return r;
+        TPM_RETRY(rc, Esys_Create(t->esys, t->srk, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &sensitive,
+                                  &template, &outside, &creation_pcr, &out_private, &out_public, NULL,
+                                  NULL, NULL));
+        r = tpm_rc_to_errno(rc, -EIO, "Create(cache key)");
+        if (r < 0)
+                return r;
+        tpm_handle_flush(&session);
+
+        if (out_public->publicArea.objectAttributes != p->objectAttributes ||
+            out_public->publicArea.authPolicy.size != POLICY_SIZE ||
+            memcmp(out_public->publicArea.authPolicy.buffer, s.policy_digest, POLICY_SIZE) != 0) {
+                log_debug("Create: the object is not the one requested");
+                return -EIO;
+        }
+
+        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(out_public, s.public_blob, sizeof(s.public_blob), &s.public_size);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
+        if (r < 0)
+                return r;
+        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(out_private, s.private_blob, sizeof(s.private_blob),
+                                           &s.private_size);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+        if (r < 0)
+                return r;
+
+        r = cache_key_derive_hmac(t, &s, key, NULL);
+        if (r == -EPERM) {
+                log_debug("a selected PCR changed while the cache key was created");
+                r = -EAGAIN;
+        }
+        if (r < 0) {
+                explicit_bzero(key, AES256_KEY_SIZE);
+                return r;
+        }
+        *ret = s;
+        return 0;
+}
+
+int tpm_cache_key_create(struct tpm *t, const struct tpm_pcr_selection *sel, struct tpm_sealed *ret,
+                         uint8_t key[AES256_KEY_SIZE]) {
+        int r = cache_key_create_impl(t, sel, ret, key);
+
+        stack_scrub();
+        return r;
+}
+
+/* ---- rollback counter --------------------------------------------------- */
+
+/* Part 2, 13.4 TPMA_NV: authorized by the index's own (empty) authValue for
+ * read and write, not subject to dictionary-attack logic, a counter. */
+#define COUNTER_ATTRS (TPMA_NV_AUTHREAD | TPMA_NV_AUTHWRITE | TPMA_NV_NO_DA | \
+                       ((TPMA_NV) TPM2_NT_COUNTER << TPMA_NV_TPM2_NT_SHIFT))
+#define COUNTER_SIZE 8
+
+/* An NV index's ESYS_TR is closed, never flushed (it is not transient). */
+struct tpm_tr {
+        ESYS_CONTEXT *esys;
+        ESYS_TR tr;
+};
+
+static void tpm_tr_close(struct tpm_tr *h) {
+        if (h->tr != ESYS_TR_NONE)
+                (void) Esys_TR_Close(h->esys, &h->tr);
+        h->tr = ESYS_TR_NONE;
+}
+#define _cleanup_tr_close_ _cleanup_(tpm_tr_close)
+
+static bool nv_index_valid(uint32_t index) {
+        return (index >> 24) == TPM2_HT_NV_INDEX;
+}
+
+static void counter_template(uint32_t index, bool written, TPM2B_NV_PUBLIC *ret) {
+        *ret = (TPM2B_NV_PUBLIC) {
+                .nvPublic = {
+                        .nvIndex = index,
+                        .nameAlg = TPM2_ALG_SHA256,
+                        .attributes = COUNTER_ATTRS | (written ? TPMA_NV_WRITTEN : 0),
+                        .dataSize = COUNTER_SIZE,
+                },
+        };
+}
+
+/* Part 1, 16 "Names": nameAlg || H_nameAlg(TPMS_NV_PUBLIC), and the public
+ * area includes TPMA_NV_WRITTEN, so the Name changes at the first write. */
+static int counter_name(uint32_t index, bool written, TPM2B_NAME *ret) {
+        TPM2B_NV_PUBLIC pub;
+        uint8_t buf[sizeof(TPMS_NV_PUBLIC)];
+        size_t off = 0;
+        TSS2_RC rc;
+        int r;
+
+        counter_template(index, written, &pub);
+        rc = Tss2_MU_TPMS_NV_PUBLIC_Marshal(&pub.nvPublic, buf, sizeof(buf), &off);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPMS_NV_PUBLIC_Marshal");
+        if (r < 0)
+                return r;
+        *ret = (TPM2B_NAME) { .size = 2 + TPM2_SHA256_DIGEST_SIZE };
+        ret->name[0] = TPM2_ALG_SHA256 >> 8;
+        ret->name[1] = TPM2_ALG_SHA256 & 0xff;
+        return digest_parts(EVP_sha256(), (const void *[]) { buf }, (const size_t[]) { off }, 1, ret->name + 2);
+}
+
+static bool name_equal(const TPM2B_NAME *a, const TPM2B_NAME *b) {
+        return a->size == b->size && memcmp(a->name, b->name, a->size) == 0;
+}
+
+/* Open the index and check it is ours by its Name (TPM2_NV_ReadPublic,
+ * Part 3, 31.6). Returns 1 when written, 0 when ours but never written,
+ * -ENOENT, -ENOTUNIQ, or a TPM error. */
+static int counter_open(struct tpm *t, uint32_t index, struct tpm_tr *ret) {
+        _cleanup_esys_free_ TPM2B_NV_PUBLIC *pub = NULL;
+        _cleanup_esys_free_ TPM2B_NAME *name = NULL;
+        TPM2B_NAME written, unwritten;
+        TSS2_RC rc;
+        int r;
+
+        TPM_RETRY(rc, Esys_TR_FromTPMPublic(t->esys, index, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                            &ret->tr));
+        if (tpm_rc_code(rc) == TPM2_RC_HANDLE) {
+                ret->tr = ESYS_TR_NONE;
+                log_debug("NV index 0x%x is not defined", index);
+                return -ENOENT;
+        }
+        r = tpm_rc_to_errno(rc, -EIO, "TR_FromTPMPublic(NV)");
+        if (r < 0) {
+                ret->tr = ESYS_TR_NONE;
+                return r;
+        }
+
+        TPM_RETRY(rc, Esys_NV_ReadPublic(t->esys, ret->tr, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &pub,
+                                         &name));
+        r = tpm_rc_to_errno(rc, -EIO, "NV_ReadPublic");
+        if (r < 0)
+                return r;
+
+        r = counter_name(index, true, &written);
+        if (r < 0)
+                return r;
+        r = counter_name(index, false, &unwritten);
+        if (r < 0)
+                return r;
+        if (name_equal(name, &written))
+                return 1;
+        if (name_equal(name, &unwritten))
+                return 0;
+        log_debug("NV index 0x%x: attributes 0x%x, nameAlg 0x%x, size %u: not our counter's template "
+                  "(0x%x, sha256, 8)", index, pub->nvPublic.attributes, pub->nvPublic.nameAlg,
+                  pub->nvPublic.dataSize, (unsigned) (COUNTER_ATTRS | TPMA_NV_WRITTEN));
+        return -ENOTUNIQ;
+}
+
+/* Read and increment go through a salted HMAC session, so that a value
+ * altered on the bus fails the response HMAC. */
+static int counter_read_tr(struct tpm *t, ESYS_TR tr, uint64_t *ret) {
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        _cleanup_esys_free_ TPM2B_MAX_NV_BUFFER *data = NULL;
+        uint64_t v = 0;
+        TSS2_RC rc;
+        int r;
+
+        r = start_session(t, TPM2_SE_HMAC, 0, &session);
+        if (r < 0)
+                return r;
+        TPM_RETRY(rc, Esys_NV_Read(t->esys, tr, tr, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, COUNTER_SIZE, 0,
+                                   &data));
+        r = tpm_rc_to_errno(rc, -EIO, "NV_Read");
+        if (r < 0)
+                return r;
+        if (data->size != COUNTER_SIZE) {
+                log_debug("NV_Read: %u bytes, expected %d", data->size, COUNTER_SIZE);
+                return -EIO;
+        }
+        for (unsigned i = 0; i < COUNTER_SIZE; i++)
+                v = v << 8 | data->buffer[i];
+        if (ret)
+                *ret = v;
+        return 0;
+}
+
+static int counter_increment_tr(struct tpm *t, ESYS_TR tr) {
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        TSS2_RC rc;
+        int r;
+
+        r = start_session(t, TPM2_SE_HMAC, 0, &session);
+        if (r < 0)
+                return r;
+        /* Part 3, 31.8 TPM2_NV_Increment. Not retried on RETRY: ESYS
+         * resubmits those itself, and a second submission of ours could
+         * count twice. */
+        rc = Esys_NV_Increment(t->esys, tr, tr, session.tr, ESYS_TR_NONE, ESYS_TR_NONE);
+        return tpm_rc_to_errno(rc, -EIO, "NV_Increment");
+}
+
+int tpm_counter_read(struct tpm *t, uint32_t index, uint64_t *ret) {
+        struct tpm_tr nv _cleanup_tr_close_ = { .esys = t ? t->esys : NULL, .tr = ESYS_TR_NONE };
+        int r;
+
+        if (!t || !ret || !nv_index_valid(index))
+                return -EINVAL;
+        r = counter_open(t, index, &nv);
+        if (r == 0) {
+                log_debug("NV index 0x%x: our counter, never incremented", index);
+                return -ENOENT;
+        }
+        if (r < 0)
+                return r;
+        return counter_read_tr(t, nv.tr, ret);
+}
+
+int tpm_counter_increment(struct tpm *t, uint32_t index, uint64_t *ret) {
+        struct tpm_tr nv _cleanup_tr_close_ = { .esys = t ? t->esys : NULL, .tr = ESYS_TR_NONE };
+        int r;
+
+        if (!t || !nv_index_valid(index))
+                return -EINVAL;
+        r = counter_open(t, index, &nv);
+        if (r < 0)
+                return r;
+        r = counter_increment_tr(t, nv.tr);
+        if (r < 0)
+                return r;
+        return ret ? counter_read_tr(t, nv.tr, ret) : 0;
+}
+
+int tpm_counter_define(struct tpm *t, uint32_t index, const char *owner_auth, uint64_t *ret) {
+        static const TPM2B_AUTH empty = {};
+        struct tpm_tr nv _cleanup_tr_close_ = { .esys = t ? t->esys : NULL, .tr = ESYS_TR_NONE };
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        TPM2B_AUTH auth = {};
+        TPM2B_NV_PUBLIC template;
+        size_t len;
+        TSS2_RC rc;
+        int r;
+
+        if (!t || !nv_index_valid(index))
+                return -EINVAL;
+        len = owner_auth ? strlen(owner_auth) : 0;
+        if (len > sizeof(auth.buffer))
+                return -EINVAL;
+        auth.size = (UINT16) len;
+        if (len > 0)
+                memcpy(auth.buffer, owner_auth, len);
+
+        /* The owner's authValue goes into the session HMAC only, never on
+         * the bus (salted session, Part 1, "HMAC Computation"). */
+        r = start_session(t, TPM2_SE_HMAC, 0, &session);
+        if (r < 0) {
+                explicit_bzero(&auth, sizeof(auth));
+                return r;
+        }
+        rc = Esys_TR_SetAuth(t->esys, ESYS_TR_RH_OWNER, &auth);
+        explicit_bzero(&auth, sizeof(auth));
+        r = tpm_rc_to_errno(rc, -EIO, "TR_SetAuth(owner)");
+        if (r < 0)
+                return r;
+
+        counter_template(index, false, &template);
+        /* Part 3, 31.3 TPM2_NV_DefineSpace. */
+        TPM_RETRY(rc, Esys_NV_DefineSpace(t->esys, ESYS_TR_RH_OWNER, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                          &empty, &template, &nv.tr));
+        /* Forget the owner auth in ESYS (overwrites its copy). */
+        (void) Esys_TR_SetAuth(t->esys, ESYS_TR_RH_OWNER, &empty);
+        tpm_handle_flush(&session);
+
+        switch (rc == TSS2_RC_SUCCESS ? TPM2_RC_SUCCESS : tpm_rc_code(rc) ? tpm_rc_code(rc) : TPM2_RC_FAILURE) {
+        case TPM2_RC_SUCCESS:
+                break;
+        case TPM2_RC_BAD_AUTH:
+        case TPM2_RC_AUTH_FAIL:
+                nv.tr = ESYS_TR_NONE;
+                log_debug("NV_DefineSpace: owner authorization failed");
+                return -EACCES;
+        case TPM2_RC_NV_DEFINED:
+                nv.tr = ESYS_TR_NONE;
+                r = counter_open(t, index, &nv);
+                if (r > 0)
+                        return -EEXIST;
+                if (r < 0)
+                        return r;
+                /* Ours, never incremented: finish what was interrupted. */
+                break;
+        case TPM2_RC_NV_SPACE:
+                nv.tr = ESYS_TR_NONE;
+                return -ENOSPC;
+        default:
+                nv.tr = ESYS_TR_NONE;
+                r = tpm_rc_to_errno(rc, -EIO, "NV_DefineSpace");
+                if (r < 0)
+                        return r;
+        }
+
+        /* A counter is unreadable until its first increment, which also
+         * sets it to at least the highest value any counter had here. */
+        r = counter_increment_tr(t, nv.tr);
+        if (r < 0)
+                return r;
+        tpm_tr_close(&nv);
+
+        /* Read back through the checks every reader does. */
+        r = counter_open(t, index, &nv);
+        if (r == 0)
+                return -EIO;
+        if (r < 0)
+                return r;
+        return counter_read_tr(t, nv.tr, ret);
 }

@@ -25,6 +25,7 @@
 
 #include <cmocka.h>
 #include <tss2/tss2_esys.h>
+#include <tss2/tss2_mu.h>
 #include <tss2/tss2_tctildr.h>
 
 #include "macro.h"
@@ -797,6 +798,613 @@ static void test_tpm_seal_unseal_cycles_no_leaks(void **state) {
         assert_tpm_clean(tcti);
 }
 
+/* ---- the cache key ------------------------------------------------------ */
+
+static void cache_key_create_ok(struct tpm *tpm, const char *selection, struct tpm_sealed *s,
+                                uint8_t key[AES256_KEY_SIZE]) {
+        struct tpm_pcr_selection sel = sel_of(selection);
+
+        assert_int_equal(tpm_cache_key_create(tpm, &sel, s, key), 0);
+        assert_int_equal(s->kind, TPM_SEALED_HMAC_PCR);
+        assert_false(is_zero(key, AES256_KEY_SIZE));
+}
+
+static void test_tpm_cache_key_create_derive_roundtrip(void **state) {
+        uint8_t k1[AES256_KEY_SIZE], k2[AES256_KEY_SIZE], k3[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
+        struct tpm_sealed s1, s2, s3;
+        struct tpm_pcr_values now, cur;
+        struct tpm_pcr_selection sel = sel_of("sha256:7");
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "sha256:7", &s1, k1);
+        assert_int_equal(s1.pcrs.count, 1);
+        assert_int_equal(s1.pcrs.sel.mask, 1u << 7);
+        assert_int_equal(s1.policy_digest_size, 32);
+        assert_non_null(memmem(s1.public_blob, s1.public_size, s1.policy_digest, 32));
+        assert_int_equal(tpm_pcr_read(tpm, &sel, &now), 0);
+        assert_memory_equal(now.digest[0], s1.pcrs.digest[0], 32);
+        /* The derived key is nowhere in what goes to disk. */
+        assert_secret_not_in_blobs(&s1, k1);
+
+        /* The same key every time, from the same blobs. */
+        memset(out, 0x5a, sizeof(out));
+        assert_int_equal(tpm_cache_key_derive(tpm, &s1, out, &cur), 0);
+        assert_memory_equal(out, k1, AES256_KEY_SIZE);
+        assert_int_equal(tpm_cache_key_derive(tpm, &s1, out, NULL), 0);
+        assert_memory_equal(out, k1, AES256_KEY_SIZE);
+
+        /* Another object for the same policy: another TPM-generated secret. */
+        cache_key_create_ok(tpm, "sha256:7", &s2, k2);
+        assert_memory_not_equal(k1, k2, AES256_KEY_SIZE);
+        assert_int_equal(tpm_cache_key_derive(tpm, &s2, out, NULL), 0);
+        assert_memory_equal(out, k2, AES256_KEY_SIZE);
+
+        /* No PCR policy: PolicyCommandCode(HMAC), PCRs do not matter. */
+        cache_key_create_ok(tpm, "none", &s3, k3);
+        assert_int_equal(s3.pcrs.count, 0);
+        assert_false(is_zero(s3.policy_digest, 32));
+        tpm_close(tpm);
+        pcr_extend(tcti, 7);
+        tpm = open_tpm(tcti);
+        assert_int_equal(tpm_cache_key_derive(tpm, &s3, out, NULL), 0);
+        assert_memory_equal(out, k3, AES256_KEY_SIZE);
+        tpm_close(tpm);
+        assert_tpm_clean(tcti);
+}
+
+static void test_tpm_cache_key_derive_pcr_changed(void **state) {
+        uint8_t k7[AES256_KEY_SIZE], k0[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
+        struct tpm_sealed s7, s0;
+        struct tpm_pcr_values cur;
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "sha256:7", &s7, k7);
+        cache_key_create_ok(tpm, "sha256:0", &s0, k0);
+        tpm_close(tpm);
+
+        pcr_extend(tcti, 7);
+
+        tpm = open_tpm(tcti);
+        memset(out, 0x5a, sizeof(out));
+        log_reset();
+        assert_int_equal(tpm_cache_key_derive(tpm, &s7, out, &cur), -EPERM);
+        assert_true(is_zero(out, sizeof(out)));
+        assert_int_equal(cur.count, 1);
+        assert_int_equal(cur.digest_size, 32);
+        assert_int_equal(cur.sel.hash_alg, TPM2_ALG_SHA256);
+        assert_int_equal(cur.sel.mask, 1u << 7);
+        assert_memory_not_equal(cur.digest[0], s7.pcrs.digest[0], 32);
+        assert_non_null(strstr(log_buf, "policy digest differs"));
+        /* noDA: no lockout however often. */
+        for (int i = 0; i < 5; i++)
+                assert_int_equal(tpm_cache_key_derive(tpm, &s7, out, NULL), -EPERM);
+
+        assert_int_equal(tpm_cache_key_derive(tpm, &s0, out, NULL), 0);
+        assert_memory_equal(out, k0, AES256_KEY_SIZE);
+        tpm_close(tpm);
+        assert_tpm_clean(tcti);
+}
+
+static void test_tpm_cache_key_derive_bad_input(void **state) {
+        uint8_t key[AES256_KEY_SIZE], out[AES256_KEY_SIZE], secret[AES256_KEY_SIZE];
+        struct tpm_sealed s, bad, data;
+        struct tpm_pcr_selection sel = sel_of("sha256:7");
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "sha256:7", &s, key);
+
+        bad = s;
+        bad.private_blob[bad.private_size / 2] ^= 0x01;
+        memset(out, 0x5a, sizeof(out));
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EXDEV);
+        assert_true(is_zero(out, sizeof(out)));
+        bad = s;
+        bad.pcrs.digest[0][3] ^= 0x01;
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EXDEV);
+        bad = s;
+        bad.public_size--;
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EXDEV);
+        bad = s;
+        bad.kind = 0;
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EINVAL);
+        bad.kind = 3;
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EINVAL);
+        bad = s;
+        bad.private_size = 0;
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EINVAL);
+        /* An HMAC key passed off as sealed data, and the reverse. */
+        bad = s;
+        bad.kind = TPM_SEALED_DATA_PCR;
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EXDEV);
+        random_secret(secret);
+        assert_int_equal(tpm_seal(tpm, &sel, secret, &data), 0);
+        assert_int_equal(data.kind, TPM_SEALED_DATA_PCR);
+        bad = data;
+        bad.kind = TPM_SEALED_HMAC_PCR;
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EXDEV);
+        assert_int_equal(tpm_unseal(tpm, &s, out, NULL), -EINVAL);
+
+        /* Kind 1 is migrated: derive is today's unseal. */
+        assert_int_equal(tpm_cache_key_derive(tpm, &data, out, NULL), 0);
+        assert_memory_equal(out, secret, AES256_KEY_SIZE);
+        /* The originals still work. */
+        assert_int_equal(tpm_cache_key_derive(tpm, &s, out, NULL), 0);
+        assert_memory_equal(out, key, AES256_KEY_SIZE);
+        tpm_close(tpm);
+        assert_tpm_clean(tcti);
+}
+
+/* The derived key never crosses the bus in clear. */
+static void test_tpm_cache_key_not_on_wire(void **state) {
+        uint8_t key[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
+        char pcap_tcti[160];
+        static uint8_t wire[1 << 20];
+        struct tpm_sealed s;
+        struct tpm *tpm;
+        ssize_t n;
+        int fd;
+
+        strcpy(pcap_path, "/tmp/tpmkms-test-pcap-XXXXXX");
+        fd = mkstemp(pcap_path);
+        assert_true(fd >= 0);
+        assert_int_equal(setenv("TCTI_PCAP_FILE", pcap_path, 1), 0);
+        snprintf(pcap_tcti, sizeof(pcap_tcti), "pcap:%s", tcti);
+
+        tpm = open_tpm(pcap_tcti);
+        cache_key_create_ok(tpm, "sha256:7", &s, key);
+        assert_int_equal(tpm_cache_key_derive(tpm, &s, out, NULL), 0);
+        assert_memory_equal(out, key, AES256_KEY_SIZE);
+        tpm_close(tpm);
+        unsetenv("TCTI_PCAP_FILE");
+
+        n = read(fd, wire, sizeof(wire));
+        close(fd);
+        unlink(pcap_path);
+        pcap_path[0] = '\0';
+        assert_true(n > 0 && (size_t) n < sizeof(wire));
+        assert_non_null(memmem(wire, (size_t) n, s.policy_digest, 32));
+        for (size_t i = 0; i + 8 <= AES256_KEY_SIZE; i++)
+                assert_null(memmem(wire, (size_t) n, key + i, 8));
+        assert_tpm_clean(tcti);
+}
+
+/* Whether any 8 consecutive bytes of the key whose complement is in inv are
+ * left in this process's writable memory. The needle is never in memory as
+ * such: each byte is complemented as it is compared. Regions larger than
+ * 256 MiB (sanitizer shadow) are skipped. */
+static bool key_in_memory(const uint8_t inv[AES256_KEY_SIZE]) {
+        FILE *f = fopen("/proc/self/maps", "re");
+        char line[512];
+        bool found = false;
+
+        assert_non_null(f);
+        while (!found && fgets(line, sizeof(line), f)) {
+                unsigned long lo, hi;
+                char perms[8];
+
+                if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3)
+                        continue;
+                if (perms[0] != 'r' || perms[1] != 'w' || hi - lo > (256ul << 20))
+                        continue;
+                for (const volatile uint8_t *p = (const uint8_t *) lo; !found && p + 8 <= (const uint8_t *) hi; p++)
+                        for (size_t i = 0; i + 8 <= AES256_KEY_SIZE; i++) {
+                                size_t j = 0;
+
+                                while (j < 8 && (uint8_t) (p[j] ^ inv[i + j]) == 0xff)
+                                        j++;
+                                if (j == 8) {
+                                        found = true;
+                                        fprintf(stderr, "key bytes %zu.. at %p in %s", i, (const void *) p, line);
+                                        break;
+                                }
+                        }
+        }
+        fclose(f);
+        return found;
+}
+
+/* After derivation, with the ESYS context still alive, the key is only in
+ * the caller's buffer: not in ESYS's command/response buffer, on the stack
+ * below, or in freed heap. */
+static void test_tpm_cache_key_derive_no_copies_left(void **state) {
+        static uint8_t key[AES256_KEY_SIZE], inv[AES256_KEY_SIZE];
+        struct tpm_sealed s;
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "sha256:7", &s, key);
+        for (size_t i = 0; i < AES256_KEY_SIZE; i++)
+                inv[i] = (uint8_t) ~key[i];
+        explicit_bzero(key, sizeof(key));
+        assert_false(key_in_memory(inv));
+
+        assert_int_equal(tpm_cache_key_derive(tpm, &s, key, NULL), 0);
+        for (size_t i = 0; i < AES256_KEY_SIZE; i++)
+                assert_int_equal(key[i], (uint8_t) ~inv[i]);
+        explicit_bzero(key, sizeof(key));
+        assert_false(key_in_memory(inv));
+        tpm_close(tpm);
+        assert_tpm_clean(tcti);
+}
+
+static void test_tpm_cache_key_cycles_no_leaks(void **state) {
+        uint8_t key[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
+        struct tpm_sealed s;
+        struct tpm *tpm = open_tpm(tcti);
+
+        for (int i = 0; i < 12; i++) {
+                cache_key_create_ok(tpm, i % 4 == 3 ? "none" : "sha256:7", &s, key);
+                assert_int_equal(tpm_cache_key_derive(tpm, &s, out, NULL), 0);
+                assert_memory_equal(out, key, AES256_KEY_SIZE);
+        }
+        tpm_close(tpm);
+        assert_tpm_clean(tcti);
+}
+
+/* ---- tpm_sealed_check --------------------------------------------------- */
+
+static void assert_check_refuses(const struct tpm_sealed *s, const char *configured, const char *why_part) {
+        struct tpm_pcr_selection conf = sel_of(configured);
+        char why[256];
+
+        assert_int_equal(tpm_sealed_check(s, &conf, why, sizeof(why)), -EPERM);
+        if (!strstr(why, why_part))
+                fail_msg("why \"%s\" lacks \"%s\"", why, why_part);
+}
+
+static void test_tpm_sealed_check_accepts(void **state) {
+        uint8_t key[AES256_KEY_SIZE], secret[AES256_KEY_SIZE];
+        struct tpm_sealed s, none, data;
+        struct tpm_pcr_selection sel7 = sel_of("sha256:7");
+        char why[256];
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "sha256:0,7", &s, key);
+        cache_key_create_ok(tpm, "none", &none, key);
+        random_secret(secret);
+        assert_int_equal(tpm_seal(tpm, &sel7, secret, &data), 0);
+        tpm_close(tpm);
+
+        /* Its own selection, and weaker configured ones. */
+        static const char *const ok[] = { "sha256:0,7", "sha256:7", "sha256:0", "none" };
+        for (size_t i = 0; i < ARRAY_SIZE(ok); i++) {
+                struct tpm_pcr_selection conf = sel_of(ok[i]);
+
+                strcpy(why, "x");
+                assert_int_equal(tpm_sealed_check(&s, &conf, why, sizeof(why)), 0);
+                assert_string_equal(why, "");
+        }
+        assert_int_equal(tpm_sealed_check(&none, &(struct tpm_pcr_selection) {}, NULL, 0), 0);
+        /* A well-formed kind-1 object passes its own rules. */
+        assert_int_equal(tpm_sealed_check(&data, &sel7, why, sizeof(why)), 0);
+        assert_tpm_clean(tcti);
+}
+
+static void test_tpm_sealed_check_refuses_weaker(void **state) {
+        uint8_t key[AES256_KEY_SIZE];
+        struct tpm_sealed none, s0, sha1;
+        struct tpm_pcr_selection conf = sel_of("sha256:7");
+        char why[256];
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "none", &none, key);
+        cache_key_create_ok(tpm, "sha256:0", &s0, key);
+        cache_key_create_ok(tpm, "sha1:7", &sha1, key);
+        tpm_close(tpm);
+
+        assert_int_equal(tpm_sealed_check(&none, &conf, why, sizeof(why)), -EPERM);
+        assert_string_equal(why, "sealed to none, configured sha256:7");
+        assert_int_equal(tpm_sealed_check(&s0, &conf, why, sizeof(why)), -EPERM);
+        assert_string_equal(why, "sealed to sha256:0, configured sha256:7");
+        assert_check_refuses(&sha1, "sha256:7", "sealed to sha1:7, configured sha256:7");
+        assert_check_refuses(&s0, "sha256:0,7", "sealed to sha256:0, configured sha256:0,7");
+        /* A short why buffer is still terminated, and NULL is fine. */
+        assert_int_equal(tpm_sealed_check(&none, &conf, why, 8), -EPERM);
+        assert_int_equal(strlen(why), 7);
+        assert_int_equal(tpm_sealed_check(&none, &conf, NULL, 0), -EPERM);
+        assert_tpm_clean(tcti);
+}
+
+static void test_tpm_sealed_check_refuses_other_objects(void **state) {
+        uint8_t key[AES256_KEY_SIZE], secret[AES256_KEY_SIZE];
+        struct tpm_sealed s, data, bad;
+        struct tpm_pcr_selection sel7 = sel_of("sha256:7");
+        char why[256];
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "sha256:7", &s, key);
+        random_secret(secret);
+        assert_int_equal(tpm_seal(tpm, &sel7, secret, &data), 0);
+        tpm_close(tpm);
+
+        /* A sealed data object (data its creator chose) recorded as kind 2. */
+        bad = data;
+        bad.kind = TPM_SEALED_HMAC_PCR;
+        assert_check_refuses(&bad, "sha256:7", "not a keyedHash HMAC key");
+        /* An HMAC key recorded as kind 1. */
+        bad = s;
+        bad.kind = TPM_SEALED_DATA_PCR;
+        assert_check_refuses(&bad, "sha256:7", "not a sealed data object");
+
+        /* Recorded PCR values, selection or policy digest altered. */
+        bad = s;
+        bad.pcrs.digest[0][0] ^= 0x01;
+        assert_check_refuses(&bad, "sha256:7", "do not match the object's authPolicy: sealed to sha256:7, "
+                                               "configured sha256:7");
+        bad = s;
+        bad.pcrs.sel = sel_of("sha256:6");
+        assert_check_refuses(&bad, "none", "do not match");
+        bad = s;
+        bad.pcrs.count = 2;
+        assert_check_refuses(&bad, "sha256:7", "do not fit");
+        bad = s;
+        bad.policy_digest[0] ^= 0x01;
+        assert_check_refuses(&bad, "sha256:7", "recorded policy digest");
+        /* The authPolicy in the public area altered (Load would refuse it
+         * too; the check already does). */
+        bad = s;
+        ((uint8_t *) memmem(bad.public_blob, bad.public_size, s.policy_digest, 32))[0] ^= 0x01;
+        assert_check_refuses(&bad, "sha256:7", "do not match");
+
+        /* Malformed or out of range. */
+        bad = s;
+        bad.public_size--;
+        assert_int_equal(tpm_sealed_check(&bad, &sel7, why, sizeof(why)), -EXDEV);
+        bad = s;
+        bad.private_size--;
+        assert_int_equal(tpm_sealed_check(&bad, &sel7, why, sizeof(why)), -EXDEV);
+        bad = s;
+        bad.private_size = 0;
+        assert_int_equal(tpm_sealed_check(&bad, &sel7, why, sizeof(why)), -EINVAL);
+        bad = s;
+        bad.public_size = TPM_BLOB_MAX + 1;
+        assert_int_equal(tpm_sealed_check(&bad, &sel7, why, sizeof(why)), -EINVAL);
+        bad = s;
+        bad.kind = 0;
+        assert_int_equal(tpm_sealed_check(&bad, &sel7, why, sizeof(why)), -EINVAL);
+        bad = s;
+        bad.pcrs.sel.mask = 1u << 24;
+        assert_int_equal(tpm_sealed_check(&bad, &sel7, why, sizeof(why)), -EINVAL);
+        assert_int_equal(tpm_sealed_check(&s, &(struct tpm_pcr_selection) { .hash_alg = 0x99, .mask = 1 },
+                                          why, sizeof(why)), -EINVAL);
+        assert_int_equal(tpm_sealed_check(NULL, &sel7, why, sizeof(why)), -EINVAL);
+        assert_tpm_clean(tcti);
+}
+
+/* An HMAC key with userWithAuth set: its (empty) authValue alone would let
+ * anyone use it in any boot, whatever its policy. Made with ESAPI, with the
+ * authPolicy and recorded values of a genuine object, so only the attribute
+ * differs. */
+static void test_tpm_sealed_check_refuses_user_with_auth(void **state) {
+        static const TPM2B_SENSITIVE_CREATE sensitive = {};
+        static const TPM2B_DATA outside = {};
+        static const TPML_PCR_SELECTION creation_pcr = {};
+        uint8_t key[AES256_KEY_SIZE], out[AES256_KEY_SIZE];
+        TPM2B_PUBLIC template = {
+                .publicArea = {
+                        .type = TPM2_ALG_KEYEDHASH,
+                        .nameAlg = TPM2_ALG_SHA256,
+                        .objectAttributes = TPMA_OBJECT_SIGN_ENCRYPT | TPMA_OBJECT_FIXEDTPM |
+                                TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_SENSITIVEDATAORIGIN |
+                                TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA,
+                        .parameters.keyedHashDetail.scheme = {
+                                .scheme = TPM2_ALG_HMAC,
+                                .details.hmac.hashAlg = TPM2_ALG_SHA256,
+                        },
+                },
+        };
+        TPM2B_PRIVATE *priv = NULL;
+        TPM2B_PUBLIC *pub = NULL;
+        TSS2_TCTI_CONTEXT *tc = NULL;
+        ESYS_CONTEXT *esys;
+        ESYS_TR srk = ESYS_TR_NONE;
+        struct tpm_sealed genuine, bad;
+        struct tpm *tpm = open_tpm(tcti);
+
+        cache_key_create_ok(tpm, "sha256:7", &genuine, key);
+        tpm_close(tpm);
+
+        template.publicArea.authPolicy.size = 32;
+        memcpy(template.publicArea.authPolicy.buffer, genuine.policy_digest, 32);
+        esys = esys_open(tcti, &tc);
+        assert_int_equal(Esys_TR_FromTPMPublic(esys, TPM_SRK_HANDLE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                               &srk),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_Create(esys, srk, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &sensitive,
+                                     &template, &outside, &creation_pcr, &priv, &pub, NULL, NULL, NULL),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_TR_Close(esys, &srk), TSS2_RC_SUCCESS);
+        esys_close(esys, tc);
+
+        bad = genuine;
+        bad.public_size = bad.private_size = 0;
+        assert_int_equal(Tss2_MU_TPM2B_PUBLIC_Marshal(pub, bad.public_blob, sizeof(bad.public_blob),
+                                                      &bad.public_size),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Tss2_MU_TPM2B_PRIVATE_Marshal(priv, bad.private_blob, sizeof(bad.private_blob),
+                                                       &bad.private_size),
+                         TSS2_RC_SUCCESS);
+        Esys_Free(pub);
+        Esys_Free(priv);
+
+        assert_check_refuses(&bad, "sha256:7", "userWithAuth set");
+        assert_check_refuses(&bad, "none", "userWithAuth set");
+        tpm = open_tpm(tcti);
+        assert_int_equal(tpm_cache_key_derive(tpm, &bad, out, NULL), -EXDEV);
+        tpm_close(tpm);
+        assert_tpm_clean(tcti);
+}
+
+/* ---- rollback counter --------------------------------------------------- */
+
+#define TEST_OWNER_AUTH "owner-s3cret"
+
+static void esys_nv_undefine(const char *t, uint32_t index, const char *owner_auth) {
+        TSS2_TCTI_CONTEXT *tc = NULL;
+        ESYS_CONTEXT *esys = esys_open(t, &tc);
+        ESYS_TR nv = ESYS_TR_NONE;
+
+        if (owner_auth) {
+                TPM2B_AUTH a = { .size = (UINT16) strlen(owner_auth) };
+
+                memcpy(a.buffer, owner_auth, a.size);
+                assert_int_equal(Esys_TR_SetAuth(esys, ESYS_TR_RH_OWNER, &a), TSS2_RC_SUCCESS);
+        }
+        if (Esys_TR_FromTPMPublic(esys, index, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &nv) ==
+            TSS2_RC_SUCCESS)
+                assert_int_equal(Esys_NV_UndefineSpace(esys, ESYS_TR_RH_OWNER, nv, ESYS_TR_PASSWORD,
+                                                       ESYS_TR_NONE, ESYS_TR_NONE),
+                                 TSS2_RC_SUCCESS);
+        esys_close(esys, tc);
+}
+
+static void esys_nv_define(const char *t, uint32_t index, TPMA_NV attributes) {
+        static const TPM2B_AUTH empty = {};
+        TSS2_TCTI_CONTEXT *tc = NULL;
+        ESYS_CONTEXT *esys = esys_open(t, &tc);
+        TPM2B_NV_PUBLIC pub = {
+                .nvPublic = {
+                        .nvIndex = index,
+                        .nameAlg = TPM2_ALG_SHA256,
+                        .attributes = attributes,
+                        .dataSize = 8,
+                },
+        };
+        ESYS_TR nv = ESYS_TR_NONE;
+
+        assert_int_equal(Esys_NV_DefineSpace(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                             ESYS_TR_NONE, &empty, &pub, &nv),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_TR_Close(esys, &nv), TSS2_RC_SUCCESS);
+        esys_close(esys, tc);
+}
+
+static void esys_owner_auth_set(const char *t, const char *old, const char *new) {
+        TSS2_TCTI_CONTEXT *tc = NULL;
+        ESYS_CONTEXT *esys = esys_open(t, &tc);
+        TPM2B_AUTH a = { .size = (UINT16) strlen(old) }, b = { .size = (UINT16) strlen(new) };
+
+        memcpy(a.buffer, old, a.size);
+        memcpy(b.buffer, new, b.size);
+        assert_int_equal(Esys_TR_SetAuth(esys, ESYS_TR_RH_OWNER, &a), TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_HierarchyChangeAuth(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                                  ESYS_TR_NONE, &b),
+                         TSS2_RC_SUCCESS);
+        esys_close(esys, tc);
+}
+
+static void test_tpm_counter_define_read_increment(void **state) {
+        const uint32_t idx = TPM_COUNTER_INDEX_DEFAULT;
+        uint64_t v = 42, v1, w;
+        struct tpm *tpm;
+
+        assert_int_equal(idx >> 22, 0x01800000u >> 22);   /* owner range */
+        esys_nv_undefine(tcti, idx, NULL);
+
+        tpm = open_tpm(tcti);
+        assert_int_equal(tpm_counter_read(tpm, idx, &v), -ENOENT);
+        assert_int_equal(tpm_counter_increment(tpm, idx, &v), -ENOENT);
+        assert_int_equal(tpm_counter_read(tpm, 0x81000001u, &v), -EINVAL);
+
+        assert_int_equal(tpm_counter_define(tpm, idx, NULL, &v1), 0);
+        assert_int_equal(tpm_counter_read(tpm, idx, &v), 0);
+        assert_int_equal(v, v1);
+        assert_int_equal(tpm_counter_increment(tpm, idx, &v), 0);
+        assert_int_equal(v, v1 + 1);
+        assert_int_equal(tpm_counter_increment(tpm, idx, NULL), 0);
+        assert_int_equal(tpm_counter_read(tpm, idx, &v), 0);
+        assert_int_equal(v, v1 + 2);
+        assert_int_equal(tpm_counter_define(tpm, idx, "", &w), -EEXIST);
+        tpm_close(tpm);
+
+        /* Undefine and define again: no rollback (Part 1, NV counters). */
+        esys_nv_undefine(tcti, idx, NULL);
+        tpm = open_tpm(tcti);
+        assert_int_equal(tpm_counter_read(tpm, idx, &w), -ENOENT);
+        assert_int_equal(tpm_counter_define(tpm, idx, NULL, &w), 0);
+        assert_true(w >= v1 + 2);
+        tpm_close(tpm);
+
+        esys_nv_undefine(tcti, idx, NULL);
+        assert_tpm_clean(tcti);
+}
+
+/* Somebody else's index at our handle: another Name. */
+static void test_tpm_counter_foreign_index(void **state) {
+        const uint32_t idx = TPM_COUNTER_INDEX_DEFAULT;
+        const TPMA_NV counter = TPMA_NV_AUTHREAD | TPMA_NV_AUTHWRITE | TPMA_NV_NO_DA |
+                ((TPMA_NV) TPM2_NT_COUNTER << TPMA_NV_TPM2_NT_SHIFT);
+        static const TPMA_NV others[] = {
+                /* An ordinary index: its owner writes any value he likes. */
+                TPMA_NV_AUTHREAD | TPMA_NV_AUTHWRITE | TPMA_NV_NO_DA,
+                /* A counter, but the owner can read it too. */
+                TPMA_NV_AUTHREAD | TPMA_NV_AUTHWRITE | TPMA_NV_NO_DA | TPMA_NV_OWNERREAD |
+                        ((TPMA_NV) TPM2_NT_COUNTER << TPMA_NV_TPM2_NT_SHIFT),
+        };
+        uint64_t v;
+        struct tpm *tpm;
+
+        for (size_t i = 0; i < ARRAY_SIZE(others); i++) {
+                esys_nv_undefine(tcti, idx, NULL);
+                esys_nv_define(tcti, idx, others[i]);
+                tpm = open_tpm(tcti);
+                log_reset();
+                assert_int_equal(tpm_counter_read(tpm, idx, &v), -ENOTUNIQ);
+                assert_non_null(strstr(log_buf, "not our counter's template"));
+                assert_int_equal(tpm_counter_increment(tpm, idx, &v), -ENOTUNIQ);
+                assert_int_equal(tpm_counter_define(tpm, idx, NULL, &v), -ENOTUNIQ);
+                tpm_close(tpm);
+        }
+
+        /* Our template, defined but never incremented (an interrupted
+         * define): not readable yet, and define finishes it. */
+        esys_nv_undefine(tcti, idx, NULL);
+        esys_nv_define(tcti, idx, counter);
+        tpm = open_tpm(tcti);
+        assert_int_equal(tpm_counter_read(tpm, idx, &v), -ENOENT);
+        assert_int_equal(tpm_counter_define(tpm, idx, NULL, &v), 0);
+        assert_int_equal(tpm_counter_read(tpm, idx, &v), 0);
+        tpm_close(tpm);
+
+        esys_nv_undefine(tcti, idx, NULL);
+        assert_tpm_clean(tcti);
+}
+
+static void test_tpm_counter_define_owner_auth(void **state) {
+        const uint32_t idx = TPM_COUNTER_INDEX_DEFAULT;
+        uint64_t v;
+        struct tpm *tpm;
+
+        esys_nv_undefine(tcti, idx, NULL);
+        esys_owner_auth_set(tcti, "", TEST_OWNER_AUTH);
+
+        tpm = open_tpm(tcti);
+        assert_int_equal(tpm_counter_define(tpm, idx, NULL, &v), -EACCES);
+        assert_int_equal(tpm_counter_define(tpm, idx, "", &v), -EACCES);
+        assert_int_equal(tpm_counter_define(tpm, idx, "wrong", &v), -EACCES);
+        assert_int_equal(tpm_counter_read(tpm, idx, &v), -ENOENT);
+        assert_int_equal(tpm_counter_define(tpm, idx, TEST_OWNER_AUTH, &v), 0);
+        assert_int_equal(tpm_counter_read(tpm, idx, &v), 0);
+        tpm_close(tpm);
+
+        esys_nv_undefine(tcti, idx, TEST_OWNER_AUTH);
+        esys_owner_auth_set(tcti, TEST_OWNER_AUTH, "");
+        assert_tpm_clean(tcti);
+}
+
+/* Restore an empty owner auth if the test above failed half-way. */
+static int owner_auth_teardown(void **state) {
+        TSS2_TCTI_CONTEXT *tc = NULL;
+        ESYS_CONTEXT *esys = esys_open(tcti, &tc);
+        TPM2B_AUTH a = { .size = sizeof(TEST_OWNER_AUTH) - 1 }, empty = {};
+
+        memcpy(a.buffer, TEST_OWNER_AUTH, a.size);
+        if (Esys_TR_SetAuth(esys, ESYS_TR_RH_OWNER, &a) == TSS2_RC_SUCCESS)
+                (void) Esys_HierarchyChangeAuth(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                                ESYS_TR_NONE, &empty);
+        esys_close(esys, tc);
+        return 0;
+}
+
 static int group_teardown(void **state) {
         other_swtpm_stop();
         if (pcap_path[0])
@@ -823,6 +1431,19 @@ int main(void) {
                 cmocka_unit_test(test_tpm_unseal_other_tpm),
                 cmocka_unit_test(test_tpm_seal_unseal_secret_not_on_wire),
                 cmocka_unit_test(test_tpm_seal_unseal_cycles_no_leaks),
+                cmocka_unit_test(test_tpm_cache_key_create_derive_roundtrip),
+                cmocka_unit_test(test_tpm_cache_key_derive_pcr_changed),
+                cmocka_unit_test(test_tpm_cache_key_derive_bad_input),
+                cmocka_unit_test(test_tpm_cache_key_not_on_wire),
+                cmocka_unit_test(test_tpm_cache_key_derive_no_copies_left),
+                cmocka_unit_test(test_tpm_cache_key_cycles_no_leaks),
+                cmocka_unit_test(test_tpm_sealed_check_accepts),
+                cmocka_unit_test(test_tpm_sealed_check_refuses_weaker),
+                cmocka_unit_test(test_tpm_sealed_check_refuses_other_objects),
+                cmocka_unit_test(test_tpm_sealed_check_refuses_user_with_auth),
+                cmocka_unit_test(test_tpm_counter_define_read_increment),
+                cmocka_unit_test(test_tpm_counter_foreign_index),
+                cmocka_unit_test_teardown(test_tpm_counter_define_owner_auth, owner_auth_teardown),
         };
 
         tcti = getenv("TPMKMS_TEST_TCTI");
