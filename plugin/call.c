@@ -9,7 +9,6 @@
 #include <strings.h>
 
 #include "call.h"
-#include "macro.h"
 #include "service.h"
 
 const struct grpc_field grpc_trailers_ok[1] = {
