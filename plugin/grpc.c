@@ -4,8 +4,11 @@
  * status table (STYLE 3). */
 #include <errno.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <string.h>
 
+#include "grpc.h"
+#include "macro.h"
 #include "service.h"
 
 #define KMS_SERVICE_PREFIX "/v2.KeyManagementService/"
@@ -29,7 +32,7 @@ int kms_method_from_path(const char *path) {
         return -ENOENT;
 }
 
-int kms_service_has_method(const char *path) {
+bool kms_service_has_method(const char *path) {
         return kms_method_from_path(path) >= 0;
 }
 
@@ -91,7 +94,7 @@ int grpc_percent_encode(const char *in, char *out, size_t size) {
          * '%' itself become "%XX" (PROTOCOL-HTTP2.md, "Responses"). */
         static const char hex[] = "0123456789ABCDEF";
         size_t o = 0, char_start = 0;
-        int in_char = 0;
+        bool in_char = false;
 
         if (!out || size == 0)
                 return -ENOBUFS;
@@ -101,7 +104,7 @@ int grpc_percent_encode(const char *in, char *out, size_t size) {
                 in = "";
 
         for (const unsigned char *p = (const unsigned char *) in; *p; p++) {
-                const int escape = *p < 0x20 || *p > 0x7e || *p == '%';
+                const bool escape = *p < 0x20 || *p > 0x7e || *p == '%';
                 const size_t need = escape ? 3 : 1;
 
                 /* Remember where a multi-byte UTF-8 character starts, so
@@ -130,38 +133,60 @@ int grpc_percent_encode(const char *in, char *out, size_t size) {
         return (int) o;
 }
 
+/* The one table (STYLE 3). Codes as grpc/doc/statuscodes.md defines them;
+ * the SERVICE rows are the backend contract plugin.h documents. */
+static const struct {
+        enum grpc_origin origin;
+        int error;
+        struct grpc_status status;
+} errno_table[] = {
+        { GRPC_ORIGIN_SERVICE, -EINVAL, { 200, GRPC_INVALID_ARGUMENT, "invalid request" } },
+        { GRPC_ORIGIN_SERVICE, -EBADMSG,
+          { 200, GRPC_INVALID_ARGUMENT, "ciphertext failed authentication" } },
+        { GRPC_ORIGIN_SERVICE, -ENOENT, { 200, GRPC_NOT_FOUND, "unknown key id" } },
+        { GRPC_ORIGIN_SERVICE, -ENOKEY, { 200, GRPC_UNAVAILABLE, "no keys unsealed" } },
+        { GRPC_ORIGIN_SERVICE, -EPERM,
+          { 200, GRPC_FAILED_PRECONDITION, "measured boot refused the key cache" } },
+
+        /* RFC 9113 §10.5.1 suggests 431 for a header list over the limit. */
+        { GRPC_ORIGIN_CALL, -E2BIG,
+          { 431, GRPC_RESOURCE_EXHAUSTED, "request header list too large" } },
+        /* PROTOCOL-HTTP2.md: servers SHOULD answer a request that is not
+         * gRPC with an HTTP status, so that plain HTTP clients do not take
+         * the error for success; the gRPC code is then INTERNAL. */
+        { GRPC_ORIGIN_CALL, -EOPNOTSUPP, { 405, GRPC_INTERNAL, "gRPC requires POST" } },
+        { GRPC_ORIGIN_CALL, -EMEDIUMTYPE, { 415, GRPC_INTERNAL, "invalid gRPC content-type" } },
+        { GRPC_ORIGIN_CALL, -EINVAL, { 400, GRPC_INTERNAL, "malformed grpc-timeout" } },
+        { GRPC_ORIGIN_CALL, -ENOENT, { 200, GRPC_UNIMPLEMENTED, "unknown method" } },
+        { GRPC_ORIGIN_CALL, -ETIMEDOUT, { 200, GRPC_DEADLINE_EXCEEDED, "deadline exceeded" } },
+        /* grpc-go: "received message larger than max" */
+        { GRPC_ORIGIN_CALL, -EMSGSIZE, { 200, GRPC_RESOURCE_EXHAUSTED, "request too large" } },
+        /* compression.md: a message compressed with an encoding the server
+         * does not support is UNIMPLEMENTED; we support none. */
+        { GRPC_ORIGIN_CALL, -EPROTO,
+          { 200, GRPC_UNIMPLEMENTED, "compressed messages are not supported" } },
+        /* grpc-go answers a truncated message or a second message on a
+         * unary call with INTERNAL. */
+        { GRPC_ORIGIN_CALL, -EBADMSG,
+          { 200, GRPC_INTERNAL, "unary request must be exactly one gRPC message" } },
+};
+
+struct grpc_status grpc_status_from_errno(enum grpc_origin origin, int r) {
+        const char *s;
+
+        for (size_t i = 0; i < ARRAY_SIZE(errno_table); i++)
+                if (errno_table[i].origin == origin && errno_table[i].error == r)
+                        return errno_table[i].status;
+        s = r < 0 && r > -4096 ? strerrordesc_np(-r) : NULL;
+        return (struct grpc_status) { 200, GRPC_INTERNAL, s ?: "internal error" };
+}
+
 enum grpc_code grpc_code_from_errno(int r) {
-        /* The one table (plugin.h, struct kms_backend_ops; gRPC codes as
-         * grpc/doc/statuscodes.md defines them). */
-        switch (r) {
-        case -EINVAL:
-        case -EBADMSG:
-                return GRPC_INVALID_ARGUMENT;
-        case -ENOENT:
-                return GRPC_NOT_FOUND;
-        case -ENOKEY:
-                return GRPC_UNAVAILABLE;
-        case -EPERM:
-                return GRPC_FAILED_PRECONDITION;
-        default:
-                return GRPC_INTERNAL;
-        }
+        return grpc_status_from_errno(GRPC_ORIGIN_SERVICE, r).code;
 }
 
 enum grpc_code grpc_code_from_frame_error(int r) {
-        switch (r) {
-        case -EMSGSIZE:
-                /* grpc-go: "received message larger than max" */
-                return GRPC_RESOURCE_EXHAUSTED;
-        case -EPROTO:
-                /* compression.md: a message compressed with an encoding the
-                 * server does not support is UNIMPLEMENTED; we support none. */
-                return GRPC_UNIMPLEMENTED;
-        default:
-                /* grpc-go answers a truncated message or a second message on
-                 * a unary call with INTERNAL. */
-                return GRPC_INTERNAL;
-        }
+        return grpc_status_from_errno(GRPC_ORIGIN_CALL, r).code;
 }
 
 int grpc_frame_unpack(const uint8_t *buf, size_t len, size_t max,

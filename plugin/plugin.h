@@ -42,7 +42,9 @@ struct kms_status {
         char key_id[KMS_KEY_ID_MAX + 1];  /* current primary; "" when none */
 };
 
-/* Failure returns map to gRPC codes in one table (plugin/grpc.c):
+/* Failure returns map to gRPC codes in one table (plugin/grpc.c, which also
+ * holds the codes of the call's own failures: RESOURCE_EXHAUSTED for size,
+ * DEADLINE_EXCEEDED, UNIMPLEMENTED for an unknown method or compression):
  *   -EINVAL, -EBADMSG  INVALID_ARGUMENT (malformed, or fails authentication)
  *   -ENOENT            NOT_FOUND (unknown key id)
  *   -ENOKEY            UNAVAILABLE (no keys unsealed)

@@ -3,8 +3,8 @@
  * nghttp2_session_mem_recv, drain frames with nghttp2_session_mem_send into a
  * bounded per-connection buffer), driven by sd-event.
  *
- * gRPC over HTTP/2 follows grpc/doc/PROTOCOL-HTTP2.md ("the gRPC doc" below);
- * HTTP/2 itself is RFC 9113. Everything about messages is behind service.h.
+ * HTTP/2 itself is RFC 9113; what the headers of a gRPC call mean and say is
+ * call.c's, everything about messages is behind service.h.
  *
  * Bounds: each connection is woken level-triggered and does at most one read()
  * of READ_CHUNK bytes and one write() per wakeup, so a busy or hostile peer
@@ -20,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <syslog.h>
@@ -32,6 +31,7 @@
 
 #include "macro.h"
 #include "util.h"
+#include "call.h"
 #include "plugin.h"
 #include "service.h"
 
@@ -52,14 +52,7 @@
  * too long (RESOURCE_EXHAUSTED) instead of stalling on flow control, and so
  * that DATA padding (counted against the window, RFC 9113 §6.1) fits. */
 #define WINDOW_SLACK 512u
-#define NV_PATH_LOG_MAX 128                       /* :path bytes quoted in messages */
 #define H2_FRAME_HEADER_SIZE 9                    /* RFC 9113 §4.1 */
-
-#define NV_STATIC(n, v)                                                        \
-        {                                                                      \
-                (uint8_t *) (n), (uint8_t *) (v), sizeof(n) - 1, sizeof(v) - 1, \
-                        NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE \
-        }
 
 struct kms_server;
 struct conn;
@@ -73,7 +66,7 @@ struct stream {
         uint64_t deadline;                /* stream timeout or grpc-timeout */
         size_t header_bytes;              /* RFC 9113 §6.5.2 accounting */
 
-        char *path;
+        struct grpc_call call;            /* what its request headers said */
         uint8_t *body;
         size_t body_len, body_cap;
         size_t unconsumed;                /* body bytes not yet given back to
@@ -89,12 +82,6 @@ struct stream {
                                              once the response is out */
         bool cancelled:1;
         bool headers_too_big:1;
-        bool is_post:1;
-        bool content_type_ok:1;
-        bool encoding_compressed:1;       /* grpc-encoding other than identity */
-        bool timeout_bad:1;
-        bool has_timeout:1;
-        uint64_t timeout_usec;
         uint64_t park_token;              /* when parked: the event it waits for */
 
         struct grpc_reply reply;
@@ -364,6 +351,12 @@ static bool conn_finished(struct conn *c) {
 
 /* ---- streams ---- */
 
+static void nv_from_fields(nghttp2_nv *nva, const struct grpc_field *f, size_t n, uint8_t flags) {
+        for (size_t i = 0; i < n; i++)
+                nva[i] = (nghttp2_nv) { (uint8_t *) f[i].name, (uint8_t *) f[i].value,
+                                        strlen(f[i].name), strlen(f[i].value), flags };
+}
+
 static void stream_give_back(struct stream *st) {
         /* Return the body's bytes to the connection window (we run with
          * no_auto_window_update, so unprocessed bodies hold the window). */
@@ -392,7 +385,7 @@ static void stream_free(struct stream *st) {
 
         stream_drop_body(st);
         grpc_reply_done(&st->reply);
-        free(st->path);
+        grpc_call_done(&st->call);
         free(st);
 }
 
@@ -401,7 +394,7 @@ static void stream_observe(struct stream *st, enum grpc_code code) {
 
         if (s->call_observer) {
                 uint64_t now = now_usec(CLOCK_MONOTONIC);
-                s->call_observer(s->call_userdata, st->path ? st->path : "", (int) code,
+                s->call_observer(s->call_userdata, st->call.path ?: "", (int) code,
                                  now > st->start ? now - st->start : 0);
         }
 }
@@ -416,48 +409,6 @@ static void stream_responded(struct stream *st) {
         stream_drop_body(st);
 }
 
-/* A Trailers-Only response (the gRPC doc: HEADERS with :status, content-type,
- * grpc-status, grpc-message and END_STREAM). If the client is still sending,
- * the stream is reset with NO_ERROR once this is out (RFC 9113 §8.1). */
-static void stream_respond_status(struct stream *st, const char *http_status,
-                                  enum grpc_code code, const char *message) {
-        struct conn *c = st->conn;
-        char status[8], enc[GRPC_MESSAGE_MAX * 3 + 1];
-        nghttp2_nv nva[5] = {
-                NV_STATIC(":status", "200"),
-                NV_STATIC("content-type", "application/grpc"),
-        };
-        size_t n = 2;
-        int r;
-
-        nva[0].value = (uint8_t *) http_status;
-        nva[0].valuelen = strlen(http_status);
-
-        snprintf(status, sizeof(status), "%d", (int) code);
-        nva[n++] = (nghttp2_nv) { (uint8_t *) "grpc-status", (uint8_t *) status,
-                                  strlen("grpc-status"), strlen(status),
-                                  NGHTTP2_NV_FLAG_NO_COPY_NAME };
-        if (message && *message) {
-                r = grpc_percent_encode(message, enc, sizeof(enc));
-                if (r > 0 || r == -ENOBUFS)
-                        nva[n++] = (nghttp2_nv) { (uint8_t *) "grpc-message", (uint8_t *) enc,
-                                                  strlen("grpc-message"), strlen(enc),
-                                                  NGHTTP2_NV_FLAG_NO_COPY_NAME };
-        }
-        if (code == GRPC_UNIMPLEMENTED && st->encoding_compressed)
-                /* the gRPC doc, "Compression": say what we do accept */
-                nva[n++] = (nghttp2_nv) NV_STATIC("grpc-accept-encoding", "identity");
-
-        r = nghttp2_submit_response(c->h2, st->id, nva, n, NULL);
-        if (r < 0)
-                (void) nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, st->id,
-                                                 NGHTTP2_INTERNAL_ERROR);
-        else if (!st->request_done)
-                st->rst_after_send = true;
-        stream_responded(st);
-        stream_observe(st, code);
-}
-
 /* The response body goes out with NGHTTP2_DATA_FLAG_NO_COPY: nghttp2 would
  * copy it into its own frame buffer, which it reuses and frees without
  * wiping, and a Decrypt's body is the DEK seed. reply_read() only sizes the
@@ -465,17 +416,17 @@ static void stream_respond_status(struct stream *st, const char *http_status,
 static ssize_t reply_read(nghttp2_session *h2, int32_t stream_id, uint8_t *buf, size_t length,
                           uint32_t *data_flags, nghttp2_data_source *source, void *user_data) {
         struct stream *st = source->ptr;
-        static const nghttp2_nv trailers[] = {
-                NV_STATIC("grpc-status", "0"),
-        };
+        nghttp2_nv trailers[ARRAY_SIZE(grpc_trailers_ok)];
         size_t left = st->reply.body_len - st->reply_off;
         size_t n = left < length ? left : length;
 
         *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
         if (n == left) {
-                /* The gRPC doc: Response -> Headers *Message Trailers; the
-                 * trailers carry END_STREAM, not the last DATA frame. */
+                /* PROTOCOL-HTTP2.md: Response -> Headers *Message Trailers;
+                 * the trailers carry END_STREAM, not the last DATA frame. */
                 *data_flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+                nv_from_fields(trailers, grpc_trailers_ok, ARRAY_SIZE(trailers),
+                               NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE);
                 if (nghttp2_submit_trailer(h2, stream_id, trailers, ARRAY_SIZE(trailers)) < 0)
                         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
         }
@@ -517,80 +468,62 @@ static int reply_send(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t *
         return c->out_len - c->out_off >= OUT_HIGH ? NGHTTP2_ERR_PAUSE : 0;
 }
 
-static void stream_respond_reply(struct stream *st) {
+/* Queue h: a Trailers-Only answer ends the stream, any other is followed by
+ * the reply's message and the trailers (reply_read()). If the client is still
+ * sending, the stream is reset with NO_ERROR once the answer is out (RFC 9113
+ * §8.1). */
+static void stream_respond(struct stream *st, const struct grpc_head *h) {
         struct conn *c = st->conn;
-        static const nghttp2_nv headers[] = {
-                NV_STATIC(":status", "200"),
-                NV_STATIC("content-type", "application/grpc"),
-        };
+        nghttp2_nv nva[GRPC_HEAD_FIELDS_MAX];
         nghttp2_data_provider prd = {
                 .source.ptr = st,
                 .read_callback = reply_read,
         };
 
-        if (st->reply.code != GRPC_OK || !st->reply.body || st->reply.body_len == 0) {
-                enum grpc_code code = st->reply.code != GRPC_OK ? st->reply.code : GRPC_INTERNAL;
-                char message[GRPC_MESSAGE_MAX];
-
-                memcpy(message, st->reply.message, sizeof(message));
-                message[sizeof(message) - 1] = '\0';
+        /* the values live in h, on our caller's stack: nghttp2 copies them */
+        nv_from_fields(nva, h->fields, h->n_fields, NGHTTP2_NV_FLAG_NO_COPY_NAME);
+        if (h->trailers_only)
                 grpc_reply_done(&st->reply);
-                stream_respond_status(st, "200", code, message);
-                return;
-        }
-
-        if (nghttp2_submit_response(c->h2, st->id, headers, ARRAY_SIZE(headers), &prd) < 0) {
+        if (nghttp2_submit_response(c->h2, st->id, nva, h->n_fields,
+                                    h->trailers_only ? NULL : &prd) < 0) {
                 grpc_reply_done(&st->reply);
                 (void) nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, st->id,
                                                  NGHTTP2_INTERNAL_ERROR);
-        }
+        } else if (!st->request_done)
+                st->rst_after_send = true;
         stream_responded(st);
-        stream_observe(st, GRPC_OK);
+        stream_observe(st, h->code);
 }
 
-static bool content_type_is_grpc(const uint8_t *v, size_t n) {
-        static const char base[] = "application/grpc";
-        size_t k = sizeof(base) - 1;
+/* Answer with a failure r of the call (GRPC_ORIGIN_CALL, grpc.c's table). */
+static void stream_fail(struct stream *st, int r, const char *message) {
+        struct grpc_head h;
 
-        /* the gRPC doc: "application/grpc" [("+proto" / "+json" / {custom})];
-         * media types are case-insensitive (RFC 9110 §8.3.1). */
-        if (n < k || strncasecmp((const char *) v, base, k) != 0)
-                return false;
-        return n == k || v[k] == '+' || v[k] == ';';
+        grpc_head_from_errno(&h, &st->call, r, message);
+        stream_respond(st, &h);
+}
+
+static void stream_respond_reply(struct stream *st) {
+        struct grpc_head h;
+
+        grpc_head_from_reply(&h, &st->call, &st->reply);
+        stream_respond(st, &h);
 }
 
 /* Request headers are complete: decide whether the call can proceed. */
 static void stream_headers_done(struct stream *st) {
-        struct conn *c = st->conn;
+        int r;
 
         st->headers_done = true;
-        if (st->headers_too_big)
-                /* RFC 9113 §10.5.1 suggests 431 */
-                stream_respond_status(st, "431", GRPC_RESOURCE_EXHAUSTED,
-                                      "request header list too large");
-        else if (!st->is_post)
-                stream_respond_status(st, "405", GRPC_INTERNAL, "gRPC requires POST");
-        else if (!st->content_type_ok)
-                /* the gRPC doc: servers SHOULD answer 415 so that plain HTTP
-                 * clients do not take the error for success */
-                stream_respond_status(st, "415", GRPC_INTERNAL, "invalid gRPC content-type");
-        else if (st->timeout_bad)
-                stream_respond_status(st, "400", GRPC_INTERNAL, "malformed grpc-timeout");
-        else if (!st->path || !kms_service_has_method(st->path)) {
-                char msg[64 + NV_PATH_LOG_MAX];
-
-                /* :path is bounded only by max_header_list_size */
-                snprintf(msg, sizeof(msg), "unknown method %.*s", NV_PATH_LOG_MAX,
-                         st->path ? st->path : "");
-                stream_respond_status(st, "200", GRPC_UNIMPLEMENTED, msg);
-        } else if (st->has_timeout) {
-                uint64_t d = add_usec(st->start, st->timeout_usec);
-                if (st->timeout_usec == 0)
-                        stream_respond_status(st, "200", GRPC_DEADLINE_EXCEEDED,
-                                              "deadline exceeded");
-                else if (d < st->deadline) {
+        /* the header list is HTTP/2's to bound (on_header()), the rest the call's */
+        r = st->headers_too_big ? -E2BIG : grpc_call_check(&st->call);
+        if (r < 0)
+                return stream_fail(st, r, NULL);
+        if (st->call.has_timeout) {
+                uint64_t d = add_usec(st->start, st->call.timeout_usec);
+                if (d < st->deadline) {
                         st->deadline = d;
-                        conn_timer_require(c, d);
+                        conn_timer_require(st->conn, d);
                 }
         }
 }
@@ -604,24 +537,10 @@ static void stream_request_done(struct stream *st) {
         if (st->responded || !st->headers_done)
                 return;
 
-        if (server_now(s) >= st->deadline) {
-                stream_respond_status(st, "200", GRPC_DEADLINE_EXCEEDED, "deadline exceeded");
-                return;
-        }
-        if (st->body_len > 0 && (st->body[0] & 1)) {
-                /* the gRPC doc: a compressed message with an encoding we did
-                 * not advertise is UNIMPLEMENTED; the flag without any
-                 * grpc-encoding is a protocol error (INTERNAL). */
-                if (st->encoding_compressed)
-                        stream_respond_status(st, "200", GRPC_UNIMPLEMENTED,
-                                              "compressed messages are not supported");
-                else
-                        stream_respond_status(st, "200", GRPC_INTERNAL,
-                                              "compressed flag without grpc-encoding");
-                return;
-        }
+        if (server_now(s) >= st->deadline)
+                return stream_fail(st, -ETIMEDOUT, NULL);
 
-        kms_service_call(s->ops, s->userdata, st->path, st->body, st->body_len, &c->peer,
+        kms_service_call(s->ops, s->userdata, st->call.path, st->body, st->body_len, &c->peer,
                          true, &st->reply);
         if (st->reply.deferred) {
                 /* kept with its body until kms_server_retry_parked() reports
@@ -685,29 +604,8 @@ static int on_header(nghttp2_session *h2, const nghttp2_frame *frame, const uint
         if (frame->headers.cat != NGHTTP2_HCAT_REQUEST)
                 return 0;   /* request trailers: nothing in them for us */
 
-#define IS(lit) (namelen == sizeof(lit) - 1 && memcmp(name, lit, sizeof(lit) - 1) == 0)
-        if (IS(":method"))
-                st->is_post = valuelen == 4 && memcmp(value, "POST", 4) == 0;
-        else if (IS(":path")) {
-                char *p = malloc(valuelen + 1);
-                if (!p)
-                        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-                memcpy(p, value, valuelen);
-                p[valuelen] = '\0';
-                free(st->path);
-                st->path = p;
-        } else if (IS("content-type"))
-                st->content_type_ok = content_type_is_grpc(value, valuelen);
-        else if (IS("grpc-encoding"))
-                st->encoding_compressed = !(valuelen == 8 && memcmp(value, "identity", 8) == 0);
-        else if (IS("grpc-timeout")) {
-                /* nghttp2 NUL-terminates header values */
-                if (grpc_timeout_parse((const char *) value, &st->timeout_usec) < 0)
-                        st->timeout_bad = true;
-                else
-                        st->has_timeout = true;
-        }
-#undef IS
+        if (grpc_call_header(&st->call, name, namelen, value, valuelen) < 0)
+                return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
         return 0;
 }
 
@@ -728,7 +626,7 @@ static int on_data_chunk_recv(nghttp2_session *h2, uint8_t flags, int32_t stream
 
                 snprintf(msg, sizeof(msg), "request message larger than %u bytes",
                          c->server->max_message);
-                stream_respond_status(st, "200", GRPC_RESOURCE_EXHAUSTED, msg);
+                stream_fail(st, -EMSGSIZE, msg);
                 return 0;
         }
         if (st->body_len + len > st->body_cap) {
@@ -965,8 +863,7 @@ static int conn_timer(sd_event_source *src, uint64_t usec, void *userdata) {
                         break;
                 }
                 if (!st->responded) {
-                        stream_respond_status(st, "200", GRPC_DEADLINE_EXCEEDED,
-                                              "deadline exceeded");
+                        stream_fail(st, -ETIMEDOUT, NULL);
                         continue;
                 }
                 /* answered, but the answer is not getting out */
@@ -1170,7 +1067,7 @@ void kms_server_retry_parked(struct kms_server *s, uint64_t done) {
                                 continue;
                         st->parked = false;
                         any = true;
-                        kms_service_call(s->ops, s->userdata, st->path, st->body, st->body_len,
+                        kms_service_call(s->ops, s->userdata, st->call.path, st->body, st->body_len,
                                          &c->peer, false, &st->reply);
                         stream_respond_reply(st);
                 }

@@ -16,14 +16,19 @@ static void wipe_plaintextp(uint8_t (*p)[KMS_PLAINTEXT_MAX]) {
         explicit_bzero(*p, sizeof(*p));
 }
 
-__attribute__((format(printf, 3, 4)))
-static void reply_error(struct grpc_reply *reply, enum grpc_code code, const char *fmt, ...) {
+/* Fail the call with r, a negative errno from origin: the code from the one
+ * table (grpc.c), the message from fmt. */
+__attribute__((format(printf, 4, 5)))
+static void reply_errno(struct grpc_reply *reply, enum grpc_origin origin, int r,
+                        const char *fmt, ...) {
         va_list ap;
 
         va_start(ap, fmt);
         (void) vsnprintf(reply->message, sizeof(reply->message), fmt, ap);
         va_end(ap);
-        reply->code = code;
+        reply->code = grpc_status_from_errno(origin, r).code;
+        reply->origin = origin;
+        reply->error = r;
         reply->body = NULL;
         reply->body_len = 0;
 }
@@ -31,49 +36,29 @@ static void reply_error(struct grpc_reply *reply, enum grpc_code code, const cha
 /* A request that failed proto_request_scan() or proto_request_unpack(). */
 static void reply_malformed(struct grpc_reply *reply, int r, const char *what) {
         if (r == -ENOMEM)
-                reply_error(reply, GRPC_INTERNAL, "out of memory");
+                reply_errno(reply, GRPC_ORIGIN_SERVICE, r, "out of memory");
         else if (r == -E2BIG)
-                reply_error(reply, GRPC_INVALID_ARGUMENT, "malformed %s: too many fields", what);
+                reply_errno(reply, GRPC_ORIGIN_SERVICE, -EBADMSG, "malformed %s: too many fields", what);
         else
-                reply_error(reply, GRPC_INVALID_ARGUMENT, "malformed %s", what);
+                reply_errno(reply, GRPC_ORIGIN_SERVICE, -EBADMSG, "malformed %s", what);
 }
 
-static const char *backend_error_default(int r) {
-        const char *s;
-
-        switch (r) {
-        case -EINVAL:
-                return "invalid request";
-        case -EBADMSG:
-                return "ciphertext failed authentication";
-        case -ENOENT:
-                return "unknown key id";
-        case -ENOKEY:
-                return "no keys unsealed";
-        case -EPERM:
-                return "measured boot refused the key cache";
-        }
-        s = r < 0 && r > -4096 ? strerrordesc_np(-r) : NULL;
-        return s ?: "internal error";
-}
-
-/* The backend failed: its explanation if it gave one, else ours. */
+/* The backend failed: its explanation if it gave one, else the table's. */
 static void reply_backend_error(struct grpc_reply *reply, int r, struct kms_call *call,
                                 const char *op) {
-        const enum grpc_code code = grpc_code_from_errno(r);
-
         call->error[sizeof(call->error) - 1] = '\0';
         if (call->error[0])
-                reply_error(reply, code, "%s", call->error);
+                reply_errno(reply, GRPC_ORIGIN_SERVICE, r, "%s", call->error);
         else
-                reply_error(reply, code, "%s: %s", op, backend_error_default(r));
+                reply_errno(reply, GRPC_ORIGIN_SERVICE, r, "%s: %s", op,
+                            grpc_status_from_errno(GRPC_ORIGIN_SERVICE, r).message);
 }
 
 /* buf came from a proto_*_response_pack() with GRPC_FRAME_HEADER_SIZE bytes
  * of headroom: put the prefix there and hand it over. */
 static void reply_body(struct grpc_reply *reply, int r, uint8_t *buf, size_t len) {
         if (r < 0) {
-                reply_error(reply, GRPC_INTERNAL, "out of memory");
+                reply_errno(reply, GRPC_ORIGIN_SERVICE, r, "out of memory");
                 return;
         }
         grpc_frame_header(buf, len - GRPC_FRAME_HEADER_SIZE);
@@ -144,13 +129,13 @@ static void call_encrypt(const struct kms_backend_ops *ops, void *userdata,
 
         /* Bounds before unpacking (STYLE 9). */
         if (e->plaintext_len == 0)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT, "plaintext is empty");
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL, "plaintext is empty");
         if (e->plaintext_len > KMS_PLAINTEXT_MAX)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL,
                                    "plaintext is %zu bytes, at most %d allowed",
                                    e->plaintext_len, KMS_PLAINTEXT_MAX);
         if (e->uid_len > KMS_UID_MAX)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL,
                                    "uid is %zu bytes, at most %d allowed",
                                    e->uid_len, KMS_UID_MAX);
 
@@ -169,12 +154,12 @@ static void call_encrypt(const struct kms_backend_ops *ops, void *userdata,
          * be UTF-8 to unmarshal. A backend breaking that is our bug, not the
          * caller's. */
         if (r == 0 || r > KMS_CIPHERTEXT_MAX)
-                return reply_error(reply, GRPC_INTERNAL,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EIO,
                                    "encrypt: backend returned %d bytes of ciphertext", r);
         key_id_len = strnlen(key_id, sizeof(key_id));
         if (key_id_len == 0 || key_id_len > KMS_KEY_ID_MAX ||
             !proto_utf8_valid(key_id, key_id_len))
-                return reply_error(reply, GRPC_INTERNAL, "encrypt: backend returned an invalid key id");
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EIO, "encrypt: backend returned an invalid key id");
 
         /* No annotations. The ciphertext is self-describing (format version
          * and key id are bound into it as GCM additional data), and the
@@ -209,27 +194,27 @@ static void call_decrypt(const struct kms_backend_ops *ops, void *userdata, bool
          * proto), annotations of at most 32 KiB; ours has none, so any are
          * ignored once they pass the bounds. */
         if (d->ciphertext_len == 0)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT, "ciphertext is empty");
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL, "ciphertext is empty");
         if (d->ciphertext_len > KMS_CIPHERTEXT_MAX)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL,
                                    "ciphertext is %zu bytes, at most %d allowed",
                                    d->ciphertext_len, KMS_CIPHERTEXT_MAX);
         if (d->key_id_len == 0)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT, "key_id is empty");
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL, "key_id is empty");
         if (d->key_id_len > KMS_KEY_ID_MAX)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL,
                                    "key_id is %zu bytes, at most %d allowed",
                                    d->key_id_len, KMS_KEY_ID_MAX);
         if (d->uid_len > KMS_UID_MAX)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL,
                                    "uid is %zu bytes, at most %d allowed",
                                    d->uid_len, KMS_UID_MAX);
         if (d->n_annotations > KMS_ANNOTATIONS_MAX)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL,
                                    "%zu annotations, at most %d allowed",
                                    d->n_annotations, KMS_ANNOTATIONS_MAX);
         if (d->annotations_size > KMS_ANNOTATIONS_SIZE_MAX)
-                return reply_error(reply, GRPC_INVALID_ARGUMENT,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EINVAL,
                                    "annotations are %zu bytes, at most %u allowed",
                                    d->annotations_size, KMS_ANNOTATIONS_SIZE_MAX);
 
@@ -249,7 +234,7 @@ static void call_decrypt(const struct kms_backend_ops *ops, void *userdata, bool
         if (r < 0)
                 return reply_backend_error(reply, r, &call, "decrypt");
         if (r == 0 || r > KMS_PLAINTEXT_MAX)
-                return reply_error(reply, GRPC_INTERNAL,
+                return reply_errno(reply, GRPC_ORIGIN_SERVICE, -EIO,
                                    "decrypt: backend returned %d bytes of plaintext", r);
 
         r = proto_decrypt_response_pack(pt, (size_t) r, GRPC_FRAME_HEADER_SIZE, &buf, &buf_len);
@@ -265,6 +250,8 @@ void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
 
         reply->code = GRPC_OK;
         reply->message[0] = '\0';
+        reply->origin = GRPC_ORIGIN_SERVICE;
+        reply->error = 0;
         reply->body = NULL;
         reply->body_len = 0;
         reply->deferred = false;
@@ -272,18 +259,16 @@ void kms_service_call(const struct kms_backend_ops *ops, void *userdata,
 
         m = kms_method_from_path(path);
         if (m < 0)
-                return reply_error(reply, GRPC_UNIMPLEMENTED, "unknown method %s", path ?: "");
+                return reply_errno(reply, GRPC_ORIGIN_CALL, m, "unknown method %.*s",
+                                   GRPC_PATH_QUOTE_MAX, path ?: "");
 
         r = grpc_frame_unpack(body, body_len, KMS_REQUEST_MAX, &msg, &len);
         if (r == -EMSGSIZE)
-                return reply_error(reply, grpc_code_from_frame_error(r),
-                                   "request larger than %u bytes", KMS_REQUEST_MAX);
-        if (r == -EPROTO)
-                return reply_error(reply, grpc_code_from_frame_error(r),
-                                   "compressed messages are not supported");
+                return reply_errno(reply, GRPC_ORIGIN_CALL, r, "request larger than %u bytes",
+                                   KMS_REQUEST_MAX);
         if (r < 0)
-                return reply_error(reply, grpc_code_from_frame_error(r),
-                                   "unary request must be exactly one gRPC message");
+                return reply_errno(reply, GRPC_ORIGIN_CALL, r, "%s",
+                                   grpc_status_from_errno(GRPC_ORIGIN_CALL, r).message);
 
         switch (m) {
         case KMS_METHOD_STATUS:

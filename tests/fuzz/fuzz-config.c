@@ -41,7 +41,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         abort();
         } else {
                 if (r != 0 || c.n_allowed_uids == 0 || c.n_allowed_uids > CONFIG_MAX_UIDS ||
-                    c.n_endpoints > CONFIG_MAX_ENDPOINTS || c.kms_socket[0] != '/' ||
+                    c.n_endpoints > CENTRAL_ENDPOINTS_MAX || c.kms_socket[0] != '/' ||
                     c.control_socket[0] != '/' ||
                     (tpm_pcr_selection_is_empty(&c.pcrs) && !c.insecure_no_pcr_policy) ||
                     (c.central_type == CENTRAL_KMIP && c.n_endpoints == 0))

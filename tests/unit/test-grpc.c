@@ -228,6 +228,52 @@ static void test_grpc_code_from_frame_error_table(void **state) {
         assert_int_equal(grpc_code_from_frame_error(-EBADMSG), GRPC_INTERNAL);
 }
 
+static void test_grpc_status_from_errno_call(void **state) {
+        static const struct {
+                int r;
+                unsigned http_status;
+                enum grpc_code code;
+        } t[] = {
+                { -E2BIG, 431, GRPC_RESOURCE_EXHAUSTED },
+                { -EOPNOTSUPP, 405, GRPC_INTERNAL },
+                { -EMEDIUMTYPE, 415, GRPC_INTERNAL },
+                { -EINVAL, 400, GRPC_INTERNAL },
+                { -ENOENT, 200, GRPC_UNIMPLEMENTED },
+                { -ETIMEDOUT, 200, GRPC_DEADLINE_EXCEEDED },
+                { -EMSGSIZE, 200, GRPC_RESOURCE_EXHAUSTED },
+                { -EPROTO, 200, GRPC_UNIMPLEMENTED },
+                { -EBADMSG, 200, GRPC_INTERNAL },
+                { -ENOMEM, 200, GRPC_INTERNAL },
+        };
+
+        for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
+                struct grpc_status st = grpc_status_from_errno(GRPC_ORIGIN_CALL, t[i].r);
+
+                assert_int_equal(st.http_status, t[i].http_status);
+                assert_int_equal(st.code, t[i].code);
+                assert_non_null(st.message);
+                assert_string_not_equal(st.message, "");
+        }
+}
+
+static void test_grpc_status_from_errno_messages(void **state) {
+        /* the service's rows answer with HTTP 200 and their own text; an
+         * errno the table does not know says what strerror says */
+        struct grpc_status st = grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -ENOKEY);
+
+        assert_int_equal(st.http_status, 200);
+        assert_string_equal(st.message, "no keys unsealed");
+        /* the same errno means something else from the call around it */
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -ENOENT).code, GRPC_NOT_FOUND);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_CALL, -ENOENT).code, GRPC_UNIMPLEMENTED);
+        assert_string_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -EIO).message,
+                            "Input/output error");
+        assert_string_equal(grpc_status_from_errno(GRPC_ORIGIN_CALL, -99999).message,
+                            "internal error");
+        assert_string_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, EINVAL).message,
+                            "internal error");
+}
+
 /* ---- method table ------------------------------------------------------- */
 
 static void test_kms_method_from_path_table(void **state) {
@@ -267,6 +313,8 @@ int main(void) {
                 cmocka_unit_test(test_grpc_percent_encode_truncated),
                 cmocka_unit_test(test_grpc_code_from_errno_table),
                 cmocka_unit_test(test_grpc_code_from_frame_error_table),
+                cmocka_unit_test(test_grpc_status_from_errno_call),
+                cmocka_unit_test(test_grpc_status_from_errno_messages),
                 cmocka_unit_test(test_kms_method_from_path_table),
         };
 

@@ -440,6 +440,11 @@ static size_t pb_bytes(uint8_t *out, unsigned field, const void *p, size_t len) 
 static bool pb_find(const struct call *c, unsigned field, const uint8_t **ret, size_t *ret_len) {
         size_t i = 5;
 
+        /* Set even when the field is missing: callers go on after
+         * assert_true(pb_find(...)), which cmocka does not declare noreturn,
+         * so gcc -O3 would see them use the outputs uninitialized. */
+        *ret = NULL;
+        *ret_len = 0;
         if (c->data_len < 5)
                 return false;
         while (i + 2 <= c->data_len) {
