@@ -285,6 +285,24 @@ static int parse_pcrs_item(const struct config_item *it, const char *value,
         return 0;
 }
 
+/* A TPM NV index in the owner range (TCG handle registry: 0x01800000 to
+ * 0x01BFFFFF), hexadecimal. */
+static int parse_nv_index_item(const struct config_item *it, const char *value,
+                               struct config *c, char *why, size_t why_size) {
+        char *end;
+        unsigned long v;
+
+        errno = 0;
+        v = strtoul(value, &end, 16);
+        if (strncmp(value, "0x", 2) != 0 || *end || errno || v < it->min || v > it->max) {
+                errorf(why, why_size, "must be a hexadecimal TPM NV index from 0x%08" PRIx64 " to 0x%08" PRIx64,
+                       it->min, it->max);
+                return -EINVAL;
+        }
+        *(uint32_t *) ((uint8_t *) c + it->offset) = (uint32_t) v;
+        return 0;
+}
+
 /* Split a comma-separated list; calls fn on each trimmed element. Empty
  * elements ("a,,b", a trailing comma) are errors: they are typos. */
 typedef int (*list_fn_t)(const char *elem, size_t n, struct config *c, char *why, size_t why_size);
@@ -494,6 +512,9 @@ static const struct config_item config_table[] = {
         { "tpm", "tcti", parse_string_item, FIELD(tpm_tcti), 1, 0, "device:/dev/tpmrm0" },
         { "tpm", "pcrs", parse_pcrs_item, FIELD(pcrs), 0, 0, "sha256:7" },
         { "tpm", "insecure_no_pcr_policy", parse_bool_item, FIELD(insecure_no_pcr_policy), 0, 0, "no" },
+        { "tpm", "counter_index", parse_nv_index_item, FIELD(counter_index), 0x01800000, 0x01bfffff,
+          "0x01a71c00" /* TPM_COUNTER_INDEX_DEFAULT (test-config checks) */ },
+        { "tpm", "owner_auth_file", parse_path_item, FIELD(owner_auth_file), 0, 0, "" },
         { "state", "dir", parse_path_item, FIELD(state_dir), 1, 0, "/var/lib/tpmkms" },
         { "central", "type", parse_central_type_item, FIELD(central_type), 0, 0, "none" },
         { "central", "endpoints", parse_endpoints_item, FIELD(endpoints), 0, 0, "" },
@@ -759,9 +780,10 @@ int config_load(const char *path, struct config *c, char *err, size_t err_size) 
 }
 
 void config_vault_options(const struct config *c, struct vault_options *ret) {
-        *ret = (struct vault_options) { .pcrs = c->pcrs };
+        *ret = (struct vault_options) { .pcrs = c->pcrs, .counter_index = c->counter_index };
         snprintf(ret->state_dir, sizeof(ret->state_dir), "%s", c->state_dir);
         snprintf(ret->tcti, sizeof(ret->tcti), "%s", c->tpm_tcti);
+        snprintf(ret->owner_auth_file, sizeof(ret->owner_auth_file), "%s", c->owner_auth_file);
 }
 
 void config_central_options(const struct config *c, struct central_options *ret) {

@@ -32,6 +32,8 @@ struct config {
         char tpm_tcti[256];
         struct tpm_pcr_selection pcrs;
         bool insecure_no_pcr_policy;
+        uint32_t counter_index;           /* TPM NV index of the rollback counter */
+        char owner_auth_file[PATH_MAX];   /* "" = empty owner authorisation */
         /* [state] */
         char state_dir[PATH_MAX];
         /* [central] */

@@ -73,6 +73,7 @@ static int cmd_status(struct daemon *d, bool json, FILE *out) {
                               .config = d->config,
                               .keys = kr,
                               .refused = d->vault.refused,
+                              .sealed_pcrs = vault_sealed_pcrs(&d->vault),
                               .healthz = st.healthz,
                               .started_usec = d->started_usec,
                               .sync = d->sync,
@@ -126,7 +127,8 @@ static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_
         return 0;
 }
 
-static int cmd_reseal_locked(struct daemon *d, FILE *out, char *err, size_t err_size) {
+static int cmd_reseal_locked(struct daemon *d, const struct tpm_pcr_selection *sel, FILE *out,
+                             char *err, size_t err_size) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
         char pcrs[64];
         int r;
@@ -136,14 +138,17 @@ static int cmd_reseal_locked(struct daemon *d, FILE *out, char *err, size_t err_
                          d->vault.refused ? d->vault.reason : "nothing unsealed");
                 return -EPERM;
         }
-        r = vault_reseal(&d->vault, kr);
+        r = vault_reseal(&d->vault, kr, sel);
         if (r < 0) {
                 snprintf(err, err_size, "re-seal failed, the previous cache stays in force: %s (see the journal)",
                          strerror(-r));
                 return r;
         }
-        (void) tpm_pcr_selection_format(&d->config->pcrs, pcrs, sizeof(pcrs));
-        fprintf(out, "re-sealed %zu key(s) to the current PCRs (%s)\n", keyring_size(kr), pcrs);
+        (void) tpm_pcr_selection_format(vault_sealed_pcrs(&d->vault), pcrs, sizeof(pcrs));
+        fprintf(out, "re-sealed %zu key(s) to the current values of PCRs %s\n", keyring_size(kr), pcrs);
+        if (memcmp(vault_sealed_pcrs(&d->vault), &d->config->pcrs, sizeof(d->config->pcrs)) != 0)
+                fprintf(out, "the configuration names other PCRs: set [tpm] pcrs = %s before the next start, "
+                        "or the daemon refuses this cache if it is weaker than configured\n", pcrs);
         return 0;
 }
 
@@ -252,6 +257,7 @@ static void on_sync_done(void *userdata) {
 static int daemon_control(void *userdata, struct control_conn *conn, int argc, char **argv,
                           FILE *out, char *err, size_t err_size) {
         struct daemon *d = userdata;
+        int r;
 
         if (strcmp(argv[0], "status") == 0 && argc <= 2) {
                 bool json = argc == 2 && strcmp(argv[1], "--json") == 0;
@@ -263,13 +269,22 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
         }
         if (strcmp(argv[0], "rotate") == 0 && argc == 1)
                 return cmd_locked(d, cmd_rotate_locked, out, err, err_size);
-        if (strcmp(argv[0], "reseal") == 0 && argc == 1)
-                return cmd_locked(d, cmd_reseal_locked, out, err, err_size);
+        if (strcmp(argv[0], "reseal") == 0 && (argc == 1 || (argc == 3 && strcmp(argv[1], "--pcrs") == 0))) {
+                struct tpm_pcr_selection sel = {};
+
+                if (argc == 3 && tpm_pcr_selection_parse(argv[2], &sel) < 0) {
+                        snprintf(err, err_size, "reseal --pcrs: '%s' is not a PCR selection (e.g. sha256:7, "
+                                 "sha256:0,7, none)", argv[2]);
+                        return -EINVAL;
+                }
+                pthread_mutex_lock(&d->state_lock);
+                r = cmd_reseal_locked(d, argc == 3 ? &sel : NULL, out, err, err_size);
+                pthread_mutex_unlock(&d->state_lock);
+                return r;
+        }
         if (strcmp(argv[0], "sync") == 0 && argc == 1)
                 return cmd_sync(d, conn, err, err_size);
         if (strcmp(argv[0], "purge") == 0) {
-                int r;
-
                 if (argc != 2) {
                         snprintf(err, err_size, "usage: purge KEY_ID (a missing version; see tpmkmsctl status)");
                         return -EINVAL;
@@ -400,7 +415,7 @@ int daemon_run(const struct config *c) {
         r = vault_open(&d.vault, &vopt, c->central_type == CENTRAL_NONE, &kr);
         if (r < 0)
                 goto out;
-        if (r == 0) {
+        if (!d.vault.refused) {
                 keyring_slot_publish(&d.keys, kr);
                 log_info("Unsealed %zu key(s) from %s", keyring_size(kr), c->state_dir);
         } else

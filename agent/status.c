@@ -99,9 +99,13 @@ static void central_text(const struct status_view *d, FILE *out) {
 void status_render(const struct status_view *d, bool json, FILE *out) {
         const struct keyring *kr = d->keys;
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
-        char pcrs[64], created[32], seen[32], started[32], rotated[32], since[32];
+        char pcrs[64], configured[64], created[32], seen[32], started[32], rotated[32], since[32];
 
-        (void) tpm_pcr_selection_format(&d->config->pcrs, pcrs, sizeof(pcrs));
+        /* What the cache is sealed to is what protects it; the configuration
+         * is only the least the daemon accepts. */
+        (void) tpm_pcr_selection_format(&d->config->pcrs, configured, sizeof(configured));
+        if (!d->sealed_pcrs || tpm_pcr_selection_format(d->sealed_pcrs, pcrs, sizeof(pcrs)) < 0)
+                snprintf(pcrs, sizeof(pcrs), "unknown");
         format_time(d->started_usec, started, sizeof(started));
         /* The last rotation is when the current primary was made (local
          * creation, or its central Initial Date): known after restarts too. */
@@ -110,8 +114,9 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
         if (json) {
                 fprintf(out, "{\"state\": \"%s\", \"healthz\": ", d->refused ? "refused" : "serving");
                 json_string(out, d->healthz);
-                fprintf(out, ", \"pcrs\": \"%s\", \"mode\": \"%s\", \"started\": \"%s\", \"last_rotation\": \"%s\", \"primary\": ",
-                        pcrs, d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone",
+                fprintf(out, ", \"pcrs\": \"%s\", \"configured_pcrs\": \"%s\", \"mode\": \"%s\", \"started\": \"%s\", "
+                        "\"last_rotation\": \"%s\", \"primary\": ",
+                        pcrs, configured, d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone",
                         started, rotated);
                 json_string(out, p ? p->id : "");
                 fputs(", \"keys\": [", out);
@@ -137,7 +142,7 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
         fprintf(out, "state:         %s\n", d->refused ? "REFUSED" : "serving");
         fprintf(out, "healthz:       %s\n", d->healthz);
         fprintf(out, "mode:          %s\n", d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone");
-        fprintf(out, "PCR policy:    %s\n", pcrs);
+        fprintf(out, "PCR policy:    %s (sealed; configured %s)\n", pcrs, configured);
         fprintf(out, "state dir:     %s\n", d->config->state_dir);
         fprintf(out, "started:       %s\n", started);
         fprintf(out, "last rotation: %s\n", *rotated ? rotated : "-");

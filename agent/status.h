@@ -15,6 +15,7 @@ struct status_view {
         const struct config *config;
         const struct keyring *keys;   /* the published snapshot; NULL: none */
         bool refused;                 /* the sealed cache was refused */
+        const struct tpm_pcr_selection *sealed_pcrs;   /* what the cache is sealed to; NULL unknown */
         const char *healthz;          /* what Status answers the apiserver */
         uint64_t started_usec;        /* CLOCK_REALTIME */
         struct sync *sync;            /* fleet mode, serving; else NULL */

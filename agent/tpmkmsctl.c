@@ -11,6 +11,9 @@
 #include "util.h"
 #include "config.h"
 #include "control.h"
+#include "keystore.h"
+#include "log.h"
+#include "macro.h"
 
 static void usage(FILE *f) {
         fprintf(f,
@@ -21,7 +24,11 @@ static void usage(FILE *f) {
                 "  purge KEY_ID     fleet mode: purge a missing version now, before purge_after\n"
                 "                   (refuses the primary, versions not missing and unknown ids)\n"
                 "  rotate           standalone mode: make a new primary key (old ones stay readable)\n"
-                "  reseal           re-seal the key cache to the current PCRs (after a verified update)\n"
+                "  reseal [--pcrs SELECTION]\n"
+                "                   re-seal the key cache to the current values of the configured PCRs,\n"
+                "                   or of SELECTION (a planned update; then set [tpm] pcrs to it)\n"
+                "  accept-restore   with tpmkmsd stopped: accept a key cache restored from an older\n"
+                "                   backup of this host (refused otherwise as a rollback)\n"
                 "  encryption-config [--name NAME] [--timeout DURATION] [RESOURCE...]\n"
                 "                   print a kube-apiserver EncryptionConfiguration using this plugin\n"
                 "                   (default resource: secrets; fail-closed: no identity provider)\n"
@@ -101,6 +108,46 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
         return 0;
 }
 
+/* Runs here, with the daemon stopped: it opens the vault itself, once,
+ * allowing a cache older than the TPM's rollback counter, and rewrites it at
+ * the counter's next value. */
+static int accept_restore(const struct config *c) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        struct vault_options opt;
+        struct vault v;
+        char err[256];
+        FILE *null;
+        int r;
+
+        null = fopen("/dev/null", "we");
+        r = null ? control_call(c->control_socket, 1, (char *[]) { (char *) "status", NULL }, null, err,
+                                sizeof(err))
+                 : -errno;
+        if (null)
+                fclose(null);
+        if (r >= 0) {
+                fprintf(stderr, "tpmkmsctl: tpmkmsd is running (%s answers): stop it first "
+                        "(systemctl stop tpmkmsd)\n", c->control_socket);
+                return 1;
+        }
+        log_setup(LOG_INFO);
+        r = keyring_secure_heap_init();
+        if (r < 0) {
+                fprintf(stderr, "tpmkmsctl: cannot set up locked memory for keys (ulimit -l): %s\n", strerror(-r));
+                return 1;
+        }
+        config_vault_options(c, &opt);
+        opt.accept_restore = true;
+        r = vault_open(&v, &opt, false, &kr);
+        if (r >= 0 && v.refused)
+                fprintf(stderr, "tpmkmsctl: the restored cache is refused: %s\n", v.reason);
+        else if (r >= 0)
+                printf("accepted the restored cache in %s: %zu key(s); start tpmkmsd\n", c->state_dir,
+                       keyring_size(kr));
+        vault_done(&v);
+        return r < 0 || v.refused ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
         static const struct option options[] = {
                 { "config", required_argument, NULL, 'c' },
@@ -131,6 +178,8 @@ int main(int argc, char **argv) {
         }
         if (strcmp(argv[optind], "encryption-config") == 0)
                 return encryption_config(&config, argc - optind, argv + optind);
+        if (strcmp(argv[optind], "accept-restore") == 0 && argc - optind == 1)
+                return accept_restore(&config);
         r = control_call(config.control_socket, argc - optind, argv + optind, stdout, err, sizeof(err));
         if (r < 0) {
                 fprintf(stderr, "tpmkmsctl: %s\n", err);

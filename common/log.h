@@ -1,8 +1,8 @@
 /* Logging for the daemon and the CLI. Under systemd (JOURNAL_STREAM names our
  * stderr) records go to the journal with structured fields; otherwise one line
- * each to stderr. tpm/ and plugin/ do not log (they take hooks); the agent
- * libraries (kmip/, keystore/) log at debug level at most, and the agent logs
- * where it decides, with the cause. */
+ * each to stderr. tpm/ and plugin/ do not log (they take hooks); the kmip
+ * client logs at debug level only; the vault and the agent log where they
+ * decide (a refusal, a key event), with the cause. */
 #pragma once
 
 #include <stdarg.h>
@@ -36,6 +36,7 @@ void log_audit(const char *op, const char *key_id, const char *request_uid,
 #define LOG_MESSAGE_KEY_ROLE      "9e47d0c3a1b24d6c8f05e7a9b2c31d44"
 #define LOG_MESSAGE_CACHE_REFUSED "2b8e6f1d4c7a4e0f9d3b5a1c8e7f6d20"
 #define LOG_MESSAGE_CACHE_RESEALED "d41f7a2c9e3b4856a0c1f2e3d4b5a697"
+#define LOG_MESSAGE_CACHE_RESTORED "a83e5d0f2b6c4e19b7d1c4f08e2a9b35"
 #define LOG_MESSAGE_KEY_MATERIAL_CHANGED "7f3c9a1e5b2d4c80a6e1f9d3b7c5a214"
 /* A cached version went missing at the central KMS (Destroyed, not located). */
 #define LOG_MESSAGE_KEY_MISSING   "c3e85b1f6a0d4e27b94f2d7a1c6e8b35"

@@ -14,6 +14,6 @@ apt-get install -y -qq --no-install-recommends \
         protobuf-c-compiler libprotobuf-c-dev libsystemd-dev libinih-dev \
         libcmocka-dev \
         swtpm swtpm-tools tpm2-tools \
-        python3 python3-grpcio python3-grpc-tools python3-pykmip python3-yaml \
+        python3 python3-grpcio python3-grpc-tools python3-pykmip python3-yaml python3-cryptography \
         systemd rpm dpkg-dev lintian file procps iproute2 util-linux openssl \
         man-db tpm-udev libtss2-tcti-device0 init-system-helpers passwd >/dev/null

@@ -852,6 +852,38 @@ void tpm_close(struct tpm *t) {
         free(t);
 }
 
+/* Without a resource manager (swtpm's socket, /dev/tpm0) a run killed in the
+ * middle of a command sequence leaves its transient objects and sessions
+ * loaded, and a TPM has room for only a few: every later run would fail.
+ * Such a TPM is ours alone (the configuration says device:/dev/tpmrm0 where
+ * it is shared), so flush whatever the handle lists show. Through
+ * /dev/tpmrm0 they list only this connection's handles, none yet. Best
+ * effort: a failure here shows up as the real failure later. */
+static void flush_leftovers(struct tpm *t) {
+        static const TPM2_HANDLE ranges[] = {
+                TPM2_TRANSIENT_FIRST, TPM2_LOADED_SESSION_FIRST, TPM2_ACTIVE_SESSION_FIRST,
+        };
+        TSS2_SYS_CONTEXT *sys = NULL;
+
+        if (Esys_GetSysContext(t->esys, &sys) != TSS2_RC_SUCCESS || !sys)
+                return;
+        for (size_t i = 0; i < ARRAY_SIZE(ranges); i++) {
+                _cleanup_esys_free_ TPMS_CAPABILITY_DATA *cap = NULL;
+                TPMI_YES_NO more = TPM2_NO;
+                TSS2_RC rc;
+
+                rc = Esys_GetCapability(t->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                        TPM2_CAP_HANDLES, ranges[i], TPM2_MAX_CAP_HANDLES, &more, &cap);
+                if (rc != TSS2_RC_SUCCESS || !cap)
+                        continue;
+                for (uint32_t k = 0; k < cap->data.handles.count; k++) {
+                        rc = Tss2_Sys_FlushContext(sys, cap->data.handles.handle[k]);
+                        log_debug("Flushed handle 0x%08x left by an earlier run: %s",
+                                  cap->data.handles.handle[k], rc == TSS2_RC_SUCCESS ? "ok" : Tss2_RC_Decode(rc));
+                }
+        }
+}
+
 int tpm_open(const char *tcti, struct tpm **ret) {
         _cleanup_(tpm_closep) struct tpm *t = NULL;
         TSS2_RC rc;
@@ -889,6 +921,7 @@ int tpm_open(const char *tcti, struct tpm **ret) {
                         return r;
         }
 
+        flush_leftovers(t);
         r = srk_exists(t);
         if (r < 0)
                 return r;

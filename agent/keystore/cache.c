@@ -117,20 +117,23 @@ static uint8_t *wr_bytes(uint8_t *p, const void *src, size_t n) {
 /* ---- header ---- */
 
 static bool sealed_valid(const struct tpm_sealed *s) {
-        return s->public_size > 0 && s->public_size <= TPM_BLOB_MAX &&
+        return s->kind != 0 && s->public_size > 0 && s->public_size <= TPM_BLOB_MAX &&
                s->private_size > 0 && s->private_size <= TPM_BLOB_MAX &&
                s->pcrs.count <= TPM_PCR_MAX && s->pcrs.digest_size <= TPM_DIGEST_MAX &&
                s->policy_digest_size <= TPM_DIGEST_MAX;
 }
 
 static size_t header_size(const struct tpm_sealed *s) {
-        return sizeof(cache_magic) + 4 + 2 + 4 + 2 + s->public_size + 2 + s->private_size +
-               1 + 1 + s->pcrs.count * s->pcrs.digest_size + 1 + s->policy_digest_size;
+        return sizeof(cache_magic) + 4 + 1 + 2 + 4 + 2 + s->public_size + 2 + s->private_size +
+               1 + 1 + s->pcrs.count * s->pcrs.digest_size + 1 + s->policy_digest_size + 8;
 }
 
-static uint8_t *header_write(uint8_t *p, const struct tpm_sealed *s) {
+static uint8_t *header_write(uint8_t *p, const struct cache_header *h) {
+        const struct tpm_sealed *s = &h->sealed;
+
         p = wr_bytes(p, cache_magic, sizeof(cache_magic));
         p = wr_u32(p, CACHE_FORMAT_VERSION);
+        p = wr_u8(p, s->kind);
         p = wr_u16(p, s->pcrs.sel.hash_alg);
         p = wr_u32(p, s->pcrs.sel.mask);
         p = wr_u16(p, (uint16_t) s->public_size);
@@ -143,7 +146,7 @@ static uint8_t *header_write(uint8_t *p, const struct tpm_sealed *s) {
                 p = wr_bytes(p, s->pcrs.digest[i], s->pcrs.digest_size);
         p = wr_u8(p, (uint8_t) s->policy_digest_size);
         p = wr_bytes(p, s->policy_digest, s->policy_digest_size);
-        return p;
+        return wr_u64(p, h->counter);
 }
 
 /* Where the parts of a file are; filled by file_parse. */
@@ -158,9 +161,10 @@ struct layout {
 
 /* Parse the header into ret (may be NULL) and check the framing of the
  * payload up to the last byte. Returns 0, -EBADMSG or -EPROTONOSUPPORT. */
-static int file_parse(const uint8_t *buf, size_t len, struct tpm_sealed *ret,
+static int file_parse(const uint8_t *buf, size_t len, struct cache_header *ret,
                       struct layout *lay) {
-        struct tpm_sealed s = {};
+        struct cache_header h = {};
+        struct tpm_sealed *s = &h.sealed;
         struct rd r = { .p = buf, .left = len };
         const uint8_t *magic;
         uint32_t version, ct_len;
@@ -174,39 +178,43 @@ static int file_parse(const uint8_t *buf, size_t len, struct tpm_sealed *ret,
                 return -EBADMSG;
         if (!rd_u32(&r, &version))
                 return -EBADMSG;
-        /* Format 1 differs only in its records (no missing_since): still
-         * read, never written. */
-        if (version != CACHE_FORMAT_VERSION && version != 1)
+        if (version < CACHE_FORMAT_OLDEST || version > CACHE_FORMAT_VERSION)
                 return -EPROTONOSUPPORT;
-        lay->version = version;
-
-        if (!rd_u16(&r, &s.pcrs.sel.hash_alg) || !rd_u32(&r, &s.pcrs.sel.mask))
+        h.version = lay->version = version;
+        /* Format 1 knew one kind of sealed object: data under PolicyPCR. */
+        s->kind = TPM_SEALED_DATA_PCR;
+        if (version >= 2 && (!rd_u8(&r, &s->kind) || s->kind == 0))
                 return -EBADMSG;
-        if ((s.pcrs.sel.mask >> TPM_PCR_MAX) != 0)   /* PCRs 0..23 only */
+
+        if (!rd_u16(&r, &s->pcrs.sel.hash_alg) || !rd_u32(&r, &s->pcrs.sel.mask))
+                return -EBADMSG;
+        if ((s->pcrs.sel.mask >> TPM_PCR_MAX) != 0)   /* PCRs 0..23 only */
                 return -EBADMSG;
 
         if (!rd_u16(&r, &u16) || u16 == 0 || u16 > TPM_BLOB_MAX ||
-            !rd_copy(&r, s.public_blob, u16))
+            !rd_copy(&r, s->public_blob, u16))
                 return -EBADMSG;
-        s.public_size = u16;
+        s->public_size = u16;
         if (!rd_u16(&r, &u16) || u16 == 0 || u16 > TPM_BLOB_MAX ||
-            !rd_copy(&r, s.private_blob, u16))
+            !rd_copy(&r, s->private_blob, u16))
                 return -EBADMSG;
-        s.private_size = u16;
+        s->private_size = u16;
 
         if (!rd_u8(&r, &u8) || u8 > TPM_PCR_MAX)
                 return -EBADMSG;
-        s.pcrs.count = u8;
+        s->pcrs.count = u8;
         if (!rd_u8(&r, &u8) || u8 > TPM_DIGEST_MAX)
                 return -EBADMSG;
-        s.pcrs.digest_size = u8;
-        for (size_t i = 0; i < s.pcrs.count; i++)
-                if (!rd_copy(&r, s.pcrs.digest[i], s.pcrs.digest_size))
+        s->pcrs.digest_size = u8;
+        for (size_t i = 0; i < s->pcrs.count; i++)
+                if (!rd_copy(&r, s->pcrs.digest[i], s->pcrs.digest_size))
                         return -EBADMSG;
 
-        if (!rd_u8(&r, &u8) || u8 > TPM_DIGEST_MAX || !rd_copy(&r, s.policy_digest, u8))
+        if (!rd_u8(&r, &u8) || u8 > TPM_DIGEST_MAX || !rd_copy(&r, s->policy_digest, u8))
                 return -EBADMSG;
-        s.policy_digest_size = u8;
+        s->policy_digest_size = u8;
+        if (version >= 2 && !rd_u64(&r, &h.counter))
+                return -EBADMSG;
 
         lay->header_len = len - r.left;
         if (!rd_bytes(&r, CACHE_NONCE_SIZE, &lay->nonce) || !rd_u32(&r, &ct_len) ||
@@ -216,11 +224,11 @@ static int file_parse(const uint8_t *buf, size_t len, struct tpm_sealed *ret,
         lay->ct_len = ct_len;
 
         if (ret)
-                *ret = s;
+                *ret = h;
         return 0;
 }
 
-int cache_decode_header(const uint8_t *buf, size_t len, struct tpm_sealed *ret) {
+int cache_decode_header(const uint8_t *buf, size_t len, struct cache_header *ret) {
         struct layout lay;
 
         if (ret)
@@ -321,14 +329,15 @@ static int keys_parse(const uint8_t *pt, size_t len, uint32_t version, struct ke
         }
 }
 
-int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[AES256_KEY_SIZE],
+int cache_encode(const struct cache_header *h, const uint8_t cache_key[AES256_KEY_SIZE],
                  const struct keyring *kr, uint8_t **ret, size_t *ret_len) {
+        const struct tpm_sealed *sealed = h ? &h->sealed : NULL;
         EVP_CIPHER_CTX *ctx = NULL;
         uint8_t *pt = NULL, *buf = NULL, *p, *ct;
         size_t hlen, pt_len = 0, total;
         int outl, finl, r = -EIO;
 
-        if (!sealed || !cache_key || !ret || !ret_len || !sealed_valid(sealed) ||
+        if (!h || !cache_key || !ret || !ret_len || !sealed_valid(sealed) ||
             keyring_size(kr) > KEYRING_MAX_KEYS)
                 return -EINVAL;
 
@@ -350,7 +359,7 @@ int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[AES256
         }
         keys_write(pt, kr);
 
-        p = header_write(buf, sealed);
+        p = header_write(buf, h);
         if (RAND_bytes(p, CACHE_NONCE_SIZE) != 1)
                 goto out;
         p = wr_u32(p + CACHE_NONCE_SIZE, (uint32_t) pt_len);

@@ -1,10 +1,12 @@
 /* The sealed cache file in the state dir (dir/CACHE_FILE_NAME). Format
- * version 2, all integers big-endian, no padding, nothing after the tag:
+ * version 2 (version 1 is read, for migration: it has neither the kind nor
+ * the counter), all integers big-endian, no padding, nothing after the tag:
  *
  *   size      field
  *   -- header (all of it is the GCM additional data) -----------------------
  *   8         magic "TPMKMSC\0"
- *   4         u32 format version (2; 1 is still read); another value: -EPROTONOSUPPORT
+ *   4         u32 format version (1 or 2); another value: -EPROTONOSUPPORT
+ *   1         u8 sealed-object kind (enum tpm_sealed_kind, not 0; absent in 1)
  *   2         u16 PCR bank hash algorithm (TPM2_ALG_*; 0 with "none")
  *   4         u32 PCR mask (bit n = PCR n; PCRs 0..23 only)
  *   2         u16 P = TPM2B_PUBLIC size, 1..TPM_BLOB_MAX
@@ -15,7 +17,8 @@
  *   1         u8 D = PCR digest size, 0..TPM_DIGEST_MAX
  *   C*D       PCR values sealed to, ascending PCR order (diagnostics)
  *   1         u8 E = policy digest size, 0..TPM_DIGEST_MAX
- *   E         policy digest sealed to (diagnostics)
+ *   E         policy digest sealed to (checked against the object: tpm_sealed_check)
+ *   8         u64 rollback counter value the file was written with (absent in 1)
  *   -- payload -----------------------------------------------------------
  *   12        random GCM nonce (new for every write)
  *   4         u32 L = ciphertext length, >= 4, file total <= CACHE_FILE_MAX
@@ -39,7 +42,7 @@
  *
  * The header is the payload's additional data, so any altered byte fails
  * authentication (the nonce and L are covered by GCM itself). The cache key
- * is the 32-byte secret sealed in the TPM object. The header is parsed
+ * is derived by the TPM from the sealed object (tpm_cache_key_derive). The header is parsed
  * before it is authenticated (its blobs go to the TPM, which checks the
  * private blob's integrity itself), so cache_decode_header is strictly
  * bounded but proves nothing; cache_decode_keys does. */
@@ -53,19 +56,27 @@
 
 #define CACHE_FILE_NAME "kek-cache"
 #define CACHE_FORMAT_VERSION 2
+#define CACHE_FORMAT_OLDEST 1       /* read, to migrate */
 #define CACHE_FILE_MAX (1u << 20)   /* refuse larger files */
 
+struct cache_header {
+        uint32_t version;            /* of the file read; cache_encode always writes
+                                      * CACHE_FORMAT_VERSION */
+        struct tpm_sealed sealed;    /* kind TPM_SEALED_DATA_PCR in version 1 */
+        uint64_t counter;            /* rollback counter value; 0 in version 1 */
+};
+
 /* Serialise a whole cache file. *ret is malloc'ed (no secret in it).
- * Returns 0, -EINVAL (sealed sizes out of range), -EFBIG (over
+ * Returns 0, -EINVAL (sealed kind 0 or sizes out of range), -EFBIG (over
  * CACHE_FILE_MAX), -ENOMEM, -EIO. */
-int cache_encode(const struct tpm_sealed *sealed, const uint8_t cache_key[AES256_KEY_SIZE],
+int cache_encode(const struct cache_header *h, const uint8_t cache_key[AES256_KEY_SIZE],
                  const struct keyring *kr, uint8_t **ret, size_t *ret_len);
 
 /* Parse the header only (the framing of the payload is checked too, so a
  * truncated file fails here before the TPM is touched). Returns 0; -EBADMSG
  * (bad magic, truncated, bad lengths, trailing bytes); -EPROTONOSUPPORT
  * (unknown format version). */
-int cache_decode_header(const uint8_t *buf, size_t len, struct tpm_sealed *ret);
+int cache_decode_header(const uint8_t *buf, size_t len, struct cache_header *ret);
 
 /* Authenticate and decrypt the payload, and build the keyring. Returns 0;
  * -EBADMSG (tampered, truncated, wrong key, malformed keys);

@@ -12,6 +12,8 @@
 
 #include "tpm.h"
 
+struct cache_header;
+
 /* ==== keyring ============================================================
  *
  * The keyring: an immutable, reference-counted snapshot of KEK versions with
@@ -133,47 +135,64 @@ int envelope_open(const uint8_t kek[AES256_KEY_SIZE], const char *key_id,
 
 /* ==== vault ==============================================================
  *
- * The sealed cache on disk and the TPM that unlocks it.
+ * The sealed cache on disk and the TPM that unlocks it (docs/threat-model.md,
+ * docs/file-formats.md).
  *
- * At start the cache file is read, its cache key unsealed by the TPM under the
- * PCR policy, and the keyring decrypted. Any refusal (measured boot mismatch,
- * a cache from another TPM, a tampered or truncated file) leaves the file
- * untouched for forensics and the daemon serving nothing but the reason.
- * While serving, the vault holds the cache key (secure heap) and the sealed
- * object, so a changed keyring is persisted without the TPM; reseal makes a new
- * cache key sealed to the current PCRs. The TPM is opened only for the
- * operations that need it and closed again. */
+ * At start the cache file is read; its sealed object is checked against the
+ * configured PCR policy (never trusted from the file: tpm_sealed_check), the
+ * cache key derived by the TPM from it, the keyring decrypted, and the
+ * file's rollback counter value compared with the TPM's NV counter. Any
+ * refusal (a weaker policy than configured, measured boot mismatch, a cache
+ * from another TPM, a tampered or truncated file, an older copy put back)
+ * leaves the file untouched for forensics and the daemon serving nothing but
+ * the reason. A transient TPM failure is an error, never a refusal: the
+ * daemon exits and systemd restarts it.
+ *
+ * Every cache write advances the NV counter, in this order: write the file
+ * with counter + 1, then increment. A crash in between leaves a file one
+ * ahead of the TPM, which the next start accepts and completes; a file behind
+ * the TPM is an older copy and is refused unless accept_restore is set (the
+ * operator's explicit step: tpmkmsctl accept-restore). The cache is written
+ * only when the key set or the seal changes, never per request. */
 
 struct vault_options {
         char state_dir[PATH_MAX];
         char tcti[256];                  /* tpm2-tss TCTI configuration string */
-        struct tpm_pcr_selection pcrs;   /* the PCR policy a new cache key is sealed to */
+        struct tpm_pcr_selection pcrs;   /* the PCR policy the cache must be sealed to */
+        uint32_t counter_index;          /* TPM NV index of the rollback counter */
+        char owner_auth_file[PATH_MAX];  /* owner hierarchy auth to define it; "": empty auth */
+        bool accept_restore;             /* accept a cache older than the counter (once) */
 };
 
-#define VAULT_REASON_MAX 256
+#define VAULT_REASON_MAX 320
 
 struct vault {
         struct vault_options options;
-        struct tpm_sealed sealed;     /* the sealed object of the current cache key */
+        struct cache_header *header;  /* the cache in force: sealed object, counter value */
         uint8_t *cache_key;           /* AES256_KEY_SIZE bytes, secure heap; NULL when refused */
         bool refused;
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
 };
 
 /* Open the cache of opt's state dir. Sets *ret_keys to the unsealed keyring.
- * First start (no cache file): makes and seals a cache key and, when
- * make_first_key is set, a first KEK version; writes the cache.
- * Returns 0 serving; 1 refused (v->reason says why, *ret_keys NULL, the file
- * untouched); a negative errno when the TPM or the state dir is unusable
- * (logged). */
+ * First start (no cache file): makes a cache key in the TPM and, when
+ * make_first_key is set, a first KEK version; writes the cache. A cache of
+ * format 1 whose policy passes the check is re-sealed in format 2 at once.
+ * Returns 0 with v->refused telling serving from refused (v->reason says
+ * why, *ret_keys NULL, the file untouched); a negative errno when the TPM or
+ * the state dir is unusable (logged). */
 int vault_open(struct vault *v, const struct vault_options *opt, bool make_first_key,
                struct keyring **ret_keys);
-/* Persist kr under the current cache key (atomic). Returns 0 or -errno (logged);
- * -EPERM when refused. */
+/* Persist kr under the current cache key (atomic) and advance the counter.
+ * Returns 0 or -errno (logged); -EPERM when refused. */
 int vault_store(struct vault *v, const struct keyring *kr);
-/* Seal a new cache key to the current PCRs and persist kr under it.
- * On failure the previous cache stays in force. Returns 0 or -errno (logged). */
-int vault_reseal(struct vault *v, const struct keyring *kr);
+/* Make a new cache key in the TPM bound to the current values of sel (NULL:
+ * the configured selection) and persist kr under it. On failure the previous
+ * cache stays in force. Returns 0 or -errno (logged). */
+int vault_reseal(struct vault *v, const struct keyring *kr, const struct tpm_pcr_selection *sel);
+/* The PCR selection the cache in force is sealed to (NULL when refused
+ * before a header was read). */
+const struct tpm_pcr_selection *vault_sealed_pcrs(const struct vault *v);
 void vault_done(struct vault *v);
 
 /* A new local KEK version (standalone mode): random KEK and identity. The KEK

@@ -1,18 +1,20 @@
+/* The vault: the sealed cache and the TPM that unlocks it (see keystore.h). */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 
-#include "macro.h"
-#include "util.h"
 #include "cache.h"
 #include "keystore.h"
 #include "log.h"
-
+#include "macro.h"
+#include "util.h"
 
 static const char *tpm_error_hint(int r) {
         switch (r) {
@@ -20,6 +22,8 @@ static const char *tpm_error_hint(int r) {
                 return "no TPM answers on the configured tcti; check [tpm] tcti and the device";
         case -ENOLCK:
                 return "the TPM is in dictionary-attack lockout; wait for it or clear it with the lockout authorisation";
+        case -EACCES:
+                return "the owner authorisation was refused; check [tpm] owner_auth_file";
         default:
                 return "TPM failure (tpmkmsd --verbose logs the TPM's response code)";
         }
@@ -39,7 +43,7 @@ int vault_new_local_version(struct key_version *ret, uint8_t kek[AES256_KEY_SIZE
         int r;
 
         /* The identity is random and made once per version, so key ids never
-         * repeat across hosts or versions (DESIGN.md, KMS v2 contract). */
+         * repeat across hosts or versions (docs/kms-v2-contract.md). */
         if (RAND_bytes(kek, AES256_KEY_SIZE) != 1 || RAND_bytes(rnd, sizeof(rnd)) != 1)
                 return -EIO;
         (void) hex_encode(rnd, sizeof(rnd), identity + 6, sizeof(identity) - 6);
@@ -70,38 +74,140 @@ static int vault_refuse(struct vault *v, const char *fmt, ...) {
                       "Refusing the sealed cache in %s: %s. The file is left untouched; "
                       "nothing is served until this is resolved (see README, recovery runbook).",
                       v->options.state_dir, v->reason);
-        return 1;
+        return 0;
 }
 
-static int write_cache(struct vault *v, const struct tpm_sealed *sealed,
-                       const uint8_t *cache_key, const struct keyring *kr) {
+/* ---- the rollback counter ---- */
+
+/* The owner authorisation from its file (one line; "" when no file is
+ * configured): needed only to define the counter, so read only then. */
+static int read_owner_auth(const char *path, char *buf, size_t size) {
+        _cleanup_fclose_ FILE *f = NULL;
+        size_t n;
+
+        buf[0] = '\0';
+        if (!*path)
+                return 0;
+        f = fopen(path, "re");
+        if (!f)
+                return log_error_errno(errno, "Cannot read the owner authorisation file %s: %m", path);
+        n = fread(buf, 1, size - 1, f);
+        if (ferror(f) || (n == size - 1 && fgetc(f) != EOF)) {
+                explicit_bzero(buf, size);
+                return log_error_errno(EINVAL, "Cannot read the owner authorisation file %s (at most %zu bytes)",
+                                       path, size - 2);
+        }
+        buf[n] = '\0';
+        buf[strcspn(buf, "\n")] = '\0';
+        return 0;
+}
+
+/* The counter's value, defining it on first use. */
+static int counter_get(struct vault *v, struct tpm *t, uint64_t *ret) {
+        uint32_t index = v->options.counter_index;
+        int r;
+
+        r = tpm_counter_read(t, index, ret);
+        if (r == -ENOENT) {
+                char auth[130];
+
+                r = read_owner_auth(v->options.owner_auth_file, auth, sizeof(auth));
+                if (r < 0)
+                        return r;
+                r = tpm_counter_define(t, index, auth, ret);
+                explicit_bzero(auth, sizeof(auth));
+                if (r >= 0)
+                        log_info("Defined the rollback counter at TPM NV index 0x%08" PRIx32
+                                 " (value %" PRIu64 ")", index, *ret);
+        }
+        if (r == -ENOTUNIQ)
+                return log_error_errno(r, "TPM NV index 0x%08" PRIx32 " holds an object that is not "
+                                       "tpmkms's rollback counter; choose another [tpm] counter_index", index);
+        if (r < 0)
+                return log_error_errno(r, "Cannot read the rollback counter at TPM NV index 0x%08" PRIx32
+                                       ": %s (%m)", index, tpm_error_hint(r));
+        return 0;
+}
+
+/* Write kr under (sealed, cache_key) as the next counter value, then advance
+ * the counter (see keystore.h for the order). On success *ret_header is the
+ * header written. */
+static int write_cache(struct vault *v, const struct tpm_sealed *sealed, const uint8_t *cache_key,
+                       const struct keyring *kr, struct cache_header *ret_header) {
+        _cleanup_(tpm_closep) struct tpm *t = NULL;
         _cleanup_free_ uint8_t *buf = NULL;
+        struct cache_header h = { .version = CACHE_FORMAT_VERSION, .sealed = *sealed };
+        uint64_t value, after;
         size_t len;
         int r;
 
-        r = cache_encode(sealed, cache_key, kr, &buf, &len);
+        r = open_tpm(&v->options, &t);
+        if (r < 0)
+                return r;
+        r = counter_get(v, t, &value);
+        if (r < 0)
+                return r;
+        /* A previous write whose increment failed left the file one ahead:
+         * catch the counter up first, so that this file is again exactly one
+         * ahead of it. */
+        if (v->header && v->header->counter == value + 1) {
+                r = tpm_counter_increment(t, v->options.counter_index, &value);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot advance the rollback counter: %s (%m)",
+                                               tpm_error_hint(r));
+        }
+        h.counter = value + 1;
+
+        r = cache_encode(&h, cache_key, kr, &buf, &len);
         if (r < 0)
                 return log_error_errno(r, "Cannot encode the key cache: %m");
         r = cache_write_file(v->options.state_dir, buf, len);
         if (r < 0)
                 return log_error_errno(r, "Cannot write the key cache to %s/%s: %m",
                                        v->options.state_dir, CACHE_FILE_NAME);
+        *ret_header = h;
+        r = tpm_counter_increment(t, v->options.counter_index, &after);
+        if (r < 0)
+                /* The file is in force and one ahead of the TPM: accepted at
+                 * the next start, caught up at the next write. */
+                log_warning("Cannot advance the rollback counter after writing the cache (%s); "
+                            "it is caught up at the next write or start", strerror(-r));
         return 0;
 }
 
-static int seal_new_cache_key(struct vault *v, struct tpm_sealed *sealed, uint8_t *cache_key) {
-        _cleanup_(tpm_closep) struct tpm *t = NULL;
+/* A new cache key bound to sel, and kr persisted under it. On success the
+ * vault holds the new key and header. */
+static int vault_rekey(struct vault *v, const struct tpm_pcr_selection *sel, const struct keyring *kr) {
+        struct tpm_sealed sealed;
+        struct cache_header h;
+        uint8_t *key;
         int r;
 
-        if (RAND_bytes(cache_key, AES256_KEY_SIZE) != 1)
-                return log_error_errno(EIO, "Cannot draw a random cache key");
-        r = open_tpm(&v->options, &t);
-        if (r < 0)
+        key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
+        if (!key)
+                return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
+        {
+                _cleanup_(tpm_closep) struct tpm *t = NULL;
+
+                r = open_tpm(&v->options, &t);
+                /* -EAGAIN: a selected PCR changed while it was being read. */
+                for (int attempt = 0; r >= 0 && attempt < 3; attempt++) {
+                        r = tpm_cache_key_create(t, sel, &sealed, key);
+                        if (r != -EAGAIN)
+                                break;
+                }
+                if (r < 0)
+                        log_error_errno(r, "Cannot make the cache key in the TPM: %s (%m)", tpm_error_hint(r));
+        }
+        if (r >= 0)
+                r = write_cache(v, &sealed, key, kr, &h);
+        if (r < 0) {
+                OPENSSL_secure_clear_free(key, AES256_KEY_SIZE);
                 return r;
-        r = tpm_seal(t, &v->options.pcrs, cache_key, sealed);
-        if (r < 0)
-                return log_error_errno(r, "Cannot seal the cache key in the TPM: %s (%m)",
-                                       tpm_error_hint(r));
+        }
+        OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
+        v->cache_key = key;
+        *v->header = h;
         return 0;
 }
 
@@ -109,11 +215,9 @@ static int vault_create(struct vault *v, bool make_first_key, struct keyring **r
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         _cleanup_erase_key_ uint8_t kek[AES256_KEY_SIZE];
         struct key_version first;
+        char pcrs[64];
         int r;
 
-        r = seal_new_cache_key(v, &v->sealed, v->cache_key);
-        if (r < 0)
-                return r;
         if (make_first_key) {
                 r = vault_new_local_version(&first, kek);
                 if (r < 0)
@@ -123,40 +227,109 @@ static int vault_create(struct vault *v, bool make_first_key, struct keyring **r
                 r = keyring_new(NULL, 0, &kr);
         if (r < 0)
                 return log_error_errno(r, "Cannot build the keyring: %m");
-        r = write_cache(v, &v->sealed, v->cache_key, kr);
+        r = vault_rekey(v, &v->options.pcrs, kr);
         if (r < 0)
                 return r;
         if (make_first_key)
                 log_key_event(LOG_MESSAGE_KEY_CREATED, first.id, "primary",
                               "Created key %s (primary) on first start", first.id);
-        log_info("Created the sealed cache in %s (PCR policy %s)", v->options.state_dir,
-                 tpm_pcr_selection_is_empty(&v->options.pcrs) ? "none" : "bound");
+        (void) tpm_pcr_selection_format(&v->options.pcrs, pcrs, sizeof(pcrs));
+        log_info("Created the sealed cache in %s (PCR policy %s)", v->options.state_dir, pcrs);
         *ret_keys = TAKE_PTR(kr);
         return 0;
 }
 
-static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct keyring **ret_keys) {
+/* Compare the file's counter value with the TPM's (see keystore.h).
+ * Returns 0 (v->refused tells whether it was accepted) or a negative errno. */
+static int vault_check_counter(struct vault *v, const struct keyring *kr) {
         _cleanup_(tpm_closep) struct tpm *t = NULL;
-        struct tpm_pcr_values current = {};
-        char sel[64], expected[1024], actual[1024];
+        uint64_t value, file = v->header->counter;
         int r;
 
-        r = cache_decode_header(buf, len, &v->sealed);
+        r = open_tpm(&v->options, &t);
+        if (r < 0)
+                return r;
+        r = counter_get(v, t, &value);
+        if (r < 0)
+                return r;
+        if (file == value)
+                return 0;
+        if (file == value + 1) {
+                /* Written, then stopped before the increment: complete it. */
+                r = tpm_counter_increment(t, v->options.counter_index, &value);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot advance the rollback counter: %s (%m)",
+                                               tpm_error_hint(r));
+                log_info("Completed an interrupted cache write (rollback counter now %" PRIu64 ")", value);
+                return 0;
+        }
+        if (file < value && v->options.accept_restore) {
+                tpm_close(TAKE_PTR(t));
+                log_key_event(LOG_MESSAGE_CACHE_RESTORED, NULL, NULL,
+                              "Accepting a restored cache written at counter value %" PRIu64
+                              " (the TPM is at %" PRIu64 "), as the operator asked", file, value);
+                return write_cache(v, &v->header->sealed, v->cache_key, kr, v->header);
+        }
+        if (file < value)
+                return vault_refuse(v, "sealed cache: an older copy (counter %" PRIu64 ", the TPM is at %" PRIu64
+                                    "): a restored backup or a rollback; if you restored it on purpose, "
+                                    "stop tpmkmsd and run tpmkmsctl accept-restore", file, value);
+        return vault_refuse(v, "sealed cache: counter %" PRIu64 " is ahead of the TPM's %" PRIu64
+                            " by more than one write: not this TPM's cache", file, value);
+}
+
+static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct keyring **ret_keys) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        struct tpm_pcr_values current = {};
+        char sel[64], expected[1024], actual[1024], why[256] = "";
+        int r;
+
+        r = cache_decode_header(buf, len, v->header);
         if (r == -EPROTONOSUPPORT)
                 return vault_refuse(v, "sealed cache: unsupported format version (written by a newer tpmkms?)");
         if (r < 0)
                 return vault_refuse(v, "sealed cache: malformed or truncated file");
 
-        r = open_tpm(&v->options, &t);
-        if (r < 0)
-                return r;
-        r = tpm_unseal(t, &v->sealed, v->cache_key, &current);
+        /* The policy sealed to is checked against the configuration before
+         * the TPM is asked anything: a cache sealed by other software to a
+         * weaker policy (or none) must never be accepted. */
+        r = tpm_sealed_check(&v->header->sealed, &v->options.pcrs, why, sizeof(why));
+        if (r < 0) {
+                log_error("The cache's sealed object does not meet the configured PCR policy: %s. If the "
+                          "cache was not re-sealed on purpose, treat the host as compromised; if it was "
+                          "(a planned update), set [tpm] pcrs to the selection it was sealed to.", why);
+                return vault_refuse(v, "sealed cache: sealed object fails the policy check (%s)", why);
+        }
+
+        {
+                _cleanup_(tpm_closep) struct tpm *t = NULL;
+                uint64_t value;
+
+                r = open_tpm(&v->options, &t);
+                if (r < 0)
+                        return r;
+                /* A format-1 cache is migrated once, on a host that never had
+                 * format 2 (no counter yet): afterwards one is an old copy put
+                 * back, and its data object may hold a secret the writer
+                 * chose (docs/threat-model.md). */
+                if (v->header->version < 2) {
+                        r = tpm_counter_read(t, v->options.counter_index, &value);
+                        if (r != -ENOENT)
+                                return r < 0 && r != -ENOTUNIQ
+                                               ? log_error_errno(r, "Cannot read the rollback counter: %s (%m)",
+                                                                 tpm_error_hint(r))
+                                               : vault_refuse(v, "sealed cache: a format-1 cache on a host that "
+                                                              "already uses format 2: an old copy put back; "
+                                                              "restore a current backup instead");
+                }
+                r = tpm_cache_key_derive(t, &v->header->sealed, v->cache_key, &current);
+        }
         switch (r) {
         case 0:
                 break;
         case -EPERM:
-                (void) tpm_pcr_selection_format(&v->sealed.pcrs.sel, sel, sizeof(sel));
-                (void) tpm_pcr_values_format(&v->sealed.pcrs, expected, sizeof(expected));
+                (void) tpm_pcr_selection_format(&v->header->sealed.pcrs.sel, sel, sizeof(sel));
+                (void) tpm_pcr_values_format(&v->header->sealed.pcrs, expected, sizeof(expected));
                 (void) tpm_pcr_values_format(&current, actual, sizeof(actual));
                 log_error("Measured boot mismatch: the cache was sealed to PCRs %s, the TPM now has %s. "
                           "If this boot was not planned, treat the host as compromised. If it was, boot "
@@ -166,18 +339,34 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                 return vault_refuse(v, "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
         case -EXDEV:
                 return vault_refuse(v, "sealed cache: sealed object does not load: from another TPM, or altered");
-        case -ENOLCK:
-        case -ENODEV:
-                return log_error_errno(r, "Cannot unseal the cache key: %s (%m)", tpm_error_hint(r));
         default:
-                return vault_refuse(v, "sealed cache: TPM unseal failed (%s)", strerror(-r));
+                /* -ENODEV, -ENOLCK, -EIO, -ENOMEM: the TPM, not the cache;
+                 * exit and let systemd restart us rather than refuse for
+                 * the whole run. */
+                return log_error_errno(r, "Cannot derive the cache key: %s (%m)", tpm_error_hint(r));
         }
 
-        r = cache_decode_keys(buf, len, v->cache_key, ret_keys);
+        r = cache_decode_keys(buf, len, v->cache_key, &kr);
         if (r == -ENOMEM)
                 return log_error_errno(r, "Cannot load the keyring: %m");
         if (r < 0)
                 return vault_refuse(v, "sealed cache: contents fail authentication (tampered or truncated)");
+
+        if (v->header->version < CACHE_FORMAT_VERSION) {
+                /* Passed the policy check: re-seal in the current format now,
+                 * which also starts its rollback protection. */
+                r = vault_rekey(v, &v->header->sealed.pcrs.sel, kr);
+                if (r < 0)
+                        return r;
+                log_key_event(LOG_MESSAGE_CACHE_RESEALED, NULL, NULL,
+                              "Migrated the key cache to format %d (TPM-derived cache key, rollback counter)",
+                              CACHE_FORMAT_VERSION);
+        } else {
+                r = vault_check_counter(v, kr);
+                if (r < 0 || v->refused)
+                        return r;
+        }
+        *ret_keys = TAKE_PTR(kr);
         return 0;
 }
 
@@ -193,11 +382,15 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
         if (mkdir(v->options.state_dir, 0700) < 0 && errno != EEXIST)
                 return log_error_errno(errno, "Cannot create the state dir %s: %m", v->options.state_dir);
 
+        v->header = calloc(1, sizeof(*v->header));
         v->cache_key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
-        if (!v->cache_key)
+        if (!v->header || !v->cache_key)
                 return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
 
         r = cache_read_file(v->options.state_dir, &buf, &len);
+        if (r == -ENOENT && v->options.accept_restore)
+                return log_error_errno(r, "No key cache in %s to accept: put the restored %s back first",
+                                       v->options.state_dir, CACHE_FILE_NAME);
         if (r == -ENOENT)
                 return vault_create(v, make_first_key, ret_keys);
         if (r == -EFBIG)
@@ -206,43 +399,39 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
                 return vault_refuse(v, "sealed cache: %s is a symlink or not a regular file; "
                                     "move it away (keep it for forensics)", CACHE_FILE_NAME);
         if (r < 0)
-                return log_error_errno(r, "Cannot read the key cache %s/%s: %m", v->options.state_dir, CACHE_FILE_NAME);
+                return log_error_errno(r, "Cannot read the key cache %s/%s: %m", v->options.state_dir,
+                                       CACHE_FILE_NAME);
         return vault_unseal(v, buf, len, ret_keys);
 }
 
 int vault_store(struct vault *v, const struct keyring *kr) {
         if (v->refused)
                 return -EPERM;
-        return write_cache(v, &v->sealed, v->cache_key, kr);
+        return write_cache(v, &v->header->sealed, v->cache_key, kr, v->header);
 }
 
-int vault_reseal(struct vault *v, const struct keyring *kr) {
-        struct tpm_sealed sealed;
-        uint8_t *key;
+int vault_reseal(struct vault *v, const struct keyring *kr, const struct tpm_pcr_selection *sel) {
+        char pcrs[64];
         int r;
 
         if (v->refused)
                 return -EPERM;
-        key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
-        if (!key)
-                return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
-        r = seal_new_cache_key(v, &sealed, key);
-        if (r >= 0)
-                r = write_cache(v, &sealed, key, kr);
-        if (r < 0) {
-                OPENSSL_secure_clear_free(key, AES256_KEY_SIZE);
+        r = vault_rekey(v, sel ? sel : &v->options.pcrs, kr);
+        if (r < 0)
                 return r;
-        }
-        OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
-        v->cache_key = key;
-        v->sealed = sealed;
+        (void) tpm_pcr_selection_format(&v->header->sealed.pcrs.sel, pcrs, sizeof(pcrs));
         log_key_event(LOG_MESSAGE_CACHE_RESEALED, NULL, NULL,
-                      "Re-sealed the key cache to the current PCRs");
+                      "Re-sealed the key cache to the current values of PCRs %s", pcrs);
         return 0;
 }
 
+const struct tpm_pcr_selection *vault_sealed_pcrs(const struct vault *v) {
+        return v->header && v->header->sealed.kind ? &v->header->sealed.pcrs.sel : NULL;
+}
+
 void vault_done(struct vault *v) {
-        if (v->cache_key)
-                OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
+        OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
         v->cache_key = NULL;
+        free(v->header);
+        v->header = NULL;
 }

@@ -119,24 +119,24 @@ class LifecycleTest(unittest.TestCase):
 
     def test_planned_update_reseal_to_other_pcrs_and_back(self):
         """The README runbook for a planned change of a bound PCR: re-seal to
-        a selection the update leaves alone, update and reboot, then re-seal
-        back to the policy. The cache names the PCRs it was sealed to, so a
-        daemon whose config names other PCRs still unseals it."""
+        a selection the update leaves alone (tpmkmsctl reseal --pcrs), set the
+        configuration to it, update and reboot, then re-seal back to the
+        policy and set the configuration back. The daemon never accepts a
+        cache sealed to less than its configuration asks for."""
         pt, ct, kid = self.encrypt_sample()
-        self.w.pcrs = "sha256:8"
-        self.w.restart_daemon()                  # writes the new config
-        self.assertEqual(t.status(self.w.stub()).healthz, "ok")
-        r = self.w.ctl("reseal")
+        r = self.w.ctl("reseal", "--pcrs", "sha256:8")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("sha256:8", r.stdout)
+        self.assertEqual(self.w.status_json()["pcrs"], "sha256:8")
+        self.assertEqual(self.w.status_json()["configured_pcrs"], "sha256:7")
+        self.w.pcrs = "sha256:8"
         self.w.tpm.pcr_extend(7)                 # the update changes PCR 7
-        self.w.restart_daemon()
+        self.w.restart_daemon()                  # writes the new config
         self.assertEqual(t.status(self.w.stub()).healthz, "ok")
         self.assertEqual(t.decrypt(self.w.stub(), ct, kid), pt)
-        self.w.pcrs = "sha256:7"                 # back to the policy, new value
-        self.w.restart_daemon()
-        r = self.w.ctl("reseal")
+        r = self.w.ctl("reseal", "--pcrs", "sha256:7")   # back to the policy, new value
         self.assertEqual(r.returncode, 0, r.stderr)
+        self.w.pcrs = "sha256:7"
         self.w.restart_daemon()
         self.assertEqual(self.w.status_json()["pcrs"], "sha256:7")
         self.assertEqual(t.decrypt(self.w.stub(), ct, kid), pt)

@@ -149,6 +149,7 @@ class World:
         self.config = os.path.join(self.dir, "tpmkmsd.conf")
         self.log_path = os.path.join(self.dir, "tpmkmsd.log")
         self.pcrs = pcrs
+        self.tpm_config = ""      # more lines for [tpm]
         self.extra_config = extra_config
         self.own_tpm = tpm is None
         self.tpm = tpm if tpm is not None else Swtpm()
@@ -165,13 +166,13 @@ class World:
     def write_config(self, kms_sock=None, tcti=None, ctl_sock=None, state_dir=None):
         with open(self.config, "w") as f:
             f.write("[kms]\nsocket = %s\nallowed_uids = 0\n"
-                    "[tpm]\ntcti = %s\npcrs = %s\n"
+                    "[tpm]\ntcti = %s\npcrs = %s\n%s"
                     "[state]\ndir = %s\n"
                     "[central]\ntype = none\n"
                     "[control]\nsocket = %s\n"
                     "[metrics]\nlisten =\n%s"
                     % (kms_sock or self.kms_sock, tcti or self.tpm.tcti, self.pcrs,
-                       state_dir or self.state_dir, ctl_sock or self.ctl_sock,
+                       self.tpm_config, state_dir or self.state_dir, ctl_sock or self.ctl_sock,
                        self.extra_config))
         return self.config
 
@@ -300,6 +301,12 @@ class World:
             raise DaemonError("tpmkmsctl %s: exit %d: %s" % (" ".join(args), r.returncode,
                                                             r.stderr))
         return r
+
+    def ctl_async(self, *args):
+        """tpmkmsctl running in the background (a subprocess.Popen)."""
+        return subprocess.Popen([self.tpmkmsctl, "--config", self.config] + list(args),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
 
     def status_json(self):
         r = self.ctl("status", "--json", check=True)
