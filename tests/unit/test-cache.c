@@ -24,9 +24,18 @@
 #define PCR_COUNT 2
 #define PCR_DSIZE 32
 #define POLICY_SIZE 32
-#define HEADER_SIZE (8 + 4 + 2 + 4 + 2 + P_SIZE + 2 + Q_SIZE + 1 + 1 + PCR_COUNT * PCR_DSIZE + 1 + POLICY_SIZE)
+#define COUNTER UINT64_C(0x0102030405060708)
+/* Format 1: no kind byte after the version, no u64 counter at the end. */
+#define HEADER1_SIZE (8 + 4 + 2 + 4 + 2 + P_SIZE + 2 + Q_SIZE + 1 + 1 + PCR_COUNT * PCR_DSIZE + 1 + POLICY_SIZE)
+#define HEADER_SIZE (HEADER1_SIZE + 1 + 8)
+/* byte offsets in a format-2 header */
+#define OFF_KIND 12
+#define OFF_MASK 15            /* u32, most significant byte first */
+#define OFF_PUBLIC_SIZE 19     /* u16 */
+#define OFF_COUNTER (HEADER_SIZE - 8)
 
 static struct tpm_sealed sealed;
+static struct cache_header header;   /* sealed, COUNTER */
 static uint8_t cache_key[AES256_KEY_SIZE], kek1[AES256_KEY_SIZE], kek2[AES256_KEY_SIZE], kek3[AES256_KEY_SIZE];
 static struct keyring *kr;
 static char tmpdir[] = "/tmp/test-cache.XXXXXX";
@@ -62,6 +71,9 @@ static int setup(void **state) {
         memset(sealed.pcrs.digest[1], 0x14, PCR_DSIZE);
         memset(sealed.policy_digest, 0x9d, POLICY_SIZE);
         sealed.policy_digest_size = POLICY_SIZE;
+        sealed.kind = TPM_SEALED_HMAC_PCR;
+        header = (struct cache_header) { .version = CACHE_FORMAT_VERSION, .sealed = sealed,
+                                         .counter = COUNTER };
 
         /* Distinct, non-repeating byte patterns so memmem() is meaningful. */
         for (size_t i = 0; i < 32; i++) {
@@ -87,10 +99,11 @@ static int teardown(void **state) {
 }
 
 static void encode(uint8_t **buf, size_t *len) {
-        assert_int_equal(cache_encode(&sealed, cache_key, kr, buf, len), 0);
+        assert_int_equal(cache_encode(&header, cache_key, kr, buf, len), 0);
 }
 
 static void assert_sealed_equal(const struct tpm_sealed *a, const struct tpm_sealed *b) {
+        assert_int_equal(a->kind, b->kind);
         assert_int_equal(a->public_size, b->public_size);
         assert_memory_equal(a->public_blob, b->public_blob, a->public_size);
         assert_int_equal(a->private_size, b->private_size);
@@ -123,7 +136,7 @@ static void assert_keyring_equal(const struct keyring *a, const struct keyring *
 static void test_cache_encode_round_trip(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
         _cleanup_(keyring_unrefp) struct keyring *got = NULL;
-        struct tpm_sealed hdr;
+        struct cache_header hdr, h;
         size_t len;
 
         encode(&buf, &len);
@@ -133,30 +146,48 @@ static void test_cache_encode_round_trip(void **state) {
                                       strlen("kmip:uid-2.8899aabbccddeeff") + 5 +
                                       strlen("local.0123456789abcdef"));
         assert_memory_equal(buf, "TPMKMSC\0\0\0\0\2", 12);
+        assert_int_equal(buf[OFF_KIND], TPM_SEALED_HMAC_PCR);
+        /* the counter ends the header (the AAD), big-endian */
+        assert_memory_equal(buf + OFF_COUNTER, "\1\2\3\4\5\6\7\10", 8);
 
         assert_int_equal(cache_decode_header(buf, len, &hdr), 0);
-        assert_sealed_equal(&hdr, &sealed);
+        assert_int_equal(hdr.version, CACHE_FORMAT_VERSION);
+        assert_sealed_equal(&hdr.sealed, &sealed);
+        assert_int_equal(hdr.counter, COUNTER);
 
         assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
         assert_keyring_equal(got, kr);
         assert_string_equal(keyring_primary(got)->id, "kmip:uid-2.8899aabbccddeeff");
+        free(buf);
+        buf = NULL;
+
+        /* cache_encode ignores h->version: it always writes the current
+         * format, so a header read from an older file is written back new */
+        h = header;
+        h.version = 1;
+        assert_int_equal(cache_encode(&h, cache_key, kr, &buf, &len), 0);
+        assert_memory_equal(buf, "TPMKMSC\0\0\0\0\2", 12);
+        assert_int_equal(cache_decode_header(buf, len, &hdr), 0);
+        assert_int_equal(hdr.version, CACHE_FORMAT_VERSION);
+        assert_sealed_equal(&hdr.sealed, &sealed);
+        assert_int_equal(hdr.counter, COUNTER);
 }
 
 static void test_cache_encode_empty_keyring(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
         _cleanup_(keyring_unrefp) struct keyring *empty = NULL, *got = NULL;
-        struct tpm_sealed s = sealed;
+        struct cache_header h = header;
         size_t len;
 
         /* "none" PCR policy: no values, no policy digest */
-        s.pcrs.sel.hash_alg = 0;
-        s.pcrs.sel.mask = 0;
-        s.pcrs.count = 0;
-        s.pcrs.digest_size = 0;
-        s.policy_digest_size = 0;
+        h.sealed.pcrs.sel.hash_alg = 0;
+        h.sealed.pcrs.sel.mask = 0;
+        h.sealed.pcrs.count = 0;
+        h.sealed.pcrs.digest_size = 0;
+        h.sealed.policy_digest_size = 0;
 
         assert_int_equal(keyring_new(NULL, 0, &empty), 0);
-        assert_int_equal(cache_encode(&s, cache_key, empty, &buf, &len), 0);
+        assert_int_equal(cache_encode(&h, cache_key, empty, &buf, &len), 0);
         assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
         assert_int_equal(keyring_size(got), 0);
         free(buf);
@@ -164,28 +195,33 @@ static void test_cache_encode_empty_keyring(void **state) {
         keyring_unref(got);
         got = NULL;
         /* NULL keyring: the same as an empty one */
-        assert_int_equal(cache_encode(&s, cache_key, NULL, &buf, &len), 0);
+        assert_int_equal(cache_encode(&h, cache_key, NULL, &buf, &len), 0);
         assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
         assert_int_equal(keyring_size(got), 0);
 }
 
 static void test_cache_encode_invalid_sealed(void **state) {
-        struct tpm_sealed s;
+        struct cache_header h;
         uint8_t *buf = NULL;
         size_t len;
 
-        s = sealed;
-        s.public_size = 0;
-        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
-        s = sealed;
-        s.private_size = TPM_BLOB_MAX + 1;
-        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
-        s = sealed;
-        s.pcrs.count = TPM_PCR_MAX + 1;
-        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
-        s = sealed;
-        s.policy_digest_size = TPM_DIGEST_MAX + 1;
-        assert_int_equal(cache_encode(&s, cache_key, kr, &buf, &len), -EINVAL);
+        h = header;
+        h.sealed.public_size = 0;
+        assert_int_equal(cache_encode(&h, cache_key, kr, &buf, &len), -EINVAL);
+        h = header;
+        h.sealed.private_size = TPM_BLOB_MAX + 1;
+        assert_int_equal(cache_encode(&h, cache_key, kr, &buf, &len), -EINVAL);
+        h = header;
+        h.sealed.pcrs.count = TPM_PCR_MAX + 1;
+        assert_int_equal(cache_encode(&h, cache_key, kr, &buf, &len), -EINVAL);
+        h = header;
+        h.sealed.policy_digest_size = TPM_DIGEST_MAX + 1;
+        assert_int_equal(cache_encode(&h, cache_key, kr, &buf, &len), -EINVAL);
+        /* kind 0 is no kind: the reader would refuse it */
+        h = header;
+        h.sealed.kind = 0;
+        assert_int_equal(cache_encode(&h, cache_key, kr, &buf, &len), -EINVAL);
+        assert_int_equal(cache_encode(NULL, cache_key, kr, &buf, &len), -EINVAL);
         assert_null(buf);
 }
 
@@ -218,7 +254,7 @@ static void test_cache_encode_fresh_nonce(void **state) {
 
 static void test_cache_decode_keys_every_byte_flip(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
-        struct tpm_sealed hdr;
+        struct cache_header hdr;
         size_t len;
 
         encode(&buf, &len);
@@ -232,7 +268,9 @@ static void test_cache_decode_keys_every_byte_flip(void **state) {
                                 print_error("flip of bit %d at offset %zu\n", bit, i);
                         assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), want);
                         assert_null(got);
-                        if (i < 12)   /* magic and version also fail the header */
+                        /* magic and version also fail the header, and so
+                                 * does a kind flipped to 0 */
+                        if (i < 12 || (i == OFF_KIND && buf[i] == 0))
                                 assert_int_equal(cache_decode_header(buf, len, &hdr), want);
                         buf[i] ^= (uint8_t) (1 << bit);
                 }
@@ -240,7 +278,7 @@ static void test_cache_decode_keys_every_byte_flip(void **state) {
 
 static void test_cache_decode_truncated(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
-        struct tpm_sealed hdr;
+        struct cache_header hdr;
         size_t len;
 
         encode(&buf, &len);
@@ -261,7 +299,7 @@ static void test_cache_decode_truncated(void **state) {
 static void test_cache_decode_trailing_bytes(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
         struct keyring *got = NULL;
-        struct tpm_sealed hdr;
+        struct cache_header hdr;
         uint8_t *longer;
         size_t len;
 
@@ -290,7 +328,7 @@ static void test_cache_decode_keys_wrong_key(void **state) {
 
 static void test_cache_decode_header_other_version(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
-        struct tpm_sealed hdr;
+        struct cache_header hdr;
         size_t len;
 
         encode(&buf, &len);
@@ -303,28 +341,62 @@ static void test_cache_decode_header_other_version(void **state) {
         assert_int_equal(cache_decode_header(buf, 12, &hdr), -EPROTONOSUPPORT);
 }
 
-/* Replace the payload of a valid file with GCM(cache_key, pt) under the same
- * header, so that malformed key lists get past authentication. */
-static size_t reseal(const uint8_t *file, const uint8_t *pt, size_t pt_len, uint8_t *out) {
+/* A whole file: the header hdr (hdr_len bytes, which are the AAD), nonce, and
+ * GCM(cache_key, pt) in out; returns its length. */
+static size_t seal_behind(const uint8_t *hdr, size_t hdr_len, const uint8_t *nonce,
+                          const uint8_t *pt, size_t pt_len, uint8_t *out) {
         EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
         uint8_t *p = out;
         int outl;
 
         assert_non_null(ctx);
-        memcpy(p, file, HEADER_SIZE + 12);
-        p += HEADER_SIZE + 12;
+        memcpy(p, hdr, hdr_len);
+        p += hdr_len;
+        memcpy(p, nonce, 12);
+        p += 12;
         *p++ = (uint8_t) (pt_len >> 24);
         *p++ = (uint8_t) (pt_len >> 16);
         *p++ = (uint8_t) (pt_len >> 8);
         *p++ = (uint8_t) pt_len;
-        assert_int_equal(EVP_EncryptInit_ex2(ctx, EVP_aes_256_gcm(), cache_key, file + HEADER_SIZE, NULL), 1);
-        assert_int_equal(EVP_EncryptUpdate(ctx, NULL, &outl, file, HEADER_SIZE), 1);
+        assert_int_equal(EVP_EncryptInit_ex2(ctx, EVP_aes_256_gcm(), cache_key, nonce, NULL), 1);
+        assert_int_equal(EVP_EncryptUpdate(ctx, NULL, &outl, hdr, (int) hdr_len), 1);
         if (pt_len > 0)
                 assert_int_equal(EVP_EncryptUpdate(ctx, p, &outl, pt, (int) pt_len), 1);
         assert_int_equal(EVP_EncryptFinal_ex(ctx, p + pt_len, &outl), 1);
         assert_int_equal(EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, p + pt_len), 1);
         EVP_CIPHER_CTX_free(ctx);
-        return HEADER_SIZE + 12 + 4 + pt_len + 16;
+        return hdr_len + 12 + 4 + pt_len + 16;
+}
+
+/* The format-1 header for s, as the previous release wrote it: no kind byte
+ * (s->kind is not written), no counter. Returns its length. */
+static size_t put_header_v1(uint8_t *p, const struct tpm_sealed *s) {
+        uint8_t *start = p;
+
+        memcpy(p, "TPMKMSC\0\0\0\0\1", 12);
+        p += 12;
+        *p++ = (uint8_t) (s->pcrs.sel.hash_alg >> 8);
+        *p++ = (uint8_t) s->pcrs.sel.hash_alg;
+        for (int i = 3; i >= 0; i--)
+                *p++ = (uint8_t) (s->pcrs.sel.mask >> (8 * i));
+        *p++ = (uint8_t) (s->public_size >> 8);
+        *p++ = (uint8_t) s->public_size;
+        memcpy(p, s->public_blob, s->public_size);
+        p += s->public_size;
+        *p++ = (uint8_t) (s->private_size >> 8);
+        *p++ = (uint8_t) s->private_size;
+        memcpy(p, s->private_blob, s->private_size);
+        p += s->private_size;
+        *p++ = (uint8_t) s->pcrs.count;
+        *p++ = (uint8_t) s->pcrs.digest_size;
+        for (size_t i = 0; i < s->pcrs.count; i++) {
+                memcpy(p, s->pcrs.digest[i], s->pcrs.digest_size);
+                p += s->pcrs.digest_size;
+        }
+        *p++ = (uint8_t) s->policy_digest_size;
+        memcpy(p, s->policy_digest, s->policy_digest_size);
+        p += s->policy_digest_size;
+        return (size_t) (p - start);
 }
 
 /* A record of format version (1: no missing_since), missing since `since`. */
@@ -352,14 +424,17 @@ static size_t put_key(uint8_t *p, uint8_t role, const char *id, size_t id_len, c
         return put_record(p, CACHE_FORMAT_VERSION, role, 0, id, id_len, kek);
 }
 
-static int decode_plaintext(const uint8_t *file, const uint8_t *pt, size_t pt_len) {
+/* cache_decode_keys of pt sealed behind the header hdr under nonce. */
+static int decode_behind(const uint8_t *hdr, size_t hdr_len, const uint8_t *nonce,
+                         const uint8_t *pt, size_t pt_len) {
         uint8_t out[HEADER_SIZE + 12 + 4 + 1024 + 16];
         struct keyring *got = NULL;
         size_t n;
         int r;
 
+        assert_true(hdr_len <= HEADER_SIZE);
         assert_true(pt_len <= 1024);
-        n = reseal(file, pt, pt_len, out);
+        n = seal_behind(hdr, hdr_len, nonce, pt, pt_len, out);
         r = cache_decode_keys(out, n, cache_key, &got);
         if (r == 0)
                 assert_non_null(got);
@@ -367,6 +442,13 @@ static int decode_plaintext(const uint8_t *file, const uint8_t *pt, size_t pt_le
                 assert_null(got);
         keyring_unref(got);
         return r;
+}
+
+/* Replace the payload of a valid file with GCM(cache_key, pt) under the same
+ * header and nonce, so that malformed key lists get past authentication, and
+ * decode that. */
+static int decode_plaintext(const uint8_t *file, const uint8_t *pt, size_t pt_len) {
+        return decode_behind(file, HEADER_SIZE, file + HEADER_SIZE, pt, pt_len);
 }
 
 static void test_cache_decode_keys_malformed_plaintext(void **state) {
@@ -447,7 +529,7 @@ static void test_cache_encode_round_trip_missing(void **state) {
         keys[0].missing_since_usec = UINT64_C(0x0102030405060708);
         keys[1] = kv("kmip:uid-2.8899aabbccddeeff", "uid-2", KEY_ROLE_PRIMARY, 2000, kek2);
         assert_int_equal(keyring_new(keys, 2, &with), 0);
-        assert_int_equal(cache_encode(&sealed, cache_key, with, &buf, &len), 0);
+        assert_int_equal(cache_encode(&header, cache_key, with, &buf, &len), 0);
         assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
         assert_keyring_equal(got, with);
         assert_int_equal(keyring_find(got, keys[0].id)->role, KEY_ROLE_MISSING);
@@ -474,76 +556,160 @@ static void test_cache_decode_keys_missing_since_consistent(void **state) {
         assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
 }
 
-/* A format-1 file (what the previous release wrote): the same header with
- * version 1, records without missing_since. Still read. */
+/* A format-1 file (what the previous release wrote): no kind byte after the
+ * version, no counter after the policy digest, records without missing_since.
+ * Still read, as kind TPM_SEALED_DATA_PCR and counter 0. */
 static void test_cache_decode_keys_format_1(void **state) {
-        _cleanup_free_ uint8_t *file = NULL;
-        uint8_t pt[1024], out[HEADER_SIZE + 12 + 4 + 1024 + 16];
-        struct keyring *got = NULL;
-        struct tpm_sealed hdr;
+        _cleanup_free_ uint8_t *file = NULL, *again = NULL;
+        uint8_t v1[HEADER1_SIZE], nonce[12], pt[1024], out[HEADER_SIZE + 12 + 4 + 1024 + 16];
+        _cleanup_(keyring_unrefp) struct keyring *got = NULL, *got2 = NULL;
+        struct tpm_sealed want = sealed;
+        struct cache_header hdr;
         size_t len, n, m;
 
-        encode(&file, &len);
-        file[11] = 1;
+        want.kind = TPM_SEALED_DATA_PCR;   /* the one kind format 1 knew */
+        memset(nonce, 0x31, sizeof(nonce));
+        assert_int_equal(put_header_v1(v1, &sealed), HEADER1_SIZE);
         n = 4;
         memcpy(pt, "\0\0\0\2", 4);
         n += put_record(pt + n, 1, KEY_ROLE_RETIRED, 0, "a", 1, kek1);
         n += put_record(pt + n, 1, KEY_ROLE_PRIMARY, 0, "b", 1, kek2);
-        m = reseal(file, pt, n, out);
+        m = seal_behind(v1, HEADER1_SIZE, nonce, pt, n, out);
+        assert_int_equal(m, HEADER1_SIZE + 12 + 4 + n + 16);
+        memset(&hdr, 0xff, sizeof(hdr));
         assert_int_equal(cache_decode_header(out, m, &hdr), 0);
-        assert_sealed_equal(&hdr, &sealed);
+        assert_int_equal(hdr.version, 1);
+        assert_int_equal(hdr.sealed.kind, TPM_SEALED_DATA_PCR);
+        assert_sealed_equal(&hdr.sealed, &want);
+        assert_int_equal(hdr.counter, 0);
         assert_int_equal(cache_decode_keys(out, m, cache_key, &got), 0);
         assert_int_equal(keyring_size(got), 2);
         assert_int_equal(keyring_find(got, "a")->role, KEY_ROLE_RETIRED);
         assert_int_equal(keyring_find(got, "a")->missing_since_usec, 0);
         assert_memory_equal(keyring_find(got, "b")->kek, kek2, AES256_KEY_SIZE);
         assert_string_equal(keyring_primary(got)->id, "b");
-        keyring_unref(got);
-        got = NULL;
+
+        /* migration: written back, it is format 2 with the same object */
+        assert_int_equal(cache_encode(&hdr, cache_key, got, &again, &len), 0);
+        assert_int_equal(len, m + 1 + 8 + 2 * 8);
+        assert_int_equal(cache_decode_header(again, len, &hdr), 0);
+        assert_int_equal(hdr.version, CACHE_FORMAT_VERSION);
+        assert_sealed_equal(&hdr.sealed, &want);
+        assert_int_equal(hdr.counter, 0);
+        assert_int_equal(cache_decode_keys(again, len, cache_key, &got2), 0);
+        assert_keyring_equal(got2, got);
+
+        /* the two header layouts are not confusable: a format-1 header that
+         * says 2 reads the hash algorithm's high byte (0) as the kind, and a
+         * format-2 header that says 1 reads a PCR mask above 23 */
+        out[11] = 2;
+        assert_int_equal(cache_decode_header(out, m, &hdr), -EBADMSG);
+        out[11] = 1;
+        encode(&file, &len);
+        file[11] = 1;
+        assert_int_equal(cache_decode_header(file, len, &hdr), -EBADMSG);
+        file[11] = 2;
 
         /* format-2 records behind a format-1 header do not parse */
         n = 4;
         n += put_record(pt + n, 2, KEY_ROLE_RETIRED, 0, "a", 1, kek1);
         n += put_record(pt + n, 2, KEY_ROLE_PRIMARY, 0, "b", 1, kek2);
-        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        assert_int_equal(decode_behind(v1, HEADER1_SIZE, nonce, pt, n), -EBADMSG);
         /* format 1 had no missing role */
         n = 4;
         memcpy(pt, "\0\0\0\1", 4);
         n += put_record(pt + n, 1, KEY_ROLE_MISSING, 0, "a", 1, kek1);
-        assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        assert_int_equal(decode_behind(v1, HEADER1_SIZE, nonce, pt, n), -EBADMSG);
         /* and format-1 records behind a format-2 header do not parse either */
-        file[11] = 2;
         n = 4;
         n += put_record(pt + n, 1, KEY_ROLE_RETIRED, 0, "a", 1, kek1);
         assert_int_equal(decode_plaintext(file, pt, n), -EBADMSG);
+        /* control: the same record in format 1 behind the format-1 header does */
+        assert_int_equal(decode_behind(v1, HEADER1_SIZE, nonce, pt, n), 0);
+}
+
+/* The u64 rollback counter ends the header. A file cut inside it is not a
+ * file, one without it does not frame, and since the header is the AAD, a
+ * changed counter fails authentication: an old file cannot claim a newer
+ * counter value. */
+static void test_cache_decode_counter(void **state) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        uint8_t nonce[12], pt[1024], out[HEADER_SIZE + 12 + 4 + 1024 + 16];
+        struct keyring *got = NULL;
+        struct cache_header hdr;
+        size_t len, n, m;
+
+        encode(&buf, &len);
+        for (size_t cut_len = OFF_COUNTER; cut_len < HEADER_SIZE; cut_len++) {
+                uint8_t *cut = malloc(cut_len);   /* exact size, for ASan */
+
+                assert_non_null(cut);
+                memcpy(cut, buf, cut_len);
+                assert_int_equal(cache_decode_header(cut, cut_len, &hdr), -EBADMSG);
+                assert_int_equal(cache_decode_keys(cut, cut_len, cache_key, &got), -EBADMSG);
+                assert_null(got);
+                free(cut);
+        }
+
+        /* a format-2 header without its counter, a valid payload behind it */
+        memset(nonce, 0x4e, sizeof(nonce));
+        n = 4;
+        memcpy(pt, "\0\0\0\1", 4);
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "a", 1, kek1);
+        assert_int_equal(decode_behind(buf, HEADER_SIZE, nonce, pt, n), 0);   /* control */
+        m = seal_behind(buf, OFF_COUNTER, nonce, pt, n, out);
+        assert_int_equal(cache_decode_header(out, m, &hdr), -EBADMSG);
+        assert_int_equal(cache_decode_keys(out, m, cache_key, &got), -EBADMSG);
+        assert_null(got);
+
+        /* any counter byte changed: the header parses (it proves nothing)
+         * and says the other value, the keys do not authenticate */
+        for (size_t i = OFF_COUNTER; i < HEADER_SIZE; i++) {
+                buf[i] ^= 0x01;
+                assert_int_equal(cache_decode_header(buf, len, &hdr), 0);
+                assert_int_equal(hdr.counter, COUNTER ^ (UINT64_C(1) << (8 * (HEADER_SIZE - 1 - i))));
+                assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), -EBADMSG);
+                assert_null(got);
+                buf[i] ^= 0x01;
+        }
+        assert_int_equal(cache_decode_keys(buf, len, cache_key, &got), 0);
+        assert_keyring_equal(got, kr);
+        keyring_unref(got);
 }
 
 static void test_cache_decode_header_bounds(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
-        struct tpm_sealed hdr;
+        struct cache_header hdr;
         size_t len;
 
         encode(&buf, &len);
         /* public size 0, and above TPM_BLOB_MAX */
-        buf[18] = 0;
-        buf[19] = 0;
+        buf[OFF_PUBLIC_SIZE] = 0;
+        buf[OFF_PUBLIC_SIZE + 1] = 0;
         assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
-        buf[18] = (TPM_BLOB_MAX + 1) >> 8;
-        buf[19] = (TPM_BLOB_MAX + 1) & 0xff;
+        buf[OFF_PUBLIC_SIZE] = (TPM_BLOB_MAX + 1) >> 8;
+        buf[OFF_PUBLIC_SIZE + 1] = (TPM_BLOB_MAX + 1) & 0xff;
         assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
-        buf[18] = 0;
-        buf[19] = P_SIZE;
+        buf[OFF_PUBLIC_SIZE] = 0;
+        buf[OFF_PUBLIC_SIZE + 1] = P_SIZE;
         /* a PCR above 23 */
-        buf[14] = 0x01;
+        buf[OFF_MASK] = 0x01;
         assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
-        buf[14] = 0;
+        buf[OFF_MASK] = 0;
+        /* sealed-object kind 0 */
+        buf[OFF_KIND] = 0;
+        assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
+        buf[OFF_KIND] = TPM_SEALED_HMAC_PCR;
         assert_int_equal(cache_decode_header(buf, len, &hdr), 0);
         /* header is all zeroes after a failure */
         buf[0] = 'X';
         memset(&hdr, 0xff, sizeof(hdr));
         assert_int_equal(cache_decode_header(buf, len, &hdr), -EBADMSG);
-        assert_int_equal(hdr.public_size, 0);
-        assert_int_equal(hdr.private_size, 0);
+        assert_int_equal(hdr.version, 0);
+        assert_int_equal(hdr.sealed.kind, 0);
+        assert_int_equal(hdr.sealed.public_size, 0);
+        assert_int_equal(hdr.sealed.private_size, 0);
+        assert_int_equal(hdr.counter, 0);
         assert_int_equal(cache_decode_header(NULL, 0, &hdr), -EBADMSG);
 }
 
@@ -664,6 +830,7 @@ int main(void) {
                 cmocka_unit_test(test_cache_encode_round_trip_missing),
                 cmocka_unit_test(test_cache_decode_keys_missing_since_consistent),
                 cmocka_unit_test(test_cache_decode_keys_format_1),
+                cmocka_unit_test(test_cache_decode_counter),
                 cmocka_unit_test(test_cache_write_file_atomic),
                 cmocka_unit_test(test_cache_write_file_errors),
                 cmocka_unit_test(test_cache_read_file_missing),
