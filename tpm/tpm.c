@@ -1,4 +1,5 @@
-/* tpm/ — seal and unseal a 32-byte secret with tpm2-tss ESAPI.
+/* tpm/ — the cache key (TPM2_HMAC of a TPM-generated key), the legacy sealed
+ * cache key, and an NV rollback counter, with tpm2-tss ESAPI.
  *
  * Spec references are to the TCG TPM 2.0 Library Specification (Part 1
  * Architecture, Part 2 Structures, Part 3 Commands), rev. 1.59, and to the
