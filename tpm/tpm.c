@@ -1,4 +1,5 @@
-/* tpm/ — seal and unseal a 32-byte secret with tpm2-tss ESAPI.
+/* tpm/ — the cache key (TPM2_HMAC of a TPM-generated key), the legacy sealed
+ * cache key, and an NV rollback counter, with tpm2-tss ESAPI.
  *
  * Spec references are to the TCG TPM 2.0 Library Specification (Part 1
  * Architecture, Part 2 Structures, Part 3 Commands), rev. 1.59, and to the
@@ -1270,9 +1271,11 @@ static int sealed_object_check(const struct tpm_sealed *s, TPM2B_PUBLIC *ret_pub
                 need = TPMA_OBJECT_SIGN_ENCRYPT | TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_FIXEDTPM |
                         TPMA_OBJECT_FIXEDPARENT;
                 forbid = TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_DECRYPT | TPMA_OBJECT_RESTRICTED;
+                /* HMAC-SHA256: the derived key is the 32-byte AES-256 key. */
                 if (p->type != TPM2_ALG_KEYEDHASH ||
-                    p->parameters.keyedHashDetail.scheme.scheme != TPM2_ALG_HMAC)
-                        return why_set(why, why_size, "object is not a keyedHash HMAC key: sealed to %s",
+                    p->parameters.keyedHashDetail.scheme.scheme != TPM2_ALG_HMAC ||
+                    p->parameters.keyedHashDetail.scheme.details.hmac.hashAlg != TPM2_ALG_SHA256)
+                        return why_set(why, why_size, "object is not a keyedHash HMAC-SHA256 key: sealed to %s",
                                        sealed_to);
         } else {
                 /* What tpm_seal has always made (Part 1, "Sealed Data Objects"). */

@@ -155,7 +155,7 @@ int tpm_cache_key_derive(struct tpm *t, const struct tpm_sealed *s, uint8_t key[
                          struct tpm_pcr_values *current);
 
 /* Whether s may be used at all with the configured PCR policy; pure, no
- * TPM. Unmarshals the blobs; requires for kind 2 a keyedHash HMAC key that
+ * TPM. Unmarshals the blobs; requires for kind 2 a keyedHash HMAC-SHA256 key that
  * is sensitiveDataOrigin|fixedTPM|fixedParent with userWithAuth clear, for
  * kind 1 a sealed data object (no scheme, sign/decrypt/restricted clear)
  * that is fixedTPM|fixedParent|noDA with userWithAuth clear; that the
