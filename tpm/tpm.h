@@ -172,7 +172,9 @@ int tpm_cache_key_derive(struct tpm *t, const struct tpm_sealed *s, uint8_t key[
 int tpm_sealed_check(const struct tpm_sealed *s, const struct tpm_pcr_selection *configured, char *why,
                      size_t why_size);
 
-/* ---- legacy (kind 1): kept while agent/keystore/vault.c uses them -------- */
+/* ---- legacy (kind 1) ------------------------------------------------------
+ * tpm_unseal is how tpm_cache_key_derive reads a format-1 cache (to migrate
+ * it, once); tpm_seal makes such objects, for the tests of that path only. */
 
 /* Seal secret under PolicyPCR over sel's current values, read once and
  * reported in ret->pcrs. When sel is empty there is no PCR policy: the
