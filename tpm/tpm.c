@@ -798,42 +798,82 @@ static int srk_use_existing(struct tpm *t) {
         return srk_check(pub);
 }
 
-static int srk_create(struct tpm *t) {
+/* An owner authorisation failure is -EACCES, like the counter's. */
+static int owner_rc_to_errno(TSS2_RC rc, const char *what) {
+        if (rc != TSS2_RC_SUCCESS &&
+            (tpm_rc_code(rc) == TPM2_RC_BAD_AUTH || tpm_rc_code(rc) == TPM2_RC_AUTH_FAIL)) {
+                log_debug("%s: owner authorization failed", what);
+                return -EACCES;
+        }
+        return tpm_rc_to_errno(rc, -EIO, what);
+}
+
+static int srk_create(struct tpm *t, const char *owner_auth) {
         static const TPM2B_SENSITIVE_CREATE sensitive = {};
         static const TPM2B_DATA outside = {};
         static const TPML_PCR_SELECTION creation_pcr = {};
+        static const TPMT_SYM_DEF no_sym = { .algorithm = TPM2_ALG_NULL };
+        static const TPM2B_AUTH empty = {};
         struct tpm_handle primary _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        TPM2B_AUTH auth = {};
         TPM2B_PUBLIC template;
+        size_t len = owner_auth ? strlen(owner_auth) : 0;
         TSS2_RC rc;
         int r;
 
+        if (len > sizeof(auth.buffer))
+                return -EINVAL;
         r = srk_have_ecc_p256(t);
         if (r < 0)
                 return r;
         srk_template(r > 0 ? TPM2_ALG_ECC : TPM2_ALG_RSA, &template);
         log_debug("creating SRK (%s) at 0x%x", r > 0 ? "ECC P-256" : "RSA 2048", TPM_SRK_HANDLE);
 
-        /* Part 3, 24.1 TPM2_CreatePrimary, under the owner hierarchy with
-         * its (empty) authValue. */
-        TPM_RETRY(rc, Esys_CreatePrimary(t->esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+        /* There is no SRK to salt a session to yet: an unsalted HMAC session
+         * still keeps the owner's authValue off the bus (it only keys the
+         * HMAC; Part 1, "HMAC Computation"). */
+        TPM_RETRY(rc, Esys_StartAuthSession(t->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                            ESYS_TR_NONE, NULL, TPM2_SE_HMAC, &no_sym, TPM2_ALG_SHA256,
+                                            &session.tr));
+        r = tpm_rc_to_errno(rc, -EIO, "StartAuthSession(owner)");
+        if (r < 0) {
+                session.tr = ESYS_TR_NONE;
+                return r;
+        }
+        (void) Esys_TRSess_SetAttributes(t->esys, session.tr, TPMA_SESSION_CONTINUESESSION, 0xff);
+        auth.size = (UINT16) len;
+        if (len > 0)
+                memcpy(auth.buffer, owner_auth, len);
+        rc = Esys_TR_SetAuth(t->esys, ESYS_TR_RH_OWNER, &auth);
+        explicit_bzero(&auth, sizeof(auth));
+        r = tpm_rc_to_errno(rc, -EIO, "TR_SetAuth(owner)");
+        if (r < 0)
+                return r;
+
+        /* Part 3, 24.1 TPM2_CreatePrimary, under the owner hierarchy. */
+        TPM_RETRY(rc, Esys_CreatePrimary(t->esys, ESYS_TR_RH_OWNER, session.tr, ESYS_TR_NONE,
                                          ESYS_TR_NONE, &sensitive, &template, &outside, &creation_pcr,
                                          &primary.tr, NULL, NULL, NULL, NULL));
-        r = tpm_rc_to_errno(rc, -EIO, "CreatePrimary(SRK)");
+        r = owner_rc_to_errno(rc, "CreatePrimary(SRK)");
         if (r < 0) {
+                (void) Esys_TR_SetAuth(t->esys, ESYS_TR_RH_OWNER, &empty);
                 primary.tr = ESYS_TR_NONE;
                 return r;
         }
 
         /* Part 3, 28.5 TPM2_EvictControl: the transient copy is still ours
          * to flush afterwards. */
-        TPM_RETRY(rc, Esys_EvictControl(t->esys, ESYS_TR_RH_OWNER, primary.tr, ESYS_TR_PASSWORD,
+        TPM_RETRY(rc, Esys_EvictControl(t->esys, ESYS_TR_RH_OWNER, primary.tr, session.tr,
                                         ESYS_TR_NONE, ESYS_TR_NONE, TPM_SRK_HANDLE, &t->srk));
+        /* Forget the owner auth in ESYS (overwrites its copy). */
+        (void) Esys_TR_SetAuth(t->esys, ESYS_TR_RH_OWNER, &empty);
         if (tpm_rc_code(rc) == TPM2_RC_NV_DEFINED) {
                 /* Someone persisted one in the meantime: use theirs. */
                 t->srk = ESYS_TR_NONE;
                 return srk_use_existing(t);
         }
-        r = tpm_rc_to_errno(rc, -EIO, "EvictControl(SRK)");
+        r = owner_rc_to_errno(rc, "EvictControl(SRK)");
         if (r < 0)
                 t->srk = ESYS_TR_NONE;
         return r;
@@ -885,7 +925,7 @@ static void flush_leftovers(struct tpm *t) {
         }
 }
 
-int tpm_open(const char *tcti, struct tpm **ret) {
+int tpm_open(const char *tcti, const char *owner_auth, struct tpm **ret) {
         _cleanup_(tpm_closep) struct tpm *t = NULL;
         TSS2_RC rc;
         int r;
@@ -926,7 +966,7 @@ int tpm_open(const char *tcti, struct tpm **ret) {
         r = srk_exists(t);
         if (r < 0)
                 return r;
-        r = r > 0 ? srk_use_existing(t) : srk_create(t);
+        r = r > 0 ? srk_use_existing(t) : srk_create(t, owner_auth);
         if (r < 0)
                 return r;
 

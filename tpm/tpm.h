@@ -94,8 +94,11 @@ bool tpm_pcr_selection_is_empty(const struct tpm_pcr_selection *sel);
 /* Open the TPM through a TCTI config string ("device:/dev/tpmrm0",
  * "swtpm:host=127.0.0.1,port=2321"), run Startup if needed, and make sure the
  * SRK exists at TPM_SRK_HANDLE (ECC P-256 TCG template, RSA-2048 fallback),
- * creating and persisting it on first use. Returns 0, -ENODEV, -ENOLCK, -EIO. */
-int tpm_open(const char *tcti, struct tpm **ret);
+ * creating and persisting it on first use with the owner hierarchy's
+ * authorisation owner_auth (NULL or "" = empty; used only then, through an
+ * HMAC session). Returns 0, -ENODEV, -ENOLCK, -EACCES (the owner
+ * authorisation was refused), -EINVAL, -EIO. */
+int tpm_open(const char *tcti, const char *owner_auth, struct tpm **ret);
 /* Accepts NULL. Flushes everything transient this module created. */
 void tpm_close(struct tpm *t);
 static inline void tpm_closep(struct tpm **t) {

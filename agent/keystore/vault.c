@@ -29,8 +29,44 @@ static const char *tpm_error_hint(int r) {
         }
 }
 
+
+/* The owner authorisation from its file (one line; "" when no file is
+ * configured): needed only to define the counter, so read only then. */
+static int read_owner_auth(const char *path, char *buf, size_t size) {
+        _cleanup_fclose_ FILE *f = NULL;
+        size_t n;
+
+        buf[0] = '\0';
+        if (!*path)
+                return 0;
+        f = fopen(path, "re");
+        if (!f)
+                return log_error_errno(errno, "Cannot read the owner authorisation file %s: %m", path);
+        n = fread(buf, 1, size - 1, f);
+        if (ferror(f) || (n == size - 1 && fgetc(f) != EOF)) {
+                explicit_bzero(buf, size);
+                return log_error_errno(EINVAL, "Cannot read the owner authorisation file %s (at most %zu bytes)",
+                                       path, size - 2);
+        }
+        buf[n] = '\0';
+        buf[strcspn(buf, "\n")] = '\0';
+        return 0;
+}
+
+/* The owner authorisation is needed only to create the SRK on a TPM that has
+ * none yet (tpm_open) and to define the counter: read it only then. */
 static int open_tpm(const struct vault_options *o, struct tpm **ret) {
-        int r = tpm_open(o->tcti, ret);
+        char auth[130];
+        int r;
+
+        r = tpm_open(o->tcti, NULL, ret);
+        if (r == -EACCES && *o->owner_auth_file) {
+                r = read_owner_auth(o->owner_auth_file, auth, sizeof(auth));
+                if (r < 0)
+                        return r;
+                r = tpm_open(o->tcti, auth, ret);
+                explicit_bzero(auth, sizeof(auth));
+        }
         if (r < 0)
                 return log_error_errno(r, "Cannot open the TPM at '%s': %s (%m)", o->tcti,
                                        tpm_error_hint(r));
@@ -78,29 +114,6 @@ static int vault_refuse(struct vault *v, const char *fmt, ...) {
 }
 
 /* ---- the rollback counter ---- */
-
-/* The owner authorisation from its file (one line; "" when no file is
- * configured): needed only to define the counter, so read only then. */
-static int read_owner_auth(const char *path, char *buf, size_t size) {
-        _cleanup_fclose_ FILE *f = NULL;
-        size_t n;
-
-        buf[0] = '\0';
-        if (!*path)
-                return 0;
-        f = fopen(path, "re");
-        if (!f)
-                return log_error_errno(errno, "Cannot read the owner authorisation file %s: %m", path);
-        n = fread(buf, 1, size - 1, f);
-        if (ferror(f) || (n == size - 1 && fgetc(f) != EOF)) {
-                explicit_bzero(buf, size);
-                return log_error_errno(EINVAL, "Cannot read the owner authorisation file %s (at most %zu bytes)",
-                                       path, size - 2);
-        }
-        buf[n] = '\0';
-        buf[strcspn(buf, "\n")] = '\0';
-        return 0;
-}
 
 /* The counter's value, defining it on first use. */
 static int counter_get(struct vault *v, struct tpm *t, uint64_t *ret) {

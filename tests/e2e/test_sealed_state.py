@@ -244,5 +244,37 @@ class MigrationTest(unittest.TestCase):
         self.assertEqual(self.w.state_snapshot(), snap)
 
 
+class OwnerAuthTest(unittest.TestCase):
+    """The rollback counter is defined with the owner hierarchy's
+    authorisation: empty (the other tests), or one read from owner_auth_file."""
+
+    def setUp(self):
+        self.w = t.World(self)
+        self.w.start_tpm()
+        subprocess.run(["tpm2_changeauth", "-c", "owner", "s3cret-owner"], env=self.w.tpm.env(),
+                       check=True, capture_output=True)
+        self.auth = os.path.join(self.w.dir, "owner-auth")
+
+    def write_auth(self, text):
+        with open(self.auth, "w") as f:
+            f.write(text)
+        os.chmod(self.auth, 0o600)
+
+    def test_configured_owner_auth_defines_the_counter(self):
+        self.write_auth("s3cret-owner\n")
+        self.w.tpm_config = "owner_auth_file = %s\n" % self.auth
+        self.w.start()
+        self.assertEqual(t.status(self.w.stub()).healthz, "ok")
+        self.assertIn("Defined the rollback counter", self.w.log())
+
+    def test_wrong_owner_auth_fails_start_clearly(self):
+        self.write_auth("not-it\n")
+        self.w.tpm_config = "owner_auth_file = %s\n" % self.auth
+        with self.assertRaises(t.DaemonError):
+            self.w.start()
+        self.assertIn("owner authorisation was refused", self.w.log())
+        self.assertFalse(os.path.exists(self.w.cache_path()), "no cache without a counter")
+
+
 if __name__ == "__main__":
     unittest.main()

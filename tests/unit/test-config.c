@@ -77,6 +77,8 @@ static void test_config_defaults_values(void **state) {
         assert_int_equal(c.pcrs.hash_alg, sel.hash_alg);
         assert_int_equal(c.pcrs.mask, 1u << 7);
         assert_false(c.insecure_no_pcr_policy);
+        assert_int_equal(c.counter_index, TPM_COUNTER_INDEX_DEFAULT);
+        assert_string_equal(c.owner_auth_file, "");
         assert_string_equal(c.state_dir, "/var/lib/tpmkms");
         assert_int_equal(c.central_type, CENTRAL_NONE);
         assert_int_equal(c.n_endpoints, 0);
@@ -128,6 +130,8 @@ static void test_config_load_every_key_values(void **state) {
                 "tcti = swtpm:host=127.0.0.1,port=2321\n"
                 "pcrs = sha256:0,2,7\n"
                 "insecure_no_pcr_policy = true\n"
+                "counter_index = 0x01800123\n"
+                "owner_auth_file = /etc/tpmkms/owner-auth\n"
                 "[state]\n"
                 "dir = /var/lib/test\n"
                 "[central]\n"
@@ -160,6 +164,8 @@ static void test_config_load_every_key_values(void **state) {
         assert_int_equal(c.pcrs.hash_alg, sel.hash_alg);
         assert_int_equal(c.pcrs.mask, (1u << 0) | (1u << 2) | (1u << 7));
         assert_true(c.insecure_no_pcr_policy);
+        assert_int_equal(c.counter_index, 0x01800123);
+        assert_string_equal(c.owner_auth_file, "/etc/tpmkms/owner-auth");
         assert_string_equal(c.state_dir, "/var/lib/test");
         assert_int_equal(c.central_type, CENTRAL_KMIP);
         assert_int_equal(c.n_endpoints, 5);
@@ -292,6 +298,11 @@ static void test_config_load_bad_values(void **state) {
                 { "[tpm]\npcrs = sha256:99\n", 2, "[tpm] pcrs: not a PCR selection" },
                 { "[tpm]\npcrs = md5:1\n", 2, "[tpm] pcrs: not a PCR selection" },
                 { "[tpm]\npcrs =\n", 2, "[tpm] pcrs: not a PCR selection" },
+                { "[tpm]\ncounter_index = 0x01000000\n", 2, "[tpm] counter_index: must be a hexadecimal TPM NV index" },
+                { "[tpm]\ncounter_index = 0x01c00000\n", 2, "from 0x01800000 to 0x01bfffff" },
+                { "[tpm]\ncounter_index = 25296896\n", 2, "must be a hexadecimal" },
+                { "[tpm]\ncounter_index = 0x0180000g\n", 2, "must be a hexadecimal" },
+                { "[tpm]\nowner_auth_file = relative\n", 2, "[tpm] owner_auth_file: must be an absolute path" },
                 { "[state]\ndir = relative/dir\n", 2, "[state] dir: must be an absolute path" },
                 { "[state]\ndir =\n", 2, "[state] dir: must not be empty" },
                 { "[central]\ntype = vault\n", 2, "[central] type: must be kmip or none" },

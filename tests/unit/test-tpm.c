@@ -59,7 +59,7 @@ static void random_secret(uint8_t s[AES256_KEY_SIZE]) {
 static struct tpm *open_tpm(const char *t) {
         struct tpm *tpm = NULL;
 
-        assert_int_equal(tpm_open(t, &tpm), 0);
+        assert_int_equal(tpm_open(t, NULL, &tpm), 0);
         assert_non_null(tpm);
         return tpm;
 }
@@ -482,7 +482,7 @@ static void test_tpm_open_foreign_srk(void **state) {
         esys_close(esys, tc);
 
         log_reset();
-        assert_int_equal(tpm_open(tcti, &tpm), -EIO);
+        assert_int_equal(tpm_open(tcti, NULL, &tpm), -EIO);
         assert_ptr_equal(tpm, (struct tpm *) 0x1);
         assert_non_null(strstr(log_buf, "restricted decrypt"));
 
@@ -500,7 +500,7 @@ static void test_tpm_open_dead_port(void **state) {
 
         /* A port nobody listens on. */
         snprintf(dead, sizeof(dead), "swtpm:host=127.0.0.1,port=%d", free_port_pair());
-        assert_int_equal(tpm_open(dead, &tpm), -ENODEV);
+        assert_int_equal(tpm_open(dead, NULL, &tpm), -ENODEV);
         assert_null(tpm);
 
         tpm_close(NULL);
