@@ -17,6 +17,7 @@ import re
 import secrets
 import subprocess
 import sys
+import shutil
 import threading
 import time
 import unittest
@@ -640,6 +641,46 @@ class MissingTest(FleetCase):
         a.restart_daemon()
         self.assertEqual(a.roles(), {v1: "primary"})
         self.assert_serving(a, kid1)
+
+
+class RollbackTest(FleetCase):
+    def test_state_dir_from_before_a_compromise_refused_while_central_down(self):
+        """A copy of the state dir taken before a version was revoked as
+        compromised, put back while the central KMS is unreachable, must not
+        make the host serve that version again (docs/threat-model.md)."""
+        a = self.host("node-a")
+        v1 = self.kms.create_version(GROUP)
+        self.kms.activate(v1)
+        v2 = self.kms.create_version(GROUP)
+        self.kms.activate(v2)
+        kid2 = self.wait_primary((a,), v2)
+        sealed = self.seal(a)                    # under v2, soon compromised
+        backup = os.path.join(a.dir, "backup")
+        shutil.copytree(a.state_dir, backup)
+        self.kms.compromise(v2)
+        self.wait_roles((a,), {v1: "primary"})
+        self.assertEqual(a.stop_daemon(), 0, a.log())
+
+        self.kms.stop()                          # the central KMS is down
+        shutil.rmtree(a.state_dir)
+        shutil.copytree(backup, a.state_dir)
+        a.write_config()
+        a.start_daemon()
+        stub = a.stub()
+        st = t.status(stub)
+        self.assertTrue(st.healthz.startswith("sealed cache: an older copy"), st.healthz)
+        self.assertEqual(t.rpc_code(t.decrypt, stub, sealed[0], kid2), StatusCode.FAILED_PRECONDITION)
+        self.assertEqual(t.rpc_code(t.encrypt, stub, b"x"), StatusCode.FAILED_PRECONDITION)
+
+        # Accepted on purpose, the copy serves again until the central KMS
+        # is back and the next sync purges the compromised version again.
+        self.assertEqual(a.stop_daemon(), 0, a.log())
+        r = a.ctl("accept-restore")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.kms.start()
+        a.start_daemon()
+        self.wait_roles((a,), {v1: "primary"}, timeout=RECOVER)
+        self.assertEqual(t.rpc_code(t.decrypt, a.stub(), sealed[0], kid2), StatusCode.NOT_FOUND)
 
 
 class MeasuredBootTest(FleetCase):
