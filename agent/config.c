@@ -515,6 +515,10 @@ static const struct config_item config_table[] = {
         { "tpm", "counter_index", parse_nv_index_item, FIELD(counter_index), 0x01800000, 0x01bfffff,
           "0x01a71c00" /* TPM_COUNTER_INDEX_DEFAULT (test-config checks) */ },
         { "tpm", "owner_auth_file", parse_path_item, FIELD(owner_auth_file), 0, 0, "" },
+        /* A start that cannot finish with the TPM in this time exits (and
+         * systemd restarts it) rather than hang; a real TPM takes well
+         * under a second per command. */
+        { "tpm", "timeout", parse_duration_item, FIELD(tpm_timeout_usec), USEC_PER_SEC, 10 * USEC_PER_MIN, "30s" },
         { "state", "dir", parse_path_item, FIELD(state_dir), 1, 0, "/var/lib/tpmkms" },
         { "central", "type", parse_central_type_item, FIELD(central_type), 0, 0, "none" },
         { "central", "endpoints", parse_endpoints_item, FIELD(endpoints), 0, 0, "" },

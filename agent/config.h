@@ -33,6 +33,7 @@ struct config {
         struct tpm_pcr_selection pcrs;
         bool insecure_no_pcr_policy;
         uint32_t counter_index;           /* TPM NV index of the rollback counter */
+        uint64_t tpm_timeout_usec;        /* the most a start waits for the TPM */
         char owner_auth_file[PATH_MAX];   /* "" = empty owner authorisation */
         /* [state] */
         char state_dir[PATH_MAX];

@@ -23,6 +23,7 @@
 #include "policy.h"
 #include "status.h"
 #include "sync.h"
+#include "worker.h"
 #include "keystore.h"
 
 #define PENDING_SYNC_MAX 8
@@ -43,6 +44,10 @@ struct daemon {
         size_t n_pending_sync;
         char notified_status[512];              /* last STATUS= sent */
         struct backend backend;
+        struct worker *worker;     /* TPM and cache work off the loop (rotate, reseal, purge) */
+        struct tpm_pcr_selection sealed_pcrs;   /* what the cache is sealed to (status) */
+        bool have_sealed_pcrs;
+        bool stop_requested;       /* SIGTERM before the server runs */
         bool kms_socket_ours;      /* we created the socket file (not systemd) */
         uint64_t started_usec;     /* CLOCK_REALTIME */
 };
@@ -73,7 +78,8 @@ static int cmd_status(struct daemon *d, bool json, FILE *out) {
                               .config = d->config,
                               .keys = kr,
                               .refused = d->vault.refused,
-                              .sealed_pcrs = vault_sealed_pcrs(&d->vault),
+                              .sealed_pcrs = d->have_sealed_pcrs ? &d->sealed_pcrs : NULL,
+                              .tpm_busy_usec = vault_tpm_busy(&d->vault),
                               .healthz = st.healthz,
                               .started_usec = d->started_usec,
                               .sync = d->sync,
@@ -122,7 +128,6 @@ static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_
         if (prev)
                 log_key_event(LOG_MESSAGE_KEY_ROLE, prev->id, "retired", "Key %s retired (decrypt only)", prev->id);
         log_key_event(LOG_MESSAGE_KEY_CREATED, next.id, "primary", "Rotated: key %s is the new primary", next.id);
-        daemon_update_status(d);
         fprintf(out, "%s\n", next.id);
         return 0;
 }
@@ -183,23 +188,105 @@ static int cmd_purge_locked(struct daemon *d, const char *id, FILE *out, char *e
                 keyring_slot_publish(&d->keys, kr);
                 log_key_event(LOG_MESSAGE_KEY_ROLE, c->id, "purged", "Key %s (central %s) purged from the "
                               "cache: %s", c->id, *c->central_id ? c->central_id : "-", c->why);
-                daemon_update_status(d);
                 fprintf(out, "%s purged\n", c->id);
         }
         policy_result_done(&res);
         return r;
 }
 
-/* Rotate and reseal write the cache like the sync thread does: one writer at
- * a time, each working from the snapshot it will replace. */
-static int cmd_locked(struct daemon *d, int (*fn)(struct daemon *, FILE *, char *, size_t),
-                      FILE *out, char *err, size_t err_size) {
+/* Rotate, reseal and purge write the cache (and use the TPM) like the sync
+ * thread does: on the worker, one writer at a time under state_lock, each
+ * working from the snapshot it will replace; the control reply is deferred
+ * until the job is done, so the event loop keeps serving meanwhile. */
+enum slow_command {
+        SLOW_ROTATE,
+        SLOW_RESEAL,
+        SLOW_PURGE,
+};
+
+struct slow_job {
+        struct daemon *d;
+        struct control_conn *conn;        /* NULL once the client went away */
+        enum slow_command command;
+        struct tpm_pcr_selection sel;     /* reseal: what to seal to */
+        bool has_sel;
+        char id[KEY_ID_MAX];              /* purge: which version */
+        struct tpm_pcr_selection sealed;  /* after the job: what the cache is sealed to */
+        char *body;
+        size_t body_size;
+        char err[512];
+};
+
+static int slow_job_run(void *userdata) {
+        struct slow_job *j = userdata;
+        struct daemon *d = j->d;
+        FILE *out;
         int r;
 
+        out = open_memstream(&j->body, &j->body_size);
+        if (!out) {
+                snprintf(j->err, sizeof(j->err), "out of memory");
+                return -ENOMEM;
+        }
         pthread_mutex_lock(&d->state_lock);
-        r = fn(d, out, err, err_size);
+        switch (j->command) {
+        case SLOW_ROTATE:
+                r = cmd_rotate_locked(d, out, j->err, sizeof(j->err));
+                break;
+        case SLOW_RESEAL:
+                r = cmd_reseal_locked(d, j->has_sel ? &j->sel : NULL, out, j->err, sizeof(j->err));
+                break;
+        default:
+                r = cmd_purge_locked(d, j->id, out, j->err, sizeof(j->err));
+                break;
+        }
+        if (vault_sealed_pcrs(&d->vault))
+                j->sealed = *vault_sealed_pcrs(&d->vault);
         pthread_mutex_unlock(&d->state_lock);
+        fclose(out);
         return r;
+}
+
+static void slow_job_done(void *userdata, int r) {
+        struct slow_job *j = userdata;
+
+        j->d->sealed_pcrs = j->sealed;
+        if (j->conn)
+                control_conn_reply(j->conn, r, j->body ? j->body : "", j->err);
+        daemon_update_status(j->d);
+        free(j->body);
+        free(j);
+}
+
+static void slow_job_dropped(struct control_conn *conn, void *userdata) {
+        struct slow_job *j = userdata;
+
+        j->conn = NULL;   /* the job runs on; its result goes to the journal only */
+}
+
+static int slow_submit(struct daemon *d, struct control_conn *conn, struct slow_job *proto,
+                       char *err, size_t err_size) {
+        struct slow_job *j;
+        int r;
+
+        j = malloc(sizeof(*j));
+        if (!j) {
+                snprintf(err, err_size, "out of memory");
+                return -ENOMEM;
+        }
+        *j = *proto;
+        j->d = d;
+        j->conn = conn;
+        j->sealed = d->sealed_pcrs;
+        r = worker_submit(d->worker, slow_job_run, slow_job_done, j);
+        if (r < 0) {
+                free(j);
+                snprintf(err, err_size, "too many commands waiting for the TPM or the disk%s; retry later",
+                         vault_tpm_busy(&d->vault) > 5 * USEC_PER_SEC ? " (the TPM is not answering)" : "");
+                return r;
+        }
+        control_conn_on_drop(conn, slow_job_dropped, j);
+        return CONTROL_DEFERRED;
 }
 
 /* A waiting tpmkmsctl sync went away unanswered (timeout, stop). */
@@ -257,7 +344,6 @@ static void on_sync_done(void *userdata) {
 static int daemon_control(void *userdata, struct control_conn *conn, int argc, char **argv,
                           FILE *out, char *err, size_t err_size) {
         struct daemon *d = userdata;
-        int r;
 
         if (strcmp(argv[0], "status") == 0 && argc <= 2) {
                 bool json = argc == 2 && strcmp(argv[1], "--json") == 0;
@@ -268,19 +354,16 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
                 return cmd_status(d, json, out);
         }
         if (strcmp(argv[0], "rotate") == 0 && argc == 1)
-                return cmd_locked(d, cmd_rotate_locked, out, err, err_size);
+                return slow_submit(d, conn, &(struct slow_job) { .command = SLOW_ROTATE }, err, err_size);
         if (strcmp(argv[0], "reseal") == 0 && (argc == 1 || (argc == 3 && strcmp(argv[1], "--pcrs") == 0))) {
-                struct tpm_pcr_selection sel = {};
+                struct slow_job j = { .command = SLOW_RESEAL, .has_sel = argc == 3 };
 
-                if (argc == 3 && tpm_pcr_selection_parse(argv[2], &sel) < 0) {
+                if (argc == 3 && tpm_pcr_selection_parse(argv[2], &j.sel) < 0) {
                         snprintf(err, err_size, "reseal --pcrs: '%s' is not a PCR selection (e.g. sha256:7, "
                                  "sha256:0,7, none)", argv[2]);
                         return -EINVAL;
                 }
-                pthread_mutex_lock(&d->state_lock);
-                r = cmd_reseal_locked(d, argc == 3 ? &sel : NULL, out, err, err_size);
-                pthread_mutex_unlock(&d->state_lock);
-                return r;
+                return slow_submit(d, conn, &j, err, err_size);
         }
         if (strcmp(argv[0], "sync") == 0 && argc == 1)
                 return cmd_sync(d, conn, err, err_size);
@@ -289,10 +372,14 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
                         snprintf(err, err_size, "usage: purge KEY_ID (a missing version; see tpmkmsctl status)");
                         return -EINVAL;
                 }
-                pthread_mutex_lock(&d->state_lock);
-                r = cmd_purge_locked(d, argv[1], out, err, err_size);
-                pthread_mutex_unlock(&d->state_lock);
-                return r;
+                struct slow_job j = { .command = SLOW_PURGE };
+
+                if (strlen(argv[1]) >= sizeof(j.id)) {
+                        snprintf(err, err_size, "purge: not a key id of this cache (too long)");
+                        return -EINVAL;
+                }
+                snprintf(j.id, sizeof(j.id), "%s", argv[1]);
+                return slow_submit(d, conn, &j, err, err_size);
         }
         snprintf(err, err_size, "unknown command '%s'", argv[0]);
         return -EINVAL;
@@ -341,6 +428,12 @@ static void on_drained(void *userdata) {
 static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         struct daemon *d = userdata;
 
+        if (!d->kms) {
+                /* Still starting (waiting for the TPM): stop right away. */
+                log_info("Received %s while starting: stopping", strsignal((int) si->ssi_signo));
+                d->stop_requested = true;
+                return 0;
+        }
         log_info("Received %s, finishing in-flight requests", strsignal((int) si->ssi_signo));
         (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
         control_server_free(d->control);   /* waiting syncs are told, and dropped */
@@ -375,8 +468,66 @@ static void harden_process(void) {
         umask(0077);
 }
 
+/* vault_open on the worker, while the loop waits for it at most [tpm]
+ * timeout and honours SIGTERM: a TPM that does not answer at start must not
+ * hang the start (or the stop) for ever. */
+struct open_job {
+        struct vault *vault;
+        const struct vault_options *options;
+        bool make_first_key;
+        struct keyring *keys;
+        bool done;
+        int r;
+};
+
+static int open_job_run(void *userdata) {
+        struct open_job *j = userdata;
+
+        return vault_open(j->vault, j->options, j->make_first_key, &j->keys);
+}
+
+static void open_job_done(void *userdata, int r) {
+        struct open_job *j = userdata;
+
+        j->r = r;
+        j->done = true;
+}
+
+static int daemon_open_vault(struct daemon *d, const struct vault_options *opt, struct keyring **ret) {
+        static struct open_job j;   /* outlives a start abandoned in the TPM */
+        uint64_t deadline = now_usec(CLOCK_MONOTONIC) + d->config->tpm_timeout_usec;
+        int r;
+
+        j = (struct open_job) {
+                .vault = &d->vault,
+                .options = opt,
+                .make_first_key = d->config->central_type == CENTRAL_NONE,
+        };
+        r = worker_submit(d->worker, open_job_run, open_job_done, &j);
+        if (r < 0)
+                return log_error_errno(r, "Cannot start opening the sealed cache: %m");
+        while (!j.done && !d->stop_requested) {
+                uint64_t now = now_usec(CLOCK_MONOTONIC);
+
+                if (now >= deadline)
+                        return log_error_errno(ETIMEDOUT, "The TPM at '%s' did not finish opening the sealed cache "
+                                               "within %" PRIu64 " s ([tpm] timeout): is it answering? Exiting "
+                                               "so that systemd restarts tpmkmsd", d->config->tpm_tcti,
+                                               d->config->tpm_timeout_usec / USEC_PER_SEC);
+                r = sd_event_run(d->event, deadline - now);
+                if (r < 0)
+                        return log_error_errno(r, "Event loop failed: %m");
+                log_flush();
+        }
+        if (d->stop_requested)
+                return 0;
+        *ret = j.keys;
+        return j.r;
+}
+
 int daemon_run(const struct config *c) {
-        struct daemon d = { .config = c };
+        /* static: a worker stuck in the TPM may outlive this frame until exit */
+        static struct daemon d;
         struct kms_server_options opt = {
                 .allowed_uids = c->allowed_uids,
                 .n_allowed_uids = c->n_allowed_uids,
@@ -384,8 +535,10 @@ int daemon_run(const struct config *c) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         sigset_t mask;
         struct vault_options vopt;
+        bool abandoned;
         int r, fd, status = 1;
 
+        d = (struct daemon) { .config = c };
         harden_process();
         /* Before any thread exists: threads inherit the mask, so SIGTERM
          * reaches only the event loop's signalfd, never the sync thread. */
@@ -411,22 +564,38 @@ int daemon_run(const struct config *c) {
                 log_warning("[metrics] listen = %s: this version serves no metrics yet; the setting is ignored",
                             c->metrics_listen);
 
-        config_vault_options(c, &vopt);
-        r = vault_open(&d.vault, &vopt, c->central_type == CENTRAL_NONE, &kr);
+        r = sd_event_default(&d.event);
+        if (r < 0) {
+                log_error_errno(r, "Cannot create the event loop: %m");
+                goto out;
+        }
+        if (sd_event_add_signal(d.event, NULL, SIGTERM, on_stop_signal, &d) < 0 ||
+            sd_event_add_signal(d.event, NULL, SIGINT, on_stop_signal, &d) < 0 ||
+            sd_event_add_post(d.event, NULL, on_post, NULL) < 0) {
+                log_error("Cannot set up signal handling");
+                goto out;
+        }
+        r = worker_new(d.event, &d.worker);
         if (r < 0)
                 goto out;
+
+        config_vault_options(c, &vopt);
+        r = daemon_open_vault(&d, &vopt, &kr);
+        if (r < 0 || d.stop_requested) {
+                status = r < 0 ? 1 : 0;
+                goto out;
+        }
         if (!d.vault.refused) {
                 keyring_slot_publish(&d.keys, kr);
                 log_info("Unsealed %zu key(s) from %s", keyring_size(kr), c->state_dir);
         } else
                 d.backend.refusal = d.vault.reason;
         d.backend.keys = &d.keys;
-
-        r = sd_event_default(&d.event);
-        if (r < 0) {
-                log_error_errno(r, "Cannot create the event loop: %m");
-                goto out;
+        if (vault_sealed_pcrs(&d.vault)) {
+                d.sealed_pcrs = *vault_sealed_pcrs(&d.vault);
+                d.have_sealed_pcrs = true;
         }
+
         /* A host whose cache was refused for measured boot does not fetch
          * keys from the central KMS either (DESIGN.md, "Measured boot"). */
         if (c->central_type == CENTRAL_KMIP && !d.vault.refused) {
@@ -434,12 +603,6 @@ int daemon_run(const struct config *c) {
                 if (r < 0)
                         goto out;
                 d.backend.sync = d.sync;
-        }
-        if (sd_event_add_signal(d.event, NULL, SIGTERM, on_stop_signal, &d) < 0 ||
-            sd_event_add_signal(d.event, NULL, SIGINT, on_stop_signal, &d) < 0 ||
-            sd_event_add_post(d.event, NULL, on_post, NULL) < 0) {
-                log_error("Cannot set up signal handling");
-                goto out;
         }
         /* Pings the watchdog from the loop when WATCHDOG_USEC is set: a
          * wedged loop stops the pings and systemd restarts us. */
@@ -476,15 +639,20 @@ int daemon_run(const struct config *c) {
         status = 0;
         log_info("Stopped");
 out:
-        sync_free(d.sync);
         control_server_free(d.control);
         kms_server_free(d.kms);
         if (d.kms_socket_ours)
                 (void) unlink(c->kms_socket);
-        keyring_slot_done(&d.keys);
-        pthread_mutex_destroy(&d.state_lock);
-        vault_done(&d.vault);
-        sd_event_unref(d.event);
+        /* A thread stuck in the TPM is left to end with the process: what it
+         * uses (the vault, the keys, the lock) is not freed under it. */
+        abandoned = !sync_free(d.sync, c->central_timeout_usec + 2 * USEC_PER_SEC);
+        abandoned |= !worker_free(d.worker, 2 * USEC_PER_SEC);
+        if (!abandoned) {
+                keyring_slot_done(&d.keys);
+                pthread_mutex_destroy(&d.state_lock);
+                vault_done(&d.vault);
+                sd_event_unref(d.event);
+        }
         log_flush();
         return status;
 }

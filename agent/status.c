@@ -9,6 +9,8 @@
 #include "sync.h"
 #include "util.h"
 
+#define TPM_SLOW_USEC (5 * USEC_PER_SEC)
+
 static void format_time(uint64_t usec, char *buf, size_t size) {
         time_t t = (time_t) (usec / USEC_PER_SEC);
         struct tm tm;
@@ -99,13 +101,19 @@ static void central_text(const struct status_view *d, FILE *out) {
 void status_render(const struct status_view *d, bool json, FILE *out) {
         const struct keyring *kr = d->keys;
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
-        char pcrs[64], configured[64], created[32], seen[32], started[32], rotated[32], since[32];
+        char pcrs[64], configured[64], created[32], seen[32], started[32], rotated[32], since[32], tpm[64];
 
         /* What the cache is sealed to is what protects it; the configuration
          * is only the least the daemon accepts. */
         (void) tpm_pcr_selection_format(&d->config->pcrs, configured, sizeof(configured));
         if (!d->sealed_pcrs || tpm_pcr_selection_format(d->sealed_pcrs, pcrs, sizeof(pcrs)) < 0)
                 snprintf(pcrs, sizeof(pcrs), "unknown");
+        /* A command sequence takes well under a second on a working TPM;
+         * past that, say so (the keys keep serving from memory). */
+        if (d->tpm_busy_usec > TPM_SLOW_USEC)
+                snprintf(tpm, sizeof(tpm), "not answering for %" PRIu64 " s", d->tpm_busy_usec / USEC_PER_SEC);
+        else
+                snprintf(tpm, sizeof(tpm), "%s", d->tpm_busy_usec ? "in use" : "idle");
         format_time(d->started_usec, started, sizeof(started));
         /* The last rotation is when the current primary was made (local
          * creation, or its central Initial Date): known after restarts too. */
@@ -114,10 +122,11 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
         if (json) {
                 fprintf(out, "{\"state\": \"%s\", \"healthz\": ", d->refused ? "refused" : "serving");
                 json_string(out, d->healthz);
-                fprintf(out, ", \"pcrs\": \"%s\", \"configured_pcrs\": \"%s\", \"mode\": \"%s\", \"started\": \"%s\", "
+                fprintf(out, ", \"pcrs\": \"%s\", \"configured_pcrs\": \"%s\", \"tpm\": \"%s\", "
+                        "\"tpm_busy_seconds\": %" PRIu64 ", \"mode\": \"%s\", \"started\": \"%s\", "
                         "\"last_rotation\": \"%s\", \"primary\": ",
-                        pcrs, configured, d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone",
-                        started, rotated);
+                        pcrs, configured, tpm, d->tpm_busy_usec / USEC_PER_SEC,
+                        d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone", started, rotated);
                 json_string(out, p ? p->id : "");
                 fputs(", \"keys\": [", out);
                 for (size_t i = 0; kr && i < keyring_size(kr); i++) {
@@ -143,6 +152,7 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
         fprintf(out, "healthz:       %s\n", d->healthz);
         fprintf(out, "mode:          %s\n", d->config->central_type == CENTRAL_KMIP ? "kmip" : "standalone");
         fprintf(out, "PCR policy:    %s (sealed; configured %s)\n", pcrs, configured);
+        fprintf(out, "TPM:           %s\n", tpm);
         fprintf(out, "state dir:     %s\n", d->config->state_dir);
         fprintf(out, "started:       %s\n", started);
         fprintf(out, "last rotation: %s\n", *rotated ? rotated : "-");

@@ -16,6 +16,7 @@ struct status_view {
         const struct keyring *keys;   /* the published snapshot; NULL: none */
         bool refused;                 /* the sealed cache was refused */
         const struct tpm_pcr_selection *sealed_pcrs;   /* what the cache is sealed to; NULL unknown */
+        uint64_t tpm_busy_usec;       /* how long a TPM command sequence has been running; 0 idle */
         const char *healthz;          /* what Status answers the apiserver */
         uint64_t started_usec;        /* CLOCK_REALTIME */
         struct sync *sync;            /* fleet mode, serving; else NULL */

@@ -264,22 +264,32 @@ int sync_new(const struct config *c, struct vault *v, pthread_mutex_t *state_loc
         *ret = s;
         return 0;
 fail:
-        sync_free(s);
+        (void) sync_free(s, 0);
         return r;
 }
 
-void sync_free(struct sync *s) {
+bool sync_free(struct sync *s, uint64_t wait_usec) {
         if (!s)
-                return;
+                return true;
         if (s->thread_started) {
+                uint64_t deadline = now_usec(CLOCK_REALTIME) + wait_usec;
+                struct timespec ts = { (time_t) (deadline / USEC_PER_SEC),
+                                       (long) (deadline % USEC_PER_SEC) * 1000 };
+
                 pthread_mutex_lock(&s->lock);
                 s->stop = true;
                 if (s->central)
                         central_client_cancel(s->central);
                 pthread_cond_signal(&s->cond);
                 pthread_mutex_unlock(&s->lock);
-                /* A fetch in progress ends after its current request. */
-                pthread_join(s->thread, NULL);
+                /* A fetch in progress ends after its current request; a
+                 * persist stuck in the TPM may not end at all. */
+                if (pthread_timedjoin_np(s->thread, NULL, &ts) != 0) {
+                        log_warning("Stopping with the sync thread still persisting after %" PRIu64
+                                    " s: abandoned (is the TPM answering?)", wait_usec / USEC_PER_SEC);
+                        pthread_detach(s->thread);
+                        return false;
+                }
         }
         sd_event_source_disable_unref(s->done_source);
         if (s->done_fd >= 0)
@@ -288,6 +298,7 @@ void sync_free(struct sync *s) {
         pthread_cond_destroy(&s->cond);
         pthread_mutex_destroy(&s->lock);
         free(s);
+        return true;
 }
 
 uint64_t sync_request(struct sync *s) {

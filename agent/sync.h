@@ -44,8 +44,10 @@ int sync_new(const struct config *c, struct vault *v, pthread_mutex_t *state_loc
              struct keyring_slot *keys, sd_event *e, void (*on_done)(void *userdata),
              void *userdata, struct sync **ret);
 /* Stop the thread (a fetch in progress ends after its current request,
- * i.e. within [central] timeout) and free. Accepts NULL. */
-void sync_free(struct sync *s);
+ * i.e. within [central] timeout) and free. A thread still running after
+ * wait_usec (stuck in the TPM while it persists) is abandoned: returns false,
+ * and the vault and keys it uses must not be freed. Accepts NULL (true). */
+bool sync_free(struct sync *s, uint64_t wait_usec);
 
 /* Requests are answered by a sync that STARTS after them: one already
  * running may have read the central state before the change the caller

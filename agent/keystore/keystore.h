@@ -172,6 +172,7 @@ struct vault {
         uint8_t *cache_key;           /* AES256_KEY_SIZE bytes, secure heap; NULL when refused */
         bool refused;
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
+        _Atomic uint64_t tpm_since_usec; /* CLOCK_MONOTONIC: the TPM is in use since; 0 idle */
 };
 
 /* Open the cache of opt's state dir. Sets *ret_keys to the unsealed keyring.
@@ -190,6 +191,9 @@ int vault_store(struct vault *v, const struct keyring *kr);
  * the configured selection) and persist kr under it. On failure the previous
  * cache stays in force. Returns 0 or -errno (logged). */
 int vault_reseal(struct vault *v, const struct keyring *kr, const struct tpm_pcr_selection *sel);
+/* How long the vault has been waiting on the TPM (0: not using it). Safe
+ * from any thread: tpmkmsctl status reads it while a job may be stuck. */
+uint64_t vault_tpm_busy(const struct vault *v);
 /* The PCR selection the cache in force is sealed to (NULL when refused
  * before a header was read). */
 const struct tpm_pcr_selection *vault_sealed_pcrs(const struct vault *v);

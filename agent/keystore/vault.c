@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <stdio.h>
@@ -53,24 +54,48 @@ static int read_owner_auth(const char *path, char *buf, size_t size) {
         return 0;
 }
 
+/* The TPM as the vault uses it: opened for one sequence of commands and
+ * closed again; while open, v->tpm_since_usec says since when (a TPM that
+ * stops answering shows in vault_tpm_busy). */
+struct vault_tpm {
+        struct vault *v;
+        struct tpm *t;
+};
+
+static void vault_tpm_release(struct vault_tpm *vt) {
+        tpm_close(vt->t);
+        vt->t = NULL;
+        atomic_store(&vt->v->tpm_since_usec, 0);
+}
+#define _cleanup_vault_tpm_ _cleanup_(vault_tpm_release)
+
 /* The owner authorisation is needed only to create the SRK on a TPM that has
  * none yet (tpm_open) and to define the counter: read it only then. */
-static int open_tpm(const struct vault_options *o, struct tpm **ret) {
+static int vault_tpm_open(struct vault *v, struct vault_tpm *ret) {
+        const struct vault_options *o = &v->options;
         char auth[130];
         int r;
 
-        r = tpm_open(o->tcti, NULL, ret);
+        atomic_store(&v->tpm_since_usec, now_usec(CLOCK_MONOTONIC));
+        r = tpm_open(o->tcti, NULL, &ret->t);
         if (r == -EACCES && *o->owner_auth_file) {
                 r = read_owner_auth(o->owner_auth_file, auth, sizeof(auth));
-                if (r < 0)
-                        return r;
-                r = tpm_open(o->tcti, auth, ret);
-                explicit_bzero(auth, sizeof(auth));
+                if (r >= 0) {
+                        r = tpm_open(o->tcti, auth, &ret->t);
+                        explicit_bzero(auth, sizeof(auth));
+                }
         }
-        if (r < 0)
-                return log_error_errno(r, "Cannot open the TPM at '%s': %s (%m)", o->tcti,
-                                       tpm_error_hint(r));
+        if (r < 0) {
+                atomic_store(&v->tpm_since_usec, 0);
+                return log_error_errno(r, "Cannot open the TPM at '%s': %s (%m)", o->tcti, tpm_error_hint(r));
+        }
         return 0;
+}
+
+uint64_t vault_tpm_busy(const struct vault *v) {
+        uint64_t since = atomic_load(&v->tpm_since_usec), now = now_usec(CLOCK_MONOTONIC);
+
+        return since && now > since ? now - since : 0;
 }
 
 int vault_new_local_version(struct key_version *ret, uint8_t kek[AES256_KEY_SIZE]) {
@@ -147,24 +172,24 @@ static int counter_get(struct vault *v, struct tpm *t, uint64_t *ret) {
  * header written. */
 static int write_cache(struct vault *v, const struct tpm_sealed *sealed, const uint8_t *cache_key,
                        const struct keyring *kr, struct cache_header *ret_header) {
-        _cleanup_(tpm_closep) struct tpm *t = NULL;
+        _cleanup_vault_tpm_ struct vault_tpm t = { .v = v };
         _cleanup_free_ uint8_t *buf = NULL;
         struct cache_header h = { .version = CACHE_FORMAT_VERSION, .sealed = *sealed };
         uint64_t value, after;
         size_t len;
         int r;
 
-        r = open_tpm(&v->options, &t);
+        r = vault_tpm_open(v, &t);
         if (r < 0)
                 return r;
-        r = counter_get(v, t, &value);
+        r = counter_get(v, t.t, &value);
         if (r < 0)
                 return r;
         /* A previous write whose increment failed left the file one ahead:
          * catch the counter up first, so that this file is again exactly one
          * ahead of it. */
         if (v->header && v->header->counter == value + 1) {
-                r = tpm_counter_increment(t, v->options.counter_index, &value);
+                r = tpm_counter_increment(t.t, v->options.counter_index, &value);
                 if (r < 0)
                         return log_error_errno(r, "Cannot advance the rollback counter: %s (%m)",
                                                tpm_error_hint(r));
@@ -179,7 +204,7 @@ static int write_cache(struct vault *v, const struct tpm_sealed *sealed, const u
                 return log_error_errno(r, "Cannot write the key cache to %s/%s: %m",
                                        v->options.state_dir, CACHE_FILE_NAME);
         *ret_header = h;
-        r = tpm_counter_increment(t, v->options.counter_index, &after);
+        r = tpm_counter_increment(t.t, v->options.counter_index, &after);
         if (r < 0)
                 /* The file is in force and one ahead of the TPM: accepted at
                  * the next start, caught up at the next write. */
@@ -200,12 +225,12 @@ static int vault_rekey(struct vault *v, const struct tpm_pcr_selection *sel, con
         if (!key)
                 return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
         {
-                _cleanup_(tpm_closep) struct tpm *t = NULL;
+                _cleanup_vault_tpm_ struct vault_tpm t = { .v = v };
 
-                r = open_tpm(&v->options, &t);
+                r = vault_tpm_open(v, &t);
                 /* -EAGAIN: a selected PCR changed while it was being read. */
                 for (int attempt = 0; r >= 0 && attempt < 3; attempt++) {
-                        r = tpm_cache_key_create(t, sel, &sealed, key);
+                        r = tpm_cache_key_create(t.t, sel, &sealed, key);
                         if (r != -EAGAIN)
                                 break;
                 }
@@ -255,21 +280,21 @@ static int vault_create(struct vault *v, bool make_first_key, struct keyring **r
 /* Compare the file's counter value with the TPM's (see keystore.h).
  * Returns 0 (v->refused tells whether it was accepted) or a negative errno. */
 static int vault_check_counter(struct vault *v, const struct keyring *kr) {
-        _cleanup_(tpm_closep) struct tpm *t = NULL;
+        _cleanup_vault_tpm_ struct vault_tpm t = { .v = v };
         uint64_t value, file = v->header->counter;
         int r;
 
-        r = open_tpm(&v->options, &t);
+        r = vault_tpm_open(v, &t);
         if (r < 0)
                 return r;
-        r = counter_get(v, t, &value);
+        r = counter_get(v, t.t, &value);
         if (r < 0)
                 return r;
         if (file == value)
                 return 0;
         if (file == value + 1) {
                 /* Written, then stopped before the increment: complete it. */
-                r = tpm_counter_increment(t, v->options.counter_index, &value);
+                r = tpm_counter_increment(t.t, v->options.counter_index, &value);
                 if (r < 0)
                         return log_error_errno(r, "Cannot advance the rollback counter: %s (%m)",
                                                tpm_error_hint(r));
@@ -277,7 +302,7 @@ static int vault_check_counter(struct vault *v, const struct keyring *kr) {
                 return 0;
         }
         if (file < value && v->options.accept_restore) {
-                tpm_close(TAKE_PTR(t));
+                vault_tpm_release(&t);
                 log_key_event(LOG_MESSAGE_CACHE_RESTORED, NULL, NULL,
                               "Accepting a restored cache written at counter value %" PRIu64
                               " (the TPM is at %" PRIu64 "), as the operator asked", file, value);
@@ -315,10 +340,10 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
         }
 
         {
-                _cleanup_(tpm_closep) struct tpm *t = NULL;
+                _cleanup_vault_tpm_ struct vault_tpm t = { .v = v };
                 uint64_t value;
 
-                r = open_tpm(&v->options, &t);
+                r = vault_tpm_open(v, &t);
                 if (r < 0)
                         return r;
                 /* A format-1 cache is migrated once, on a host that never had
@@ -326,7 +351,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                  * back, and its data object may hold a secret the writer
                  * chose (docs/threat-model.md). */
                 if (v->header->version < 2) {
-                        r = tpm_counter_read(t, v->options.counter_index, &value);
+                        r = tpm_counter_read(t.t, v->options.counter_index, &value);
                         if (r != -ENOENT)
                                 return r < 0 && r != -ENOTUNIQ
                                                ? log_error_errno(r, "Cannot read the rollback counter: %s (%m)",
@@ -335,7 +360,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                                                               "already uses format 2: an old copy put back; "
                                                               "restore a current backup instead");
                 }
-                r = tpm_cache_key_derive(t, &v->header->sealed, v->cache_key, &current);
+                r = tpm_cache_key_derive(t.t, &v->header->sealed, v->cache_key, &current);
         }
         switch (r) {
         case 0:
