@@ -19,6 +19,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ini.h>
 #include <inttypes.h>
 #include <pwd.h>
@@ -30,6 +31,7 @@
 #include <strings.h>
 
 #include "config.h"
+#include "fileio.h"
 #include "macro.h"
 #include "policy.h"
 #include "util.h"
@@ -647,6 +649,11 @@ static char *config_reader(char *str, int num, void *stream) {
                 fail(st, -EINVAL, st->line, "NUL byte in line");
                 return NULL;
         }
+        /* Values reach the journal, JSON and KMIP text strings: UTF-8 only. */
+        if (!utf8_valid(st->buf)) {
+                fail(st, -EINVAL, st->line, "not valid UTF-8");
+                return NULL;
+        }
 
         s = st->buf;
         /* A UTF-8 BOM on line 1 is inih's to skip, but it must not hide a
@@ -733,7 +740,9 @@ static void config_check(struct parse_state *st) {
 /* c is written only on success. */
 int config_load(const char *path, struct config *c, char *err, size_t err_size) {
         _cleanup_free_ struct config *tmp = NULL;
+        _cleanup_free_ uint8_t *text = NULL;   /* declared before f: freed after it */
         _cleanup_fclose_ FILE *f = NULL;
+        size_t text_len = 0;
         struct parse_state st = {
                 .path = path,
                 .err = err,
@@ -746,10 +755,23 @@ int config_load(const char *path, struct config *c, char *err, size_t err_size) 
         if (!path || !c)
                 return -EINVAL;
 
-        f = fopen(path, "re");
+        /* A FIFO, a device or /dev/zero as the configuration must neither
+         * hang nor fill memory; then parse from the copy. */
+        r = read_file_bounded(AT_FDCWD, path, CONFIG_FILE_MAX, true, &text, &text_len);
+        if (r == -EINVAL || r == -EFBIG) {
+                fail(&st, -EINVAL, 0, "%s", r == -EINVAL ? "not a regular file"
+                                                         : "larger than 1 MiB: not a configuration file");
+                return -EINVAL;
+        }
+        if (r < 0) {
+                /* open's own errors, and what reading a directory says */
+                fail(&st, r, 0, "%s: %s", r == -EISDIR ? "cannot read" : "cannot open", strerror(-r));
+                return r;
+        }
+        f = fmemopen(text, text_len, "r");
         if (!f) {
                 r = -errno;
-                fail(&st, r, 0, "cannot open: %s", strerror(-r));
+                fail(&st, r, 0, "cannot read: %s", strerror(-r));
                 return r;
         }
         tmp = malloc(sizeof(*tmp));

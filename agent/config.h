@@ -15,6 +15,7 @@
 #include "tpm.h"
 
 #define CONFIG_DEFAULT_PATH "/etc/tpmkms/tpmkmsd.conf"
+#define CONFIG_FILE_MAX (1u << 20)   /* a configuration is a few KiB: refuse more */
 #define CONFIG_MAX_UIDS 32
 #define CONFIG_SOCKET_PATH_MAX 108   /* sizeof(sun_path) */
 

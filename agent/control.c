@@ -16,11 +16,17 @@
 #include "plugin.h"
 
 #define CONTROL_ARGS_MAX 8
+/* Root's commands are few; the cap keeps a client that opens connections
+ * and holds them from taking the file descriptors the KMS socket needs. */
+#define CONTROL_CONNECTIONS_MAX 16
+#define ACCEPT_RETRY_USEC (100 * USEC_PER_MSEC)   /* after EMFILE and friends */
 
 struct control_server {
         sd_event *event;
         struct control_conn *conns;
         sd_event_source *listener;
+        sd_event_source *retry;     /* re-enables the listener after an accept failure */
+        unsigned n_conns;
         int fd;
         char *path;
         control_handler_t handler;
@@ -43,6 +49,7 @@ struct control_conn {
 static void control_conn_free(struct control_conn *c) {
         if (c->on_drop)
                 c->on_drop(c, c->drop_userdata);
+        c->server->n_conns--;
         if (c->prev)
                 c->prev->next = c->next;
         else
@@ -165,7 +172,15 @@ static int control_conn_on_timeout(sd_event_source *src, uint64_t usec, void *us
         return 0;
 }
 
+static int control_on_retry(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct control_server *s = userdata;
+
+        (void) sd_event_source_set_enabled(s->listener, SD_EVENT_ON);
+        return 0;
+}
+
 static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
+        static const char busy[] = "ERR too many control connections; retry shortly\n";
         struct control_server *s = userdata;
         _cleanup_close_ int cfd = -1;
         struct control_conn *c;
@@ -174,12 +189,35 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
         int r;
 
         cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (cfd < 0)
+        if (cfd < 0) {
+                if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
+                        return 0;
+                /* EMFILE, ENFILE, ENOBUFS, ENOMEM: the listener stays
+                 * readable, so pause it instead of spinning. */
+                log_warning("Control socket: accept: %m; pausing it for %llu ms",
+                            (unsigned long long) (ACCEPT_RETRY_USEC / USEC_PER_MSEC));
+                (void) sd_event_source_set_enabled(s->listener, SD_EVENT_OFF);
+                (void) sd_event_now(s->event, CLOCK_MONOTONIC, &now);
+                if (s->retry)
+                        r = sd_event_source_set_time(s->retry, now + ACCEPT_RETRY_USEC) < 0 ? -1
+                            : sd_event_source_set_enabled(s->retry, SD_EVENT_ONESHOT);
+                else
+                        r = sd_event_add_time(s->event, &s->retry, CLOCK_MONOTONIC, now + ACCEPT_RETRY_USEC, 0,
+                                              control_on_retry, s);
+                if (r < 0)   /* no timer: better a busy listener than a dead one */
+                        (void) sd_event_source_set_enabled(s->listener, SD_EVENT_ON);
                 return 0;
+        }
         r = unix_socket_peer(cfd, &peer);
         if (r < 0 || peer.uid != 0) {
                 log_warning("Control socket: refused peer uid=%u pid=%i (root only)",
                             r < 0 ? (unsigned) -1 : (unsigned) peer.uid, r < 0 ? 0 : (int) peer.pid);
+                return 0;
+        }
+        if (s->n_conns >= CONTROL_CONNECTIONS_MAX) {
+                log_warning("Control socket: %u connections open already; refused pid %i",
+                            s->n_conns, (int) peer.pid);
+                (void) !write(cfd, busy, sizeof(busy) - 1);
                 return 0;
         }
         c = calloc(1, sizeof(*c));
@@ -191,6 +229,7 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
         if (s->conns)
                 s->conns->prev = c;
         s->conns = c;
+        s->n_conns++;
         r = sd_event_add_io(s->event, &c->io, c->fd, EPOLLIN, control_conn_on_io, c);
         if (r >= 0) {
                 (void) sd_event_now(s->event, CLOCK_MONOTONIC, &now);
@@ -235,6 +274,7 @@ void control_server_free(struct control_server *s) {
         while (s->conns)
                 control_conn_drop(s->conns, "tpmkmsd is stopping");
         sd_event_source_disable_unref(s->listener);
+        sd_event_source_disable_unref(s->retry);
         if (s->fd >= 0) {
                 close(s->fd);
                 if (s->path)
@@ -253,6 +293,7 @@ int control_call(const char *path, int argc, char **argv, FILE *out, char *err, 
         bool in_head = true;
         char buf[4096];
         ssize_t n;
+        int sent;
 
         for (int i = 0; i < argc; i++) {
                 int w = snprintf(line + pos, sizeof(line) - pos, "%s%s", i ? " " : "", argv[i]);
@@ -280,10 +321,9 @@ int control_call(const char *path, int argc, char **argv, FILE *out, char *err, 
         (void) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO,
                           &(struct timeval) { .tv_sec = CONTROL_TIMEOUT_USEC / USEC_PER_SEC },
                           sizeof(struct timeval));
-        if (write_all(fd, line, pos) < 0) {
-                snprintf(err, err_size, "cannot send to tpmkmsd: %s", strerror(errno));
-                return -EIO;
-        }
+        /* A daemon that refuses the connection (too many) answers ERR and
+         * closes before reading: the send may fail, the reply is still there. */
+        sent = write_all(fd, line, pos);
         while ((n = read(fd, buf, sizeof(buf))) > 0) {
                 size_t off = 0;
                 if (in_head) {
@@ -298,6 +338,10 @@ int control_call(const char *path, int argc, char **argv, FILE *out, char *err, 
                         fwrite(buf + off, 1, (size_t) n - off, out);
         }
         head[hlen] = 0;
+        if (in_head && sent < 0) {
+                snprintf(err, err_size, "cannot send to tpmkmsd: %s", strerror(-sent));
+                return -EIO;
+        }
         if (n < 0 || in_head) {
                 snprintf(err, err_size, "no complete reply from tpmkmsd%s",
                          n < 0 && errno == EAGAIN ? " (timed out)" : "");

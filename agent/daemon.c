@@ -345,19 +345,48 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
                           FILE *out, char *err, size_t err_size) {
         struct daemon *d = userdata;
 
-        if (strcmp(argv[0], "status") == 0 && argc <= 2) {
-                bool json = argc == 2 && strcmp(argv[1], "--json") == 0;
-                if (argc == 2 && !json) {
-                        snprintf(err, err_size, "status: unknown option '%s'", argv[1]);
+        static const struct {
+                const char *name, *usage;
+                int max_args;
+        } commands[] = {
+                { "status", "status [--json]", 1 },
+                { "rotate", "rotate", 0 },
+                { "reseal", "reseal [--pcrs SELECTION]", 2 },
+                { "sync", "sync", 0 },
+                { "purge", "purge KEY_ID", 1 },
+        };
+        const char *usage = NULL;
+
+        for (size_t i = 0; i < ARRAY_SIZE(commands) && !usage; i++)
+                if (strcmp(argv[0], commands[i].name) == 0) {
+                        usage = commands[i].usage;
+                        if (argc - 1 > commands[i].max_args) {
+                                snprintf(err, err_size, "%s: unexpected argument '%s' (usage: %s)", argv[0],
+                                         argv[commands[i].max_args + 1], usage);
+                                return -EINVAL;
+                        }
+                }
+        if (!usage) {
+                snprintf(err, err_size, "unknown command '%s'", argv[0]);
+                return -EINVAL;
+        }
+
+        if (strcmp(argv[0], "status") == 0) {
+                if (argc == 2 && strcmp(argv[1], "--json") != 0) {
+                        snprintf(err, err_size, "status: unknown option '%s' (usage: %s)", argv[1], usage);
                         return -EINVAL;
                 }
-                return cmd_status(d, json, out);
+                return cmd_status(d, argc == 2, out);
         }
-        if (strcmp(argv[0], "rotate") == 0 && argc == 1)
+        if (strcmp(argv[0], "rotate") == 0)
                 return slow_submit(d, conn, &(struct slow_job) { .command = SLOW_ROTATE }, err, err_size);
-        if (strcmp(argv[0], "reseal") == 0 && (argc == 1 || (argc == 3 && strcmp(argv[1], "--pcrs") == 0))) {
+        if (strcmp(argv[0], "reseal") == 0) {
                 struct slow_job j = { .command = SLOW_RESEAL, .has_sel = argc == 3 };
 
+                if (argc != 1 && (argc != 3 || strcmp(argv[1], "--pcrs") != 0)) {
+                        snprintf(err, err_size, "reseal: unexpected argument '%s' (usage: %s)", argv[1], usage);
+                        return -EINVAL;
+                }
                 if (argc == 3 && tpm_pcr_selection_parse(argv[2], &j.sel) < 0) {
                         snprintf(err, err_size, "reseal --pcrs: '%s' is not a PCR selection (e.g. sha256:7, "
                                  "sha256:0,7, none)", argv[2]);
@@ -365,24 +394,21 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
                 }
                 return slow_submit(d, conn, &j, err, err_size);
         }
-        if (strcmp(argv[0], "sync") == 0 && argc == 1)
+        if (strcmp(argv[0], "sync") == 0)
                 return cmd_sync(d, conn, err, err_size);
-        if (strcmp(argv[0], "purge") == 0) {
-                if (argc != 2) {
-                        snprintf(err, err_size, "usage: purge KEY_ID (a missing version; see tpmkmsctl status)");
-                        return -EINVAL;
-                }
-                struct slow_job j = { .command = SLOW_PURGE };
-
-                if (strlen(argv[1]) >= sizeof(j.id)) {
-                        snprintf(err, err_size, "purge: not a key id of this cache (too long)");
-                        return -EINVAL;
-                }
-                snprintf(j.id, sizeof(j.id), "%s", argv[1]);
-                return slow_submit(d, conn, &j, err, err_size);
+        /* purge */
+        if (argc != 2) {
+                snprintf(err, err_size, "usage: purge KEY_ID (a missing version; see tpmkmsctl status)");
+                return -EINVAL;
         }
-        snprintf(err, err_size, "unknown command '%s'", argv[0]);
-        return -EINVAL;
+        struct slow_job j = { .command = SLOW_PURGE };
+
+        if (strlen(argv[1]) >= sizeof(j.id)) {
+                snprintf(err, err_size, "purge: not a key id of this cache (too long)");
+                return -EINVAL;
+        }
+        snprintf(j.id, sizeof(j.id), "%s", argv[1]);
+        return slow_submit(d, conn, &j, err, err_size);
 }
 
 /* The KMS socket: from systemd (LISTEN_FDS, named "kms" or the only one), or

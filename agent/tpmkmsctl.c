@@ -4,6 +4,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,8 @@ static void usage(FILE *f) {
                 "                   or of SELECTION (a planned update; then set [tpm] pcrs to it)\n"
                 "  accept-restore   with tpmkmsd stopped: accept a key cache restored from an older\n"
                 "                   backup of this host (refused otherwise as a rollback)\n"
+                "  new-cache        with tpmkmsd stopped, standalone: the key cache is gone; make a new\n"
+                "                   one with a new first key (every old ciphertext stays unreadable)\n"
                 "  encryption-config [--name NAME] [--timeout DURATION] [RESOURCE...]\n"
                 "                   print a kube-apiserver EncryptionConfiguration using this plugin\n"
                 "                   (default resource: secrets; fail-closed: no identity provider)\n"
@@ -108,10 +111,11 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
         return 0;
 }
 
-/* Runs here, with the daemon stopped: it opens the vault itself, once,
- * allowing a cache older than the TPM's rollback counter, and rewrites it at
- * the counter's next value. */
-static int accept_restore(const struct config *c) {
+/* accept-restore and new-cache run here, with the daemon stopped: they open
+ * the vault themselves, once, allowing what a start refuses (a cache older
+ * than the TPM's rollback counter; a standalone cache that is gone), and
+ * write the cache at the counter's next value. */
+static int open_vault_offline(const struct config *c, bool accept_restore) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         struct vault_options opt;
         struct vault v;
@@ -137,13 +141,16 @@ static int accept_restore(const struct config *c) {
                 return 1;
         }
         config_vault_options(c, &opt);
-        opt.accept_restore = true;
-        r = vault_open(&v, &opt, false, &kr);
+        opt.accept_restore = accept_restore;
+        opt.allow_new_cache = !accept_restore;
+        r = vault_open(&v, &opt, c->central_type == CENTRAL_NONE, &kr);
         if (r >= 0 && v.refused)
-                fprintf(stderr, "tpmkmsctl: the restored cache is refused: %s\n", v.reason);
+                fprintf(stderr, "tpmkmsctl: the cache is refused: %s\n", v.reason);
         else if (r >= 0)
-                printf("accepted the restored cache in %s: %zu key(s); start tpmkmsd\n", c->state_dir,
-                       keyring_size(kr));
+                printf("%s in %s: %zu key(s); start tpmkmsd\n",
+                       v.created ? "made a new key cache" : accept_restore ? "accepted the restored cache"
+                                                          : "a key cache exists, kept it",
+                       c->state_dir, keyring_size(kr));
         vault_done(&v);
         return r < 0 || v.refused ? 1 : 0;
 }
@@ -159,6 +166,9 @@ int main(int argc, char **argv) {
         char err[1024];
         int opt, r;
 
+        /* A daemon that closes early must give an error message, not a
+         * silent death by SIGPIPE. */
+        (void) signal(SIGPIPE, SIG_IGN);
         /* "+": stop at the command so its options (status --json) pass through. */
         while ((opt = getopt_long(argc, argv, "+c:h", options, NULL)) >= 0) {
                 switch (opt) {
@@ -179,7 +189,9 @@ int main(int argc, char **argv) {
         if (strcmp(argv[optind], "encryption-config") == 0)
                 return encryption_config(&config, argc - optind, argv + optind);
         if (strcmp(argv[optind], "accept-restore") == 0 && argc - optind == 1)
-                return accept_restore(&config);
+                return open_vault_offline(&config, true);
+        if (strcmp(argv[optind], "new-cache") == 0 && argc - optind == 1)
+                return open_vault_offline(&config, false);
         r = control_call(config.control_socket, argc - optind, argv + optind, stdout, err, sizeof(err));
         if (r < 0) {
                 fprintf(stderr, "tpmkmsctl: %s\n", err);

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -91,4 +92,43 @@ static inline int hex_encode(const void *p, size_t n, char *out, size_t size) {
         }
         out[2 * n] = '\0';
         return 0;
+}
+
+/* The length of the well-formed UTF-8 sequence at s (1 to 4; RFC 3629: no
+ * overlong forms, no surrogates, at most U+10FFFF), or 0 when s does not
+ * start one (an empty string included). */
+static inline size_t utf8_char_len(const char *s) {
+        const unsigned char *u = (const unsigned char *) s;
+        uint32_t cp;
+        size_t n;
+
+        if (u[0] == 0)
+                return 0;
+        if (u[0] < 0x80)
+                return 1;
+        if (u[0] >= 0xc2 && u[0] <= 0xdf)
+                n = 2, cp = u[0] & 0x1f;
+        else if (u[0] >= 0xe0 && u[0] <= 0xef)
+                n = 3, cp = u[0] & 0x0f;
+        else if (u[0] >= 0xf0 && u[0] <= 0xf4)
+                n = 4, cp = u[0] & 0x07;
+        else
+                return 0;
+        for (size_t i = 1; i < n; i++) {
+                if ((u[i] & 0xc0) != 0x80)
+                        return 0;
+                cp = cp << 6 | (u[i] & 0x3f);
+        }
+        if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+            (cp >= 0xd800 && cp <= 0xdfff))
+                return 0;
+        return n;
+}
+
+/* Whether the NUL-terminated s is well-formed UTF-8 throughout. */
+static inline bool utf8_valid(const char *s) {
+        for (size_t n; *s; s += n)
+                if ((n = utf8_char_len(s)) == 0)
+                        return false;
+        return true;
 }

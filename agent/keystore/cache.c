@@ -2,6 +2,7 @@
  * every read goes through struct rd, which checks the length first, and a
  * file must end exactly where its structure says. */
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <openssl/crypto.h>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 
 #include "cache.h"
+#include "fileio.h"
 #include "macro.h"
 #include "util.h"
 
@@ -423,6 +425,9 @@ out:
 
 /* ---- files ---- */
 
+#define CACHE_TEMP_PREFIX "." CACHE_FILE_NAME "."
+#define CACHE_TEMP_RANDOM 8   /* hex digits after the prefix */
+
 int cache_write_file(const char *dir, const uint8_t *buf, size_t len) {
         _cleanup_close_ int dfd = -1, fd = -1;
         char tmp[sizeof(CACHE_FILE_NAME) + 16];
@@ -444,8 +449,9 @@ int cache_write_file(const char *dir, const uint8_t *buf, size_t len) {
 
                 if (RAND_bytes(rnd, sizeof(rnd)) != 1)
                         return -EIO;
-                snprintf(tmp, sizeof(tmp), "." CACHE_FILE_NAME ".%02x%02x%02x%02x",
-                         rnd[0], rnd[1], rnd[2], rnd[3]);
+                memcpy(tmp, CACHE_TEMP_PREFIX, sizeof(CACHE_TEMP_PREFIX) - 1);
+                (void) hex_encode(rnd, sizeof(rnd), tmp + sizeof(CACHE_TEMP_PREFIX) - 1,
+                                  sizeof(tmp) - (sizeof(CACHE_TEMP_PREFIX) - 1));
                 fd = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
                 if (fd >= 0)
                         break;
@@ -483,62 +489,74 @@ fail:
         return r;
 }
 
-int cache_read_file(const char *dir, uint8_t **ret, size_t *ret_len) {
-        _cleanup_close_ int dfd = -1, fd = -1;
-        _cleanup_free_ uint8_t *buf = NULL;
-        size_t cap, len = 0;
-        struct stat st;
+static bool is_temp_name(const char *n) {
+        size_t p = sizeof(CACHE_TEMP_PREFIX) - 1;
 
-        if (!dir || !ret || !ret_len)
-                return -EINVAL;
+        return strncmp(n, CACHE_TEMP_PREFIX, p) == 0 && strlen(n + p) == CACHE_TEMP_RANDOM &&
+               strspn(n + p, "0123456789abcdef") == CACHE_TEMP_RANDOM;
+}
+
+/* Zero the regular file name in dfd, then unlink it. */
+static int wipe_file(int dfd, const char *name) {
+        static const uint8_t zeros[4096];
+        _cleanup_close_ int fd = -1;
+        struct stat st;
+        int r = 0;
+
+        fd = openat(dfd, name, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+                for (off_t done = 0; r >= 0 && done < st.st_size; done += (off_t) sizeof(zeros))
+                        r = write_all(fd, zeros, (size_t) (st.st_size - done) < sizeof(zeros)
+                                                         ? (size_t) (st.st_size - done) : sizeof(zeros));
+                if (r >= 0 && fsync(fd) < 0)
+                        r = -errno;
+        }
+        if (unlinkat(dfd, name, 0) < 0 && r >= 0)
+                r = -errno;
+        return r;
+}
+
+int cache_remove_stray(const char *dir, unsigned *ret_n) {
+        _cleanup_close_ int dfd = -1;
+        DIR *d;
+        struct dirent *e;
+        unsigned n = 0;
+        int r = 0;
 
         dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dfd < 0)
                 return -errno;
-        fd = openat(dfd, CACHE_FILE_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return -errno;   /* -ELOOP: a symlink, not followed */
-        if (fstat(fd, &st) < 0)
+        d = fdopendir(dup(dfd));
+        if (!d)
                 return -errno;
-        if (!S_ISREG(st.st_mode))
-                return -EINVAL;
-        if (st.st_size > (off_t) CACHE_FILE_MAX)
-                return -EFBIG;
+        while ((e = readdir(d))) {
+                int k;
 
-        /* st_size is a hint: read to EOF, but never more than the cap. */
-        cap = (size_t) st.st_size + 1;
-        buf = malloc(cap);
-        if (!buf)
-                return -ENOMEM;
-        for (;;) {
-                ssize_t k;
-
-                if (len == cap) {
-                        uint8_t *nbuf;
-
-                        if (cap > CACHE_FILE_MAX)
-                                return -EFBIG;
-                        cap = cap * 2 > (size_t) CACHE_FILE_MAX + 1 ? (size_t) CACHE_FILE_MAX + 1
-                                                                    : cap * 2;
-                        nbuf = realloc(buf, cap);
-                        if (!nbuf)
-                                return -ENOMEM;
-                        buf = nbuf;
-                }
-                k = read(fd, buf + len, cap - len);
-                if (k < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (k == 0)
-                        break;
-                len += (size_t) k;
+                if (!is_temp_name(e->d_name))
+                        continue;
+                k = wipe_file(dfd, e->d_name);
+                if (k < 0 && r == 0)
+                        r = k;
+                n++;
         }
-        if (len > CACHE_FILE_MAX)
-                return -EFBIG;
+        closedir(d);
+        if (n > 0 && fsync(dfd) < 0 && r == 0)
+                r = -errno;
+        *ret_n = n;
+        return r;
+}
 
-        *ret = TAKE_PTR(buf);
-        *ret_len = len;
-        return 0;
+int cache_read_file(const char *dir, uint8_t **ret, size_t *ret_len) {
+        _cleanup_close_ int dfd = -1;
+        int r;
+
+        if (!dir || !ret || !ret_len)
+                return -EINVAL;
+        dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0)
+                return -errno;
+        /* -ELOOP: a symlink, not followed; -EINVAL: a FIFO, a device, a
+         * directory: anything but a regular file. */
+        r = read_file_bounded(dfd, CACHE_FILE_NAME, CACHE_FILE_MAX, false, ret, ret_len);
+        return r == -EISDIR ? -EINVAL : r;
 }

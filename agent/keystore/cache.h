@@ -90,7 +90,14 @@ int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[AE
  * no temp file; only a failing fsync of the directory comes after it. */
 int cache_write_file(const char *dir, const uint8_t *buf, size_t len);
 
+/* Remove the temp files a write killed before its rename left in dir
+ * (".kek-cache.XXXXXXXX"): they hold the whole key set under an old seal, so
+ * they are overwritten with zeros first. *ret_n counts them. Returns 0 or a
+ * negative errno (the first failure; the others are still tried). */
+int cache_remove_stray(const char *dir, unsigned *ret_n);
+
 /* Read dir/CACHE_FILE_NAME. Returns 0; -ENOENT (no cache yet); -EFBIG (over
  * CACHE_FILE_MAX); -ELOOP (a symlink, not followed); -EINVAL (not a regular
- * file); another negative errno. */
+ * file: a directory, a FIFO, a device; never opened blocking); another
+ * negative errno. */
 int cache_read_file(const char *dir, uint8_t **ret, size_t *ret_len);

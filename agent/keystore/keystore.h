@@ -162,6 +162,7 @@ struct vault_options {
         uint32_t counter_index;          /* TPM NV index of the rollback counter */
         char owner_auth_file[PATH_MAX];  /* owner hierarchy auth to define it; "": empty auth */
         bool accept_restore;             /* accept a cache older than the counter (once) */
+        bool allow_new_cache;            /* standalone: make a new cache although one existed */
 };
 
 #define VAULT_REASON_MAX 320
@@ -171,6 +172,7 @@ struct vault {
         struct cache_header *header;  /* the cache in force: sealed object, counter value */
         uint8_t *cache_key;           /* AES256_KEY_SIZE bytes, secure heap; NULL when refused */
         bool refused;
+        bool created;                 /* vault_open made a new cache (first start) */
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
         _Atomic uint64_t tpm_since_usec; /* CLOCK_MONOTONIC: the TPM is in use since; 0 idle */
 };

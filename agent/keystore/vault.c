@@ -1,5 +1,6 @@
 /* The vault: the sealed cache and the TPM that unlocks it (see keystore.h). */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -10,8 +11,10 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cache.h"
+#include "fileio.h"
 #include "keystore.h"
 #include "log.h"
 #include "macro.h"
@@ -32,25 +35,24 @@ static const char *tpm_error_hint(int r) {
 
 
 /* The owner authorisation from its file (one line; "" when no file is
- * configured): needed only to define the counter, so read only then. */
+ * configured): needed only to create the SRK and to define the counter, so
+ * read only then. */
 static int read_owner_auth(const char *path, char *buf, size_t size) {
-        _cleanup_fclose_ FILE *f = NULL;
-        size_t n;
+        uint8_t *data = NULL;
+        size_t len = 0, n;
+        int r;
 
         buf[0] = '\0';
         if (!*path)
                 return 0;
-        f = fopen(path, "re");
-        if (!f)
-                return log_error_errno(errno, "Cannot read the owner authorisation file %s: %m", path);
-        n = fread(buf, 1, size - 1, f);
-        if (ferror(f) || (n == size - 1 && fgetc(f) != EOF)) {
-                explicit_bzero(buf, size);
-                return log_error_errno(EINVAL, "Cannot read the owner authorisation file %s (at most %zu bytes)",
-                                       path, size - 2);
-        }
+        r = read_file_bounded(AT_FDCWD, path, size - 2, true, &data, &len);
+        if (r < 0)
+                return log_error_errno(r, "Cannot read the owner authorisation file %s (a regular file of at "
+                                       "most %zu bytes): %m", path, size - 2);
+        n = strcspn((const char *) data, "\n");
+        memcpy(buf, data, n);
         buf[n] = '\0';
-        buf[strcspn(buf, "\n")] = '\0';
+        erase_and_free(data, len + 1);   /* what was read, and the NUL */
         return 0;
 }
 
@@ -273,6 +275,7 @@ static int vault_create(struct vault *v, bool make_first_key, struct keyring **r
                               "Created key %s (primary) on first start", first.id);
         (void) tpm_pcr_selection_format(&v->options.pcrs, pcrs, sizeof(pcrs));
         log_info("Created the sealed cache in %s (PCR policy %s)", v->options.state_dir, pcrs);
+        v->created = true;
         *ret_keys = TAKE_PTR(kr);
         return 0;
 }
@@ -408,9 +411,57 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
         return 0;
 }
 
+/* Like OpenSSH's StrictModes: a state dir that others may write to, or that
+ * belongs to someone else, could have its cache swapped or removed at will. */
+static int check_state_dir(struct vault *v) {
+        struct stat st;
+
+        if (lstat(v->options.state_dir, &st) < 0)
+                return log_error_errno(errno, "Cannot inspect the state dir %s: %m", v->options.state_dir);
+        if (!S_ISDIR(st.st_mode))
+                return vault_refuse(v, "state dir: %s is not a directory (a symlink?)", v->options.state_dir);
+        if (st.st_uid != geteuid())
+                return vault_refuse(v, "state dir: %s belongs to uid %u, not to tpmkmsd (uid %u): chown it",
+                                    v->options.state_dir, (unsigned) st.st_uid, (unsigned) geteuid());
+        if (st.st_mode & 022)
+                return vault_refuse(v, "state dir: %s has mode %04o: others may replace the cache; chmod 0700 it",
+                                    v->options.state_dir, (unsigned) (st.st_mode & 07777));
+        return 0;
+}
+
+/* No cache file. In standalone mode the keys exist nowhere else: if this
+ * TPM's counter shows that a cache was written here before, making a new
+ * first key would silently lose every ciphertext made under the old ones.
+ * A fleet host gets its keys back from the central KMS. */
+static int check_vanished(struct vault *v, bool standalone) {
+        _cleanup_vault_tpm_ struct vault_tpm t = { .v = v };
+        uint64_t value;
+        int r;
+
+        if (!standalone || v->options.allow_new_cache)
+                return 0;
+        r = vault_tpm_open(v, &t);
+        if (r < 0)
+                return r;
+        r = tpm_counter_read(t.t, v->options.counter_index, &value);
+        if (r == -ENOENT)
+                return 0;   /* a first start on this TPM */
+        if (r < 0 && r != -ENOTUNIQ)
+                return log_error_errno(r, "Cannot read the rollback counter: %s (%m)", tpm_error_hint(r));
+        if (r == -ENOTUNIQ)
+                return 0;   /* not ours: counter_get says so when it is used */
+        log_error("The key cache in %s is gone, but this TPM's rollback counter (value %" PRIu64 ") shows one "
+                  "was written here. Restore it from a backup and run tpmkmsctl accept-restore; or, to start "
+                  "over with new keys and lose every old one, stop tpmkmsd and run tpmkmsctl new-cache.",
+                  v->options.state_dir, value);
+        return vault_refuse(v, "state dir: the key cache is gone (the TPM's counter is at %" PRIu64 "): restore "
+                            "it and run tpmkmsctl accept-restore, or start over: tpmkmsctl new-cache", value);
+}
+
 int vault_open(struct vault *v, const struct vault_options *opt, bool make_first_key,
                struct keyring **ret_keys) {
         _cleanup_free_ uint8_t *buf = NULL;
+        unsigned n_stray = 0;
         size_t len = 0;
         int r;
 
@@ -419,18 +470,32 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
 
         if (mkdir(v->options.state_dir, 0700) < 0 && errno != EEXIST)
                 return log_error_errno(errno, "Cannot create the state dir %s: %m", v->options.state_dir);
+        r = check_state_dir(v);
+        if (r < 0 || v->refused)
+                return r;
 
         v->header = calloc(1, sizeof(*v->header));
         v->cache_key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
         if (!v->header || !v->cache_key)
                 return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
 
+        r = cache_remove_stray(v->options.state_dir, &n_stray);
+        if (n_stray > 0)
+                log_info("Wiped and removed %u temp file(s) an interrupted cache write left in %s",
+                         n_stray, v->options.state_dir);
+        if (r < 0)
+                log_warning("Cannot remove every stale temp file in %s: %s", v->options.state_dir, strerror(-r));
+
         r = cache_read_file(v->options.state_dir, &buf, &len);
         if (r == -ENOENT && v->options.accept_restore)
                 return log_error_errno(r, "No key cache in %s to accept: put the restored %s back first",
                                        v->options.state_dir, CACHE_FILE_NAME);
-        if (r == -ENOENT)
+        if (r == -ENOENT) {
+                r = check_vanished(v, make_first_key);
+                if (r < 0 || v->refused)
+                        return r;
                 return vault_create(v, make_first_key, ret_keys);
+        }
         if (r == -EFBIG)
                 return vault_refuse(v, "sealed cache: file too large to be ours");
         if (r == -ELOOP || r == -EINVAL)

@@ -49,10 +49,13 @@ class SealedStateTest(unittest.TestCase):
         self.assertEqual(self.w.stop_daemon(), 0)
         self.w.tpm.pcr_extend(7)                        # the other boot
         # The attacker's daemon refuses the real cache (measured boot), so
-        # the attacker moves it away and lets the daemon make a new one.
+        # the attacker moves it away and makes a new one (as root in his boot).
         os.rename(self.w.cache_path(), self.w.cache_path() + ".real")
         self.w.pcrs = "none\ninsecure_no_pcr_policy = yes"
         self.w.write_config()
+        r = self.w.ctl("new-cache")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("made a new key cache", r.stdout)
         self.w.start_daemon()
         evil_key = t.status(self.w.stub()).key_id
         self.assertNotEqual(evil_key, self.key_id)

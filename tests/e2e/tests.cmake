@@ -49,6 +49,7 @@ e2e_test(test_sealing 300)
 e2e_test(test_lifecycle 240)
 e2e_test(test_sealed_state 300)
 e2e_test(test_tpm_faults 240)
+e2e_test(test_files 240 LOAD)
 e2e_test(test_hostile 240 LOAD)
 e2e_test(test_process 240 LOAD)
 

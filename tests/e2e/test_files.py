@@ -1,0 +1,166 @@
+#!/usr/bin/python3
+"""Files and sockets that are not what they seem, played against the real
+daemon and CLI: a FIFO or /dev/zero as the configuration or the cache, a
+state dir others may write to, a cache that vanished, a stray temp file of
+an interrupted write, bytes that are not UTF-8, and a flood of held control
+connections. Each asserts what is said, what is served meanwhile, and that
+nothing is lost."""
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import tpmkmstest as t  # noqa: E402
+
+
+def run(*args, timeout=10):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class ConfigFileTest(unittest.TestCase):
+    """--config that is not a regular file: a clear error at once, never a
+    hang, never 'configuration is valid' with defaults."""
+
+    def setUp(self):
+        self.w = t.World(self)
+
+    def test_fifo_and_device_configs(self):
+        fifo = os.path.join(self.w.dir, "fifo.conf")
+        os.mkfifo(fifo)
+        for path in (fifo, "/dev/zero", "/dev/null"):
+            for argv in ([self.w.tpmkmsd, "--check-config", "--config", path],
+                         [self.w.tpmkmsctl, "--config", path, "status"]):
+                r = run(*argv)                   # the timeout is the hang detector
+                self.assertEqual(r.returncode, 1, (argv, r.stdout, r.stderr))
+                self.assertIn("%s: not a regular file" % path, r.stderr)
+                self.assertNotIn("valid", r.stdout + r.stderr)
+
+    def test_huge_config_refused(self):
+        path = os.path.join(self.w.dir, "huge.conf")
+        with open(path, "wb") as f:
+            f.truncate(2 << 20)
+        r = run(self.w.tpmkmsd, "--check-config", "--config", path)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("larger than 1 MiB", r.stderr)
+
+    def test_non_utf8_value_refused_with_its_line(self):
+        self.w.start_tpm()
+        self.w.write_config()
+        with open(self.w.config, "ab") as f:
+            f.write(b"[central]\nkey_group = caf\xe9\n")
+        r = run(self.w.tpmkmsd, "--check-config", "--config", self.w.config)
+        self.assertEqual(r.returncode, 1)
+        self.assertRegex(r.stderr, r"tpmkmsd\.conf:\d+: not valid UTF-8")
+
+
+class StateDirTest(unittest.TestCase):
+    def setUp(self):
+        self.w = t.World(self)
+        self.w.start()
+        stub = self.w.stub()
+        self.key_id = t.status(stub).key_id
+        self.pt = secrets.token_bytes(32)
+        self.ct = t.encrypt(stub, self.pt).ciphertext
+
+    def assert_refused_saying(self, words):
+        st = t.status(self.w.stub())
+        self.assertIn(words, st.healthz)
+        self.assertEqual(self.w.status_json()["state"], "refused")
+        return st
+
+    def test_fifo_at_the_cache_path_refused_without_hanging(self):
+        self.assertEqual(self.w.stop_daemon(), 0)
+        os.rename(self.w.cache_path(), self.w.cache_path() + ".real")
+        os.mkfifo(self.w.cache_path(), 0o600)
+        self.w.start_daemon()                    # READY within the harness's timeout
+        self.assert_refused_saying("not a regular file")
+
+    def test_world_writable_state_dir_refused(self):
+        self.assertEqual(self.w.stop_daemon(), 0)
+        os.chmod(self.w.state_dir, 0o777)
+        self.w.start_daemon()
+        st = self.assert_refused_saying("state dir:")
+        self.assertIn("chmod 0700", st.healthz)
+        os.chmod(self.w.state_dir, 0o700)
+        self.w.restart_daemon()
+        self.assertEqual(t.decrypt(self.w.stub(), self.ct, self.key_id), self.pt)
+
+    def test_vanished_cache_refused_not_replaced_by_a_new_key(self):
+        self.assertEqual(self.w.stop_daemon(), 0)
+        os.rename(self.w.cache_path(), os.path.join(self.w.dir, "kek-cache.moved"))
+        self.w.start_daemon()
+        st = self.assert_refused_saying("the key cache is gone")
+        self.assertIn("new-cache", st.healthz)
+        self.assertFalse(os.path.exists(self.w.cache_path()), "a new cache was made")
+        # Put back, it serves again (the counter did not move).
+        self.assertEqual(self.w.stop_daemon(), 0)
+        os.rename(os.path.join(self.w.dir, "kek-cache.moved"), self.w.cache_path())
+        self.w.start_daemon()
+        self.assertEqual(t.decrypt(self.w.stub(), self.ct, self.key_id), self.pt)
+
+    def test_stray_temp_file_wiped_at_start(self):
+        self.assertEqual(self.w.stop_daemon(), 0)
+        with open(self.w.cache_path(), "rb") as f:
+            body = f.read()
+        stray = os.path.join(self.w.state_dir, ".kek-cache.0badf00d")
+        with open(stray, "wb") as f:
+            f.write(body)
+        other = os.path.join(self.w.state_dir, ".kek-cache.notours")   # not our pattern: kept
+        open(other, "wb").close()
+        self.w.start_daemon()
+        self.assertFalse(os.path.exists(stray))
+        self.assertTrue(os.path.exists(other))
+        self.assertIn("Wiped and removed 1 temp file", self.w.log())
+        self.assertEqual(t.decrypt(self.w.stub(), self.ct, self.key_id), self.pt)
+
+
+class ControlFloodTest(unittest.TestCase):
+    def test_held_control_connections_do_not_starve_anyone(self):
+        w = t.World(self)
+        w.start()
+        stub = w.stub()
+        kid = t.status(stub).key_id
+        ct = t.encrypt(stub, b"flood").ciphertext
+        held = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        for _ in range(1000):                    # root, holding without a word
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(w.ctl_sock)                # blocking: waits while the backlog is full
+            held.append(s)
+        time.sleep(0.5)
+        self.assertTrue(w.alive(), w.log())
+        # The KMS socket admits new apiserver connections and answers.
+        for _ in range(5):
+            self.assertEqual(t.decrypt(w.stub(), ct, kid), b"flood")
+        # tpmkmsctl is told why, not left hanging.
+        r = w.ctl("status")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("too many control connections", r.stderr)
+        self.assertNotIn("Too many open files", w.log())
+        for s in held:
+            s.close()
+        held.clear()
+        # the held ones time out or close; then tpmkmsctl works again
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and w.ctl("status").returncode != 0:
+            time.sleep(0.2)
+        self.assertEqual(w.ctl("status").returncode, 0)
+
+    def test_status_json_valid_and_arguments_named(self):
+        w = t.World(self)
+        w.start()
+        js = json.loads(w.ctl("status", "--json", check=True).stdout)
+        self.assertEqual(js["state"], "serving")
+        r = w.ctl("status", "--json", "extra")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("'extra'", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
