@@ -165,6 +165,9 @@ struct vault_options {
 };
 
 #define VAULT_REASON_MAX 320
+/* The cache file in the state dir (its mtime is the last write: metrics,
+ * tpmkmsctl doctor). */
+#define CACHE_FILE_NAME "kek-cache"
 
 struct vault {
         struct vault_options options;
@@ -172,6 +175,8 @@ struct vault {
         uint8_t *cache_key;           /* AES256_KEY_SIZE bytes, secure heap; NULL when refused */
         bool refused;
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
+        const char *refusal_cause;    /* with refused, one word for metrics: rollback, format,
+                                         tampered, policy, measured_boot, wrong_tpm */
 };
 
 /* Open the cache of opt's state dir. Sets *ret_keys to the unsealed keyring.

@@ -59,9 +59,12 @@ int vault_new_local_version(struct key_version *ret, uint8_t kek[AES256_KEY_SIZE
         return 0;
 }
 
-static int vault_refuse(struct vault *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int vault_refuse(struct vault *v, const char *fmt, ...) {
+static int vault_refuse(struct vault *v, const char *cause, const char *fmt, ...)
+        __attribute__((format(printf, 3, 4)));
+static int vault_refuse(struct vault *v, const char *cause, const char *fmt, ...) {
         va_list ap;
+
+        v->refusal_cause = cause;
 
         va_start(ap, fmt);
         vsnprintf(v->reason, sizeof(v->reason), fmt, ap);
@@ -271,10 +274,10 @@ static int vault_check_counter(struct vault *v, const struct keyring *kr) {
                 return write_cache(v, &v->header->sealed, v->cache_key, kr, v->header);
         }
         if (file < value)
-                return vault_refuse(v, "sealed cache: an older copy (counter %" PRIu64 ", the TPM is at %" PRIu64
+                return vault_refuse(v, "rollback", "sealed cache: an older copy (counter %" PRIu64 ", the TPM is at %" PRIu64
                                     "): a restored backup or a rollback; if you restored it on purpose, "
                                     "stop tpmkmsd and run tpmkmsctl accept-restore", file, value);
-        return vault_refuse(v, "sealed cache: counter %" PRIu64 " is ahead of the TPM's %" PRIu64
+        return vault_refuse(v, "rollback", "sealed cache: counter %" PRIu64 " is ahead of the TPM's %" PRIu64
                             " by more than one write: not this TPM's cache", file, value);
 }
 
@@ -286,9 +289,9 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
 
         r = cache_decode_header(buf, len, v->header);
         if (r == -EPROTONOSUPPORT)
-                return vault_refuse(v, "sealed cache: unsupported format version (written by a newer tpmkms?)");
+                return vault_refuse(v, "format", "sealed cache: unsupported format version (written by a newer tpmkms?)");
         if (r < 0)
-                return vault_refuse(v, "sealed cache: malformed or truncated file");
+                return vault_refuse(v, "tampered", "sealed cache: malformed or truncated file");
 
         /* The policy sealed to is checked against the configuration before
          * the TPM is asked anything: a cache sealed by other software to a
@@ -298,7 +301,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                 log_error("The cache's sealed object does not meet the configured PCR policy: %s. If the "
                           "cache was not re-sealed on purpose, treat the host as compromised; if it was "
                           "(a planned update), set [tpm] pcrs to the selection it was sealed to.", why);
-                return vault_refuse(v, "sealed cache: sealed object fails the policy check (%s)", why);
+                return vault_refuse(v, "policy", "sealed cache: sealed object fails the policy check (%s)", why);
         }
 
         {
@@ -318,7 +321,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                                 return r < 0 && r != -ENOTUNIQ
                                                ? log_error_errno(r, "Cannot read the rollback counter: %s (%m)",
                                                                  tpm_error_hint(r))
-                                               : vault_refuse(v, "sealed cache: a format-1 cache on a host that "
+                                               : vault_refuse(v, "policy", "sealed cache: a format-1 cache on a host that "
                                                               "already uses format 2: an old copy put back; "
                                                               "restore a current backup instead");
                 }
@@ -336,9 +339,9 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                           "the previous software and follow the README's planned-update runbook; a fleet "
                           "host can instead be re-provisioned from the central KMS (README, recovery).",
                           expected, actual);
-                return vault_refuse(v, "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
+                return vault_refuse(v, "measured_boot", "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
         case -EXDEV:
-                return vault_refuse(v, "sealed cache: sealed object does not load: from another TPM, or altered");
+                return vault_refuse(v, "wrong_tpm", "sealed cache: sealed object does not load: from another TPM, or altered");
         default:
                 /* -ENODEV, -ENOLCK, -EIO, -ENOMEM: the TPM, not the cache;
                  * exit and let systemd restart us rather than refuse for
@@ -350,7 +353,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
         if (r == -ENOMEM)
                 return log_error_errno(r, "Cannot load the keyring: %m");
         if (r < 0)
-                return vault_refuse(v, "sealed cache: contents fail authentication (tampered or truncated)");
+                return vault_refuse(v, "tampered", "sealed cache: contents fail authentication (tampered or truncated)");
 
         if (v->header->version < CACHE_FORMAT_VERSION) {
                 /* Passed the policy check: re-seal in the current format now,
@@ -394,9 +397,9 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
         if (r == -ENOENT)
                 return vault_create(v, make_first_key, ret_keys);
         if (r == -EFBIG)
-                return vault_refuse(v, "sealed cache: file too large to be ours");
+                return vault_refuse(v, "tampered", "sealed cache: file too large to be ours");
         if (r == -ELOOP || r == -EINVAL)
-                return vault_refuse(v, "sealed cache: %s is a symlink or not a regular file; "
+                return vault_refuse(v, "tampered", "sealed cache: %s is a symlink or not a regular file; "
                                     "move it away (keep it for forensics)", CACHE_FILE_NAME);
         if (r < 0)
                 return log_error_errno(r, "Cannot read the key cache %s/%s: %m", v->options.state_dir,
