@@ -368,6 +368,12 @@ static int on_post(sd_event_source *s, void *userdata) {
         return 0;
 }
 
+/* Once per audit window: the summary of a burst is written when it ends
+ * (on_post flushes), not at the next request. */
+static int on_audit_tick(sd_event_source *s, uint64_t usec, void *userdata) {
+        return sd_event_source_set_time_relative(s, LOG_AUDIT_WINDOW_USEC);
+}
+
 static void kms_server_log(void *userdata, int prio, const struct peer_cred *peer, const char *msg) {
         if (peer)
                 log_internal(prio, 0, "KMS socket: %s (peer uid=%u pid=%i)", msg,
@@ -397,6 +403,7 @@ int daemon_run(const struct config *c) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         sigset_t mask;
         struct vault_options vopt;
+        sd_event_source *audit_tick = NULL;
         int r, fd, status = 1;
 
         harden_process();
@@ -458,7 +465,10 @@ int daemon_run(const struct config *c) {
         }
         if (sd_event_add_signal(d.event, NULL, SIGTERM, on_stop_signal, &d) < 0 ||
             sd_event_add_signal(d.event, NULL, SIGINT, on_stop_signal, &d) < 0 ||
-            sd_event_add_post(d.event, NULL, on_post, &d) < 0) {
+            sd_event_add_post(d.event, NULL, on_post, &d) < 0 ||
+            sd_event_add_time_relative(d.event, &audit_tick, CLOCK_MONOTONIC, LOG_AUDIT_WINDOW_USEC, 0,
+                                       on_audit_tick, NULL) < 0 ||
+            sd_event_source_set_enabled(audit_tick, SD_EVENT_ON) < 0) {
                 log_error("Cannot set up signal handling");
                 goto out;
         }
@@ -508,7 +518,9 @@ out:
         keyring_slot_done(&d.keys);
         pthread_mutex_destroy(&d.state_lock);
         vault_done(&d.vault);
+        sd_event_source_unref(audit_tick);
         sd_event_unref(d.event);
+        log_audit_flush(0, true);
         log_flush();
         return status;
 }

@@ -67,6 +67,10 @@ e2e_test(test_fleet 300 LOAD)
 # Metrics, alert rules (promtool from Debian's prometheus) and the dashboard.
 find_program(E2E_promtool promtool REQUIRED)
 e2e_test(test_metrics 300)
+# The audit trail on a real systemd-journald in a private mount namespace.
+find_program(E2E_unshare unshare REQUIRED)
+find_program(E2E_journalctl journalctl REQUIRED)
+e2e_test(test_audit 180)
 add_test(NAME e2e_demo_fleet
          COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo_fleet.py ${CMAKE_BINARY_DIR})
 set_tests_properties(e2e_demo_fleet PROPERTIES
