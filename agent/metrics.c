@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -200,6 +201,29 @@ static void render_requests(struct metrics *m, FILE *f) {
         }
 }
 
+/* The KMS server's counters (plugin/plugin.h, struct kms_server_stats). */
+static const struct server_series {
+        const char *name, *type, *help;
+        size_t offset;
+} server_series[] = {
+        { "tpmkms_connections_accepted_total", "counter", "KMS socket connections admitted after the peer check.",
+          offsetof(struct kms_server_stats, connections_accepted) },
+        { "tpmkms_connections_refused_total", "counter",
+          "KMS socket connections refused: peer uid not in [kms] allowed_uids.",
+          offsetof(struct kms_server_stats, connections_refused) },
+        { "tpmkms_connections_over_limit_total", "counter",
+          "KMS socket connections closed at the connection limit with none idle.",
+          offsetof(struct kms_server_stats, connections_over_limit) },
+        { "tpmkms_connections_evicted_total", "counter", "Idle KMS socket connections closed to admit a new one.",
+          offsetof(struct kms_server_stats, connections_evicted) },
+        { "tpmkms_connections_open", "gauge", "KMS socket connections open.",
+          offsetof(struct kms_server_stats, connections_open) },
+        { "tpmkms_protocol_errors_total", "counter", "KMS socket connections dropped for broken HTTP/2.",
+          offsetof(struct kms_server_stats, protocol_errors) },
+        { "tpmkms_timeouts_total", "counter", "KMS socket handshake, idle, stream and stalled-output timeouts.",
+          offsetof(struct kms_server_stats, timeouts) },
+};
+
 static void decrypt_line(FILE *f, const char *key_id, const char *result, uint64_t n) {
         fputs("tpmkms_decrypts_total{", f);
         label(f, "key_id", key_id, true);
@@ -252,26 +276,12 @@ static int render_locked_state(struct metrics *m, FILE *f) {
         if (*primary)
                 fprintf(f, "tpmkms_primary_key_since_timestamp_seconds %.3f\n", seconds(since));
 
-        family(f, "tpmkms_connections_accepted_total", "counter",
-               "KMS socket connections admitted after the peer check.");
-        fprintf(f, "tpmkms_connections_accepted_total %" PRIu64 "\n", st.connections_accepted);
-        family(f, "tpmkms_connections_refused_total", "counter",
-               "KMS socket connections refused: peer uid not in [kms] allowed_uids.");
-        fprintf(f, "tpmkms_connections_refused_total %" PRIu64 "\n", st.connections_refused);
-        family(f, "tpmkms_connections_over_limit_total", "counter",
-               "KMS socket connections closed at the connection limit with none idle.");
-        fprintf(f, "tpmkms_connections_over_limit_total %" PRIu64 "\n", st.connections_over_limit);
-        family(f, "tpmkms_connections_evicted_total", "counter",
-               "Idle KMS socket connections closed to admit a new one.");
-        fprintf(f, "tpmkms_connections_evicted_total %" PRIu64 "\n", st.connections_evicted);
-        family(f, "tpmkms_connections_open", "gauge", "KMS socket connections open.");
-        fprintf(f, "tpmkms_connections_open %" PRIu64 "\n", st.connections_open);
-        family(f, "tpmkms_protocol_errors_total", "counter",
-               "KMS socket connections dropped for broken HTTP/2.");
-        fprintf(f, "tpmkms_protocol_errors_total %" PRIu64 "\n", st.protocol_errors);
-        family(f, "tpmkms_timeouts_total", "counter",
-               "KMS socket handshake, idle, stream and stalled-output timeouts.");
-        fprintf(f, "tpmkms_timeouts_total %" PRIu64 "\n", st.timeouts);
+        for (size_t i = 0; i < ARRAY_SIZE(server_series); i++) {
+                const struct server_series *ss = &server_series[i];
+
+                family(f, ss->name, ss->type, ss->help);
+                fprintf(f, "%s %" PRIu64 "\n", ss->name, *(const uint64_t *) ((const char *) &st + ss->offset));
+        }
         return 0;
 }
 
