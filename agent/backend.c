@@ -7,6 +7,7 @@
 #include "util.h"
 #include "keystore.h"
 #include "log.h"
+#include "metrics.h"
 #include "sync.h"
 
 /* [central] max_staleness exceeded: fail closed, as configured. */
@@ -85,7 +86,7 @@ static int backend_decrypt(void *userdata, struct kms_call *call, const char *ke
                            const uint8_t *ct, size_t ct_len, uint8_t pt[KMS_PLAINTEXT_MAX]) {
         struct backend *b = userdata;
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
-        const struct key_version *k;
+        const struct key_version *k = NULL;
         int r;
 
         r = backend_snapshot(b, call, &kr);
@@ -112,6 +113,7 @@ static int backend_decrypt(void *userdata, struct kms_call *call, const char *ke
                                          "ciphertext fails authentication under this key id");
                 }
         }
+        metrics_count_decrypt(b->metrics, k ? k->id : NULL, r >= 0);
         log_audit("decrypt", key_id, call->request_uid, call->peer, r);
         return r;
 }

@@ -7,11 +7,13 @@
 #include "plugin.h"
 
 struct sync;
+struct metrics;
 
 struct backend {
         struct keyring_slot *keys;
         const char *refusal;      /* non-NULL: the sealed cache was refused; why */
         struct sync *sync;        /* fleet mode: staleness and on-demand sync */
+        struct metrics *metrics;  /* decrypts by key id; NULL: metrics off */
 };
 
 extern const struct kms_backend_ops backend_ops;

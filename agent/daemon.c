@@ -19,6 +19,7 @@
 #include "control.h"
 #include "daemon.h"
 #include "log.h"
+#include "metrics.h"
 #include "plugin.h"
 #include "policy.h"
 #include "status.h"
@@ -37,6 +38,7 @@ struct daemon {
         struct keyring_slot keys;
         pthread_mutex_t state_lock;   /* writers of cache + slot: sync, rotate, reseal */
         struct sync *sync;            /* fleet mode, when the cache was unsealed */
+        struct metrics *metrics;      /* [metrics] listen set */
         struct pending_sync {                   /* tpmkmsctl sync, waiting */
                 struct control_conn *conn;
                 uint64_t token;
@@ -57,6 +59,7 @@ static void daemon_update_status(struct daemon *d) {
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
         char status[sizeof(d->notified_status)];
 
+        metrics_set_primary(d->metrics, p ? p->id : "");
         if (d->vault.refused)
                 snprintf(status, sizeof(status), "Refusing: %s", d->vault.reason);
         else
@@ -469,9 +472,25 @@ static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si,
         return 0;
 }
 
+/* After every event-loop iteration: the buffered log lines out, and the KMS
+ * server's counters to the metrics thread. */
 static int on_post(sd_event_source *s, void *userdata) {
+        struct daemon *d = userdata;
+
         log_flush();
+        if (d->metrics && d->kms) {
+                struct kms_server_stats st;
+
+                kms_server_get_stats(d->kms, &st);
+                metrics_set_server_stats(d->metrics, &st);
+        }
         return 0;
+}
+
+/* Once per audit window: the summary of a burst is written when it ends
+ * (on_post flushes), not at the next request. */
+static int on_audit_tick(sd_event_source *s, uint64_t usec, void *userdata) {
+        return sd_event_source_set_time_relative(s, LOG_AUDIT_WINDOW_USEC);
 }
 
 static void kms_server_log(void *userdata, int prio, const struct peer_cred *peer, const char *msg) {
@@ -562,6 +581,7 @@ int daemon_run(const struct config *c) {
         sigset_t mask;
         struct vault_options vopt;
         bool abandoned;
+        sd_event_source *audit_tick = NULL;
         int r, fd, status = 1;
 
         d = (struct daemon) { .config = c };
@@ -586,10 +606,6 @@ int daemon_run(const struct config *c) {
                 log_error_errno(r, "Cannot set up locked memory for keys (raise LimitMEMLOCK / ulimit -l): %m");
                 goto out;
         }
-        if (c->metrics_listen[0])
-                log_warning("[metrics] listen = %s: this version serves no metrics yet; the setting is ignored",
-                            c->metrics_listen);
-
         r = sd_event_default(&d.event);
         if (r < 0) {
                 log_error_errno(r, "Cannot create the event loop: %m");
@@ -597,7 +613,10 @@ int daemon_run(const struct config *c) {
         }
         if (sd_event_add_signal(d.event, NULL, SIGTERM, on_stop_signal, &d) < 0 ||
             sd_event_add_signal(d.event, NULL, SIGINT, on_stop_signal, &d) < 0 ||
-            sd_event_add_post(d.event, NULL, on_post, NULL) < 0) {
+            sd_event_add_post(d.event, NULL, on_post, &d) < 0 ||
+            sd_event_add_time_relative(d.event, &audit_tick, CLOCK_MONOTONIC, LOG_AUDIT_WINDOW_USEC, 0,
+                                       on_audit_tick, NULL) < 0 ||
+            sd_event_source_set_enabled(audit_tick, SD_EVENT_ON) < 0) {
                 log_error("Cannot set up signal handling");
                 goto out;
         }
@@ -630,6 +649,18 @@ int daemon_run(const struct config *c) {
                         goto out;
                 d.backend.sync = d.sync;
         }
+        if (c->metrics_listen[0]) {
+                r = metrics_new(&(struct metrics_sources) {
+                                        .config = c,
+                                        .keys = &d.keys,
+                                        .sync = d.sync,
+                                        .refusal_cause = d.vault.refused ? d.vault.refusal_cause : NULL,
+                                        .started_usec = d.started_usec,
+                                }, &d.metrics);
+                if (r < 0)
+                        goto out;
+                d.backend.metrics = d.metrics;
+        }
         /* Pings the watchdog from the loop when WATCHDOG_USEC is set: a
          * wedged loop stops the pings and systemd restarts us. */
         (void) sd_event_set_watchdog(d.event, true);
@@ -640,6 +671,8 @@ int daemon_run(const struct config *c) {
                 goto out;
         }
         kms_server_set_log(d.kms, kms_server_log, NULL);
+        if (d.metrics)
+                kms_server_set_call_observer(d.kms, metrics_observe_call, d.metrics);
         fd = daemon_kms_socket(&d);
         if (fd < 0)
                 goto out;
@@ -665,6 +698,7 @@ int daemon_run(const struct config *c) {
         status = 0;
         log_info("Stopped");
 out:
+        metrics_free(d.metrics);   /* first: its thread reads the keys and the sync state */
         control_server_free(d.control);
         kms_server_free(d.kms);
         if (d.kms_socket_ours)
@@ -677,8 +711,10 @@ out:
                 keyring_slot_done(&d.keys);
                 pthread_mutex_destroy(&d.state_lock);
                 vault_done(&d.vault);
+                sd_event_source_unref(audit_tick);
                 sd_event_unref(d.event);
         }
+        log_audit_flush(0, true);
         log_flush();
         return status;
 }

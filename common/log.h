@@ -6,6 +6,8 @@
 #pragma once
 
 #include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <syslog.h>
 
 struct peer_cred;
@@ -25,10 +27,26 @@ int log_internal(int prio, int error, const char *fmt, ...) __attribute__((forma
 #define log_error(...) log_internal(LOG_ERR, 0, __VA_ARGS__)
 #define log_error_errno(r, ...) log_internal(LOG_ERR, (r), __VA_ARGS__)
 
-/* One audit record per Encrypt/Decrypt: operation, key id, request uid, peer
- * uid/pid and result ("ok" or the error). */
+/* Audit of Encrypt/Decrypt: operation, key id, request uid, peer uid/pid and
+ * result ("ok" or the error's name), MESSAGE_ID LOG_MESSAGE_AUDIT. Every
+ * failure is one record. Successes are summarised per operation, key id and
+ * peer uid over LOG_AUDIT_WINDOW_USEC: the first of a window is a record of
+ * its own, the rest one summary record (MESSAGE_ID LOG_MESSAGE_AUDIT_SUMMARY,
+ * TPMKMS_COUNT, the window's start and end, the last request uid and pid)
+ * when the window ends, so that an apiserver restart reading thousands of
+ * objects writes a handful of records, not thousands, and journald's rate
+ * limit never has to choose what to drop. A success that finds the table of
+ * open windows full is a record of its own: nothing is ever dropped. */
+#define LOG_AUDIT_WINDOW_USEC (1000u * 1000u)
+#define LOG_MESSAGE_AUDIT         "e1a93c47d2b84f0e9a5c6b7d8e9f0a12"
+#define LOG_MESSAGE_AUDIT_SUMMARY "4b7e2d90c1a34f58b6e7d8c9a0b1c2d3"
 void log_audit(const char *op, const char *key_id, const char *request_uid,
                const struct peer_cred *peer, int result);
+/* Write the summaries of the windows that have ended by now (CLOCK_MONOTONIC
+ * usec), or of all of them with all set (at exit). log_flush calls it with the
+ * current time; the daemon also wakes once per window so that a burst's
+ * summary is written when it ends, not at the next request. */
+void log_audit_flush(uint64_t now, bool all);
 
 /* Key lifecycle events carry a MESSAGE_ID so they can be found with
  * `journalctl MESSAGE_ID=...`. */

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "grpc.h"
+#include "plugin.h"
 #include "macro.h"
 #include "service.h"
 
@@ -221,4 +222,27 @@ void grpc_frame_header(uint8_t out[GRPC_FRAME_HEADER_SIZE], size_t len) {
         out[2] = (uint8_t) (len >> 16);
         out[3] = (uint8_t) (len >> 8);
         out[4] = (uint8_t) len;
+}
+
+const char *kms_grpc_code_to_string(int code) {
+        static const char *const names[] = {
+                [GRPC_OK] = "OK",
+                [GRPC_CANCELLED] = "CANCELLED",
+                [GRPC_UNKNOWN] = "UNKNOWN",
+                [GRPC_INVALID_ARGUMENT] = "INVALID_ARGUMENT",
+                [GRPC_DEADLINE_EXCEEDED] = "DEADLINE_EXCEEDED",
+                [GRPC_NOT_FOUND] = "NOT_FOUND",
+                [GRPC_ALREADY_EXISTS] = "ALREADY_EXISTS",
+                [GRPC_PERMISSION_DENIED] = "PERMISSION_DENIED",
+                [GRPC_RESOURCE_EXHAUSTED] = "RESOURCE_EXHAUSTED",
+                [GRPC_FAILED_PRECONDITION] = "FAILED_PRECONDITION",
+                [GRPC_ABORTED] = "ABORTED",
+                [GRPC_OUT_OF_RANGE] = "OUT_OF_RANGE",
+                [GRPC_UNIMPLEMENTED] = "UNIMPLEMENTED",
+                [GRPC_INTERNAL] = "INTERNAL",
+                [GRPC_UNAVAILABLE] = "UNAVAILABLE",
+                [GRPC_DATA_LOSS] = "DATA_LOSS",
+                [GRPC_UNAUTHENTICATED] = "UNAUTHENTICATED",
+        };
+        return code >= 0 && (size_t) code < ARRAY_SIZE(names) ? names[code] : NULL;
 }

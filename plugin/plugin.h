@@ -119,6 +119,9 @@ typedef void (*kms_server_call_fn)(void *userdata, const char *path, int grpc_co
                                    uint64_t usec);
 void kms_server_set_call_observer(struct kms_server *s, kms_server_call_fn fn,
                                   void *userdata);
+/* The name of a gRPC status code ("OK", "NOT_FOUND", ...; grpc/doc/
+ * statuscodes.md), or NULL for a number that is none. */
+const char *kms_grpc_code_to_string(int code);
 
 /* Counters since kms_server_new (plus the current connection count). */
 struct kms_server_stats {

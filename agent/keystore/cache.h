@@ -54,7 +54,6 @@
 #include "keystore.h"
 #include "tpm.h"
 
-#define CACHE_FILE_NAME "kek-cache"
 #define CACHE_FORMAT_VERSION 2
 #define CACHE_FORMAT_OLDEST 1       /* read, to migrate */
 #define CACHE_FILE_MAX (1u << 20)   /* refuse larger files */

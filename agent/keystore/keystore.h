@@ -166,6 +166,9 @@ struct vault_options {
 };
 
 #define VAULT_REASON_MAX 320
+/* The cache file in the state dir (its mtime is the last write: metrics,
+ * tpmkmsctl doctor). */
+#define CACHE_FILE_NAME "kek-cache"
 
 struct vault {
         struct vault_options options;
@@ -175,6 +178,9 @@ struct vault {
         bool created;                 /* vault_open made a new cache (first start) */
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
         _Atomic uint64_t tpm_since_usec; /* CLOCK_MONOTONIC: the TPM is in use since; 0 idle */
+        const char *refusal_cause;    /* with refused, one word for metrics: rollback, format,
+                                         state_dir, vanished,
+                                         tampered, policy, measured_boot, wrong_tpm */
 };
 
 /* Open the cache of opt's state dir. Sets *ret_keys to the unsealed keyring.

@@ -122,9 +122,12 @@ int vault_new_local_version(struct key_version *ret, uint8_t kek[AES256_KEY_SIZE
         return 0;
 }
 
-static int vault_refuse(struct vault *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int vault_refuse(struct vault *v, const char *fmt, ...) {
+static int vault_refuse(struct vault *v, const char *cause, const char *fmt, ...)
+        __attribute__((format(printf, 3, 4)));
+static int vault_refuse(struct vault *v, const char *cause, const char *fmt, ...) {
         va_list ap;
+
+        v->refusal_cause = cause;
 
         va_start(ap, fmt);
         vsnprintf(v->reason, sizeof(v->reason), fmt, ap);
@@ -312,10 +315,10 @@ static int vault_check_counter(struct vault *v, const struct keyring *kr) {
                 return write_cache(v, &v->header->sealed, v->cache_key, kr, v->header);
         }
         if (file < value)
-                return vault_refuse(v, "sealed cache: an older copy (counter %" PRIu64 ", the TPM is at %" PRIu64
+                return vault_refuse(v, "rollback", "sealed cache: an older copy (counter %" PRIu64 ", the TPM is at %" PRIu64
                                     "): a restored backup or a rollback; if you restored it on purpose, "
                                     "stop tpmkmsd and run tpmkmsctl accept-restore", file, value);
-        return vault_refuse(v, "sealed cache: counter %" PRIu64 " is ahead of the TPM's %" PRIu64
+        return vault_refuse(v, "rollback", "sealed cache: counter %" PRIu64 " is ahead of the TPM's %" PRIu64
                             " by more than one write: not this TPM's cache", file, value);
 }
 
@@ -327,9 +330,9 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
 
         r = cache_decode_header(buf, len, v->header);
         if (r == -EPROTONOSUPPORT)
-                return vault_refuse(v, "sealed cache: unsupported format version (written by a newer tpmkms?)");
+                return vault_refuse(v, "format", "sealed cache: unsupported format version (written by a newer tpmkms?)");
         if (r < 0)
-                return vault_refuse(v, "sealed cache: malformed or truncated file");
+                return vault_refuse(v, "tampered", "sealed cache: malformed or truncated file");
 
         /* The policy sealed to is checked against the configuration before
          * the TPM is asked anything: a cache sealed by other software to a
@@ -339,7 +342,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                 log_error("The cache's sealed object does not meet the configured PCR policy: %s. If the "
                           "cache was not re-sealed on purpose, treat the host as compromised; if it was "
                           "(a planned update), set [tpm] pcrs to the selection it was sealed to.", why);
-                return vault_refuse(v, "sealed cache: sealed object fails the policy check (%s)", why);
+                return vault_refuse(v, "policy", "sealed cache: sealed object fails the policy check (%s)", why);
         }
 
         {
@@ -359,7 +362,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                                 return r < 0 && r != -ENOTUNIQ
                                                ? log_error_errno(r, "Cannot read the rollback counter: %s (%m)",
                                                                  tpm_error_hint(r))
-                                               : vault_refuse(v, "sealed cache: a format-1 cache on a host that "
+                                               : vault_refuse(v, "policy", "sealed cache: a format-1 cache on a host that "
                                                               "already uses format 2: an old copy put back; "
                                                               "restore a current backup instead");
                 }
@@ -377,9 +380,9 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                           "the previous software and follow the README's planned-update runbook; a fleet "
                           "host can instead be re-provisioned from the central KMS (README, recovery).",
                           expected, actual);
-                return vault_refuse(v, "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
+                return vault_refuse(v, "measured_boot", "sealed cache: measured boot mismatch, PCRs %s differ from those sealed to", sel);
         case -EXDEV:
-                return vault_refuse(v, "sealed cache: sealed object does not load: from another TPM, or altered");
+                return vault_refuse(v, "wrong_tpm", "sealed cache: sealed object does not load: from another TPM, or altered");
         default:
                 /* -ENODEV, -ENOLCK, -EIO, -ENOMEM: the TPM, not the cache;
                  * exit and let systemd restart us rather than refuse for
@@ -391,7 +394,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
         if (r == -ENOMEM)
                 return log_error_errno(r, "Cannot load the keyring: %m");
         if (r < 0)
-                return vault_refuse(v, "sealed cache: contents fail authentication (tampered or truncated)");
+                return vault_refuse(v, "tampered", "sealed cache: contents fail authentication (tampered or truncated)");
 
         if (v->header->version < CACHE_FORMAT_VERSION) {
                 /* Passed the policy check: re-seal in the current format now,
@@ -419,12 +422,12 @@ static int check_state_dir(struct vault *v) {
         if (lstat(v->options.state_dir, &st) < 0)
                 return log_error_errno(errno, "Cannot inspect the state dir %s: %m", v->options.state_dir);
         if (!S_ISDIR(st.st_mode))
-                return vault_refuse(v, "state dir: %s is not a directory (a symlink?)", v->options.state_dir);
+                return vault_refuse(v, "state_dir", "state dir: %s is not a directory (a symlink?)", v->options.state_dir);
         if (st.st_uid != geteuid())
-                return vault_refuse(v, "state dir: %s belongs to uid %u, not to tpmkmsd (uid %u): chown it",
+                return vault_refuse(v, "state_dir", "state dir: %s belongs to uid %u, not to tpmkmsd (uid %u): chown it",
                                     v->options.state_dir, (unsigned) st.st_uid, (unsigned) geteuid());
         if (st.st_mode & 022)
-                return vault_refuse(v, "state dir: %s has mode %04o: others may replace the cache; chmod 0700 it",
+                return vault_refuse(v, "state_dir", "state dir: %s has mode %04o: others may replace the cache; chmod 0700 it",
                                     v->options.state_dir, (unsigned) (st.st_mode & 07777));
         return 0;
 }
@@ -454,7 +457,7 @@ static int check_vanished(struct vault *v, bool standalone) {
                   "was written here. Restore it from a backup and run tpmkmsctl accept-restore; or, to start "
                   "over with new keys and lose every old one, stop tpmkmsd and run tpmkmsctl new-cache.",
                   v->options.state_dir, value);
-        return vault_refuse(v, "state dir: the key cache is gone (the TPM's counter is at %" PRIu64 "): restore "
+        return vault_refuse(v, "vanished", "state dir: the key cache is gone (the TPM's counter is at %" PRIu64 "): restore "
                             "it and run tpmkmsctl accept-restore, or start over: tpmkmsctl new-cache", value);
 }
 
@@ -497,9 +500,9 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
                 return vault_create(v, make_first_key, ret_keys);
         }
         if (r == -EFBIG)
-                return vault_refuse(v, "sealed cache: file too large to be ours");
+                return vault_refuse(v, "tampered", "sealed cache: file too large to be ours");
         if (r == -ELOOP || r == -EINVAL)
-                return vault_refuse(v, "sealed cache: %s is a symlink or not a regular file; "
+                return vault_refuse(v, "tampered", "sealed cache: %s is a symlink or not a regular file; "
                                     "move it away (keep it for forensics)", CACHE_FILE_NAME);
         if (r < 0)
                 return log_error_errno(r, "Cannot read the key cache %s/%s: %m", v->options.state_dir,

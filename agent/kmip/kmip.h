@@ -107,3 +107,9 @@ void central_client_cancel(struct central_client *cc);
 
 /* Copy the endpoints' health (thread-safe). Returns the number of endpoints. */
 size_t central_client_health(struct central_client *cc, struct central_endpoint_health *ret, size_t max);
+
+/* The notAfter of the first certificate in the PEM file path (our client
+ * certificate, for metrics and tpmkmsctl doctor), as CLOCK_REALTIME usec.
+ * Returns 0, -errno when the file cannot be opened, or -EBADMSG when it
+ * holds no readable certificate. */
+int central_certificate_not_after(const char *path, uint64_t *ret_usec);

@@ -23,6 +23,7 @@
 #include "macro.h"
 #include "util.h"
 #include "tls.h"
+#include "kmip.h"
 
 /* TLS 1.2 suites, best first. All are ECDHE (forward secret) with AEAD
  * first; the CBC-SHA256/384 ones last because PyKMIP 0.10 offers nothing
@@ -576,4 +577,30 @@ void tls_conn_free(struct tls_conn *c) {
         if (c->fd >= 0)
                 close(c->fd);
         free(c);
+}
+
+/* ASN1_TIME as CLOCK_REALTIME usec; 0 when it cannot be read. */
+static uint64_t asn1_time_usec(const ASN1_TIME *t) {
+        struct tm tm;
+        time_t secs;
+
+        if (!t || ASN1_TIME_to_tm(t, &tm) != 1)
+                return 0;
+        secs = timegm(&tm);
+        return secs > 0 ? (uint64_t) secs * USEC_PER_SEC : 0;
+}
+
+int central_certificate_not_after(const char *path, uint64_t *ret_usec) {
+        _cleanup_fclose_ FILE *f = fopen(path, "re");
+        X509 *x;
+
+        if (!f)
+                return -errno;
+        x = PEM_read_X509(f, NULL, NULL, NULL);
+        ERR_clear_error();
+        if (!x)
+                return -EBADMSG;
+        *ret_usec = asn1_time_usec(X509_get0_notAfter(x));
+        X509_free(x);
+        return *ret_usec ? 0 : -EBADMSG;
 }

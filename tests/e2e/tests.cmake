@@ -28,6 +28,7 @@ set(E2E_ENV
   TPMKMSCTL=$<TARGET_FILE:tpmkmsctl>
   TPMKMS_STUBS=${E2E_STUBS}
   TPMKMS_SOURCE_DIR=${PROJECT_SOURCE_DIR}
+  TPMKMS_VERSION=${PROJECT_VERSION}
   PYTHONDONTWRITEBYTECODE=1)
 
 # e2e_test(NAME TIMEOUT): tests/e2e/NAME.py, a unittest module. Every test
@@ -65,6 +66,13 @@ foreach(tool openssl pykmip-server)
   find_program(E2E_${tool} ${tool} REQUIRED)
 endforeach()
 e2e_test(test_fleet 420 LOAD)
+# Metrics, alert rules (promtool from Debian's prometheus) and the dashboard.
+find_program(E2E_promtool promtool REQUIRED)
+e2e_test(test_metrics 300)
+# The audit trail on a real systemd-journald in a private mount namespace.
+find_program(E2E_unshare unshare REQUIRED)
+find_program(E2E_journalctl journalctl REQUIRED)
+e2e_test(test_audit 180)
 add_test(NAME e2e_demo_fleet
          COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo_fleet.py ${CMAKE_BINARY_DIR})
 set_tests_properties(e2e_demo_fleet PROPERTIES

@@ -151,6 +151,7 @@ class World:
         self.pcrs = pcrs
         self.tpm_config = ""      # more lines for [tpm]
         self.extra_config = extra_config
+        self.metrics_listen = ""  # [metrics] listen: a unix socket path or ADDR:PORT
         self.own_tpm = tpm is None
         self.tpm = tpm if tpm is not None else Swtpm()
         self.proc = None
@@ -170,9 +171,10 @@ class World:
                     "[state]\ndir = %s\n"
                     "[central]\ntype = none\n"
                     "[control]\nsocket = %s\n"
-                    "[metrics]\nlisten =\n%s"
+                    "[metrics]\nlisten = %s\n%s"
                     % (kms_sock or self.kms_sock, tcti or self.tpm.tcti, self.pcrs,
                        self.tpm_config, state_dir or self.state_dir, ctl_sock or self.ctl_sock,
+                       self.metrics_listen,
                        self.extra_config))
         return self.config
 
@@ -308,6 +310,13 @@ class World:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
 
+    def scrape(self, timeout=5):
+        """GET /metrics on [metrics] listen; returns the body (asserts 200)."""
+        status, body = http_get(self.metrics_listen, "/metrics", timeout)
+        if status != 200:
+            raise AssertionError("GET /metrics: HTTP %d: %s" % (status, body))
+        return body
+
     def status_json(self):
         r = self.ctl("status", "--json", check=True)
         return json.loads(r.stdout)
@@ -349,6 +358,50 @@ class World:
                 sys.stderr.write("kept %s\n" % self.dir)
             else:
                 shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def http_get(listen, path, timeout=5):
+    """One HTTP/1.0 GET to a unix socket path or ADDR:PORT: (status, body)."""
+    if listen.startswith("/"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        addr = listen
+    else:
+        host, port = listen.rsplit(":", 1)
+        s = socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET)
+        addr = (host.strip("[]"), int(port))
+    s.settimeout(timeout)
+    try:
+        s.connect(addr)
+        s.sendall(("GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n" % path).encode())
+        data = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode()
+
+
+def parse_metrics(text):
+    """{(name, frozenset(labels.items())): value} of a text-format scrape."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$', line)
+        if not m:
+            raise AssertionError("not a sample line: %r" % line)
+        labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out[(m.group(1), frozenset(labels.items()))] = float(m.group(3))
+    return out
+
+
+def metric(samples, name, **labels):
+    """The value of the one sample of name with exactly these labels."""
+    return samples[(name, frozenset(labels.items()))]
 
 
 # --- KMS v2 helpers --------------------------------------------------------

@@ -664,9 +664,10 @@ class FleetWorld(t.World):
                     "[state]\ndir = %s\n"
                     "%s"
                     "[control]\nsocket = %s\n"
-                    "[metrics]\nlisten =\n%s"
+                    "[metrics]\nlisten = %s\n%s"
                     % (kms_sock or self.kms_sock, tcti or self.tpm.tcti, self.pcrs,
                        state_dir or self.state_dir, central, ctl_sock or self.ctl_sock,
+                       self.metrics_listen,
                        self.extra_config))
         return self.config
 

@@ -53,6 +53,8 @@ SHIPPED = {
     "/usr/share/man/man5/tpmkmsd.conf.5.gz": ("f", 0o644, "root", "root"),
     "/usr/share/doc/tpmkms/copyright": ("f", 0o644, "root", "root"),
     "/usr/share/doc/tpmkms/changelog.gz": ("f", 0o644, "root", "root"),
+    "/usr/share/tpmkms/prometheus/tpmkms-alerts.yml": ("f", 0o644, "root", "root"),
+    "/usr/share/tpmkms/grafana/tpmkms-dashboard.json": ("f", 0o644, "root", "root"),
 }
 
 

@@ -36,14 +36,20 @@ FILES = {
     "/usr/share/man/man5/tpmkmsd.conf.5.gz": ("-rw-r--r--", "root", "root", "d"),
     "/usr/share/man/man8/tpmkmsctl.8.gz": ("-rw-r--r--", "root", "root", "d"),
     "/usr/share/man/man8/tpmkmsd.8.gz": ("-rw-r--r--", "root", "root", "d"),
+    "/usr/share/tpmkms": ("drwxr-xr-x", "root", "root", ""),
+    "/usr/share/tpmkms/grafana": ("drwxr-xr-x", "root", "root", ""),
+    "/usr/share/tpmkms/grafana/tpmkms-dashboard.json": ("-rw-r--r--", "root", "root", ""),
+    "/usr/share/tpmkms/prometheus": ("drwxr-xr-x", "root", "root", ""),
+    "/usr/share/tpmkms/prometheus/tpmkms-alerts.yml": ("-rw-r--r--", "root", "root", ""),
 }
-OWN_DIRS = {"/etc/tpmkms", "/usr/share/doc/tpmkms"}
+OWN_DIRS = {"/etc/tpmkms", "/usr/share/doc/tpmkms", "/usr/share/tpmkms", "/usr/share/tpmkms/grafana",
+            "/usr/share/tpmkms/prometheus"}
 
 # Runtime libraries by soname: linked ones (found by rpm) and the device
 # TCTI that tss2-tctildr dlopen()s (declared by us).
 SONAMES = ["libtss2-esys.so.0", "libtss2-mu.so.0", "libtss2-rc.so.0", "libtss2-tctildr.so.0",
            "libtss2-tcti-device.so.0", "libssl.so.3", "libcrypto.so.3", "libsystemd.so.0",
-           "libnghttp2.so.14", "libprotobuf-c.so.1", "libinih.so.1", "libc.so.6"]
+           "libnghttp2.so.14", "libprotobuf-c.so.1", "libinih.so.1", "libmicrohttpd.so.12", "libc.so.6"]
 
 # scriptlet tag: what it must do (Fedora's systemd/sysusers/tmpfiles macros)
 SCRIPTS = {
