@@ -17,22 +17,6 @@ static void format_time(uint64_t usec, char *buf, size_t size) {
                 snprintf(buf, size, "%s", "");
 }
 
-/* JSON string body: our strings are ids and messages we wrote, but escape
- * everything that JSON requires all the same. */
-static void json_string(FILE *f, const char *s) {
-        fputc('"', f);
-        for (; *s; s++) {
-                unsigned char ch = (unsigned char) *s;
-                if (ch == '"' || ch == '\\')
-                        fprintf(f, "\\%c", ch);
-                else if (ch < 0x20)
-                        fprintf(f, "\\u%04x", ch);
-                else
-                        fputc(ch, f);
-        }
-        fputc('"', f);
-}
-
 static void central_json(const struct status_view *d, FILE *out) {
         struct central_endpoint_health h[CENTRAL_ENDPOINTS_MAX];
         size_t n = sync_endpoint_health(d->sync, h, ARRAY_SIZE(h));

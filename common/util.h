@@ -92,3 +92,19 @@ static inline int hex_encode(const void *p, size_t n, char *out, size_t size) {
         out[2 * n] = '\0';
         return 0;
 }
+
+/* s as a JSON string, quoted, with what JSON requires escaped (quote,
+ * backslash, control characters); other bytes pass as they are. */
+static inline void json_string(FILE *f, const char *s) {
+        fputc('"', f);
+        for (; *s; s++) {
+                unsigned char ch = (unsigned char) *s;
+                if (ch == '"' || ch == '\\')
+                        fprintf(f, "\\%c", ch);
+                else if (ch < 0x20)
+                        fprintf(f, "\\u%04x", ch);
+                else
+                        fputc(ch, f);
+        }
+        fputc('"', f);
+}
