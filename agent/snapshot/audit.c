@@ -291,6 +291,12 @@ static int hash_check(const uint8_t *data, size_t *size, bool *checked, char *er
         uint8_t md[SHA256_DIGEST_LENGTH];
 
         *checked = *size % SNAPSHOT_SIZE_ALIGN == SHA256_DIGEST_LENGTH;
+        if (!*checked && *size % SNAPSHOT_SIZE_ALIGN != 0) {
+                errorf(err, err_size, "truncated or padded: %zu bytes is neither whole %d-byte blocks (a backend "
+                       "file) nor that plus a %d-byte SHA-256 (a saved snapshot)", *size, SNAPSHOT_SIZE_ALIGN,
+                       SHA256_DIGEST_LENGTH);
+                return -EBADMSG;
+        }
         if (!*checked)
                 return 0;
         *size -= SHA256_DIGEST_LENGTH;

@@ -45,16 +45,18 @@ struct meta {
         uint64_t root_page, page_count, txid;
 };
 
+static const char beyond_end[] = "beyond the end of the file", no_magic[] = "no bbolt magic";
+
 /* The meta page at offset: NULL if valid, else why not. */
 static const char *meta_read(const uint8_t *data, size_t size, size_t offset, struct meta *m) {
         const uint8_t *p, *meta;
 
         if (offset > size || size - offset < BBOLT_PAGE_HEADER_SIZE + BBOLT_META_SIZE)
-                return "beyond the end of the file";
+                return beyond_end;
         p = data + offset;
         meta = p + BBOLT_PAGE_HEADER_SIZE;
         if (get_u32(meta) != BBOLT_MAGIC)
-                return "no bbolt magic";
+                return no_magic;
         if (get_u32(meta + 4) != BBOLT_VERSION)
                 return "unsupported bbolt version";
         if (get_u64(meta + BBOLT_META_CHECKSUMMED) != fnv1a64(meta, BBOLT_META_CHECKSUMMED))
@@ -75,19 +77,20 @@ static const char *meta_read(const uint8_t *data, size_t size, size_t offset, st
 
 int bbolt_open(struct bbolt *db, const uint8_t *data, size_t size, char *err, size_t err_size) {
         struct meta m0, m1;
-        const char *why0, *why1 = "no valid page size to find it at";
+        const char *why0, *why1 = NULL;
         const struct meta *m;
 
         why0 = meta_read(data, size, 0, &m0);
         if (!why0)
                 why1 = meta_read(data, size, m0.page_size, &m1);
         else
-                /* Page 0 unreadable: page 1 is at its own page size. */
+                /* Page 0 unreadable: page 1 is at its own page size, the
+                 * first one that holds the magic. */
                 for (uint32_t ps = BBOLT_PAGE_SIZE_MIN; ps <= BBOLT_PAGE_SIZE_MAX; ps *= 2) {
                         why1 = meta_read(data, size, ps, &m1);
                         if (!why1 && m1.page_size != ps)
                                 why1 = "page size does not match its position";
-                        if (!why1)
+                        if (why1 != no_magic && why1 != beyond_end)
                                 break;
                 }
         if (why0 && why1) {
