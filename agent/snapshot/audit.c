@@ -355,8 +355,9 @@ int snapshot_audit(const uint8_t *data, size_t size, const char *const *required
         if (k < 0)
                 return k;
         for (size_t i = 0; i < r->n_resources; i++)
-                qsort(r->resources[i].plaintext_names, r->resources[i].n_plaintext_names, sizeof(char *),
-                      strcmp_indirect);
+                if (r->resources[i].n_plaintext_names > 0)
+                        qsort(r->resources[i].plaintext_names, r->resources[i].n_plaintext_names,
+                              sizeof(char *), strcmp_indirect);
         *ret = TAKE_PTR(r);
         return 0;
 }

@@ -171,7 +171,9 @@ static int build_visit(const uint8_t *key, size_t key_len, const uint8_t *value,
                        rev.main, rev.sub, kv->key.len, MVCC_KEY_SIZE_MAX);
                 r = -E2BIG;
         } else {
-                r = index_put(b->idx, kv->key.data, kv->key.len, &rev, value, value_len);
+                /* protobuf-c leaves an empty key NULL: no pointer for memcmp. */
+                r = index_put(b->idx, kv->key.len ? kv->key.data : (const uint8_t *) "", kv->key.len, &rev, value,
+                              value_len);
                 if (r == -E2BIG)
                         errorf(b->err, b->err_size, "more than %" PRIu32 " keys", MVCC_KEYS_MAX);
         }
