@@ -86,7 +86,7 @@ static int index_grow(struct mvcc_index *idx) {
 }
 
 static int pool_append(struct mvcc_index *idx, const uint8_t *key, size_t len, uint64_t *ret_offset) {
-        if (len > idx->pool_size - idx->pool_used) {
+        if (!idx->pool || len > idx->pool_size - idx->pool_used) {
                 size_t size = idx->pool_size ? idx->pool_size : 65536;
                 uint8_t *pool;
 
@@ -142,6 +142,12 @@ static int index_put(struct mvcc_index *idx, const uint8_t *key, size_t key_len,
         return 0;
 }
 
+/* protobuf-c leaves empty bytes NULL; memcmp, memchr and pointer arithmetic
+ * want a pointer all the same. */
+static const uint8_t *bytes_data(ProtobufCBinaryData b) {
+        return b.len > 0 ? b.data : (const uint8_t *) "";
+}
+
 struct build {
         struct mvcc_index *idx;
         char *err;
@@ -171,9 +177,7 @@ static int build_visit(const uint8_t *key, size_t key_len, const uint8_t *value,
                        rev.main, rev.sub, kv->key.len, MVCC_KEY_SIZE_MAX);
                 r = -E2BIG;
         } else {
-                /* protobuf-c leaves an empty key NULL: no pointer for memcmp. */
-                r = index_put(b->idx, kv->key.len ? kv->key.data : (const uint8_t *) "", kv->key.len, &rev, value,
-                              value_len);
+                r = index_put(b->idx, bytes_data(kv->key), kv->key.len, &rev, value, value_len);
                 if (r == -E2BIG)
                         errorf(b->err, b->err_size, "more than %" PRIu32 " keys", MVCC_KEYS_MAX);
         }
@@ -221,7 +225,7 @@ int mvcc_index_foreach_live(const struct mvcc_index *idx, mvcc_visit_t visit, vo
                 kv = snapshot__key_value__unpack(NULL, s->record_len, s->record);
                 if (!kv)
                         return -ENOMEM;
-                r = visit(kv->key.data, kv->key.len, kv->value.data, kv->value.len, userdata);
+                r = visit(bytes_data(kv->key), kv->key.len, bytes_data(kv->value), kv->value.len, userdata);
                 snapshot__key_value__free_unpacked(kv, NULL);
                 if (r < 0)
                         return r;
