@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include "audit.h"
@@ -122,64 +123,87 @@ struct audit {
         struct text type, name, provider;
 };
 
-/* The resource called name, made when new. */
-static int resource_get(struct snapshot_report *r, const char *name, struct resource **ret) {
-        size_t lo = 0, hi = r->n_resources;
-        int k;
+/* Find key in the sorted array (*n of *size elements): its index, with
+ * *found; or, when it is not there, the index of a new zeroed element made
+ * for it in its place (-E2BIG when there are max already, or -ENOMEM). */
+static ssize_t sorted_find_or_insert(void **array, size_t *n, size_t *size, size_t elem_size, size_t max,
+                                     const void *key, int (*cmp)(const void *key, const void *elem), bool *found) {
+        size_t lo = 0, hi = *n;
+        uint8_t *base;
 
         while (lo < hi) {
                 const size_t mid = lo + (hi - lo) / 2;
+                const int k = cmp(key, (const uint8_t *) *array + mid * elem_size);
 
-                k = strcmp(r->resources[mid].name, name);
                 if (k == 0) {
-                        *ret = &r->resources[mid];
-                        return 0;
+                        *found = true;
+                        return (ssize_t) mid;
                 }
-                if (k < 0)
+                if (k > 0)
                         lo = mid + 1;
                 else
                         hi = mid;
         }
-        if (r->n_resources >= SNAPSHOT_RESOURCES_MAX)
+        *found = false;
+        if (*n >= max)
                 return -E2BIG;
-        if (reserve((void **) &r->resources, &r->resources_size, r->n_resources, sizeof(*r->resources)) < 0)
+        if (reserve(array, size, *n, elem_size) < 0)
                 return -ENOMEM;
-        memmove(&r->resources[lo + 1], &r->resources[lo], (r->n_resources - lo) * sizeof(*r->resources));
-        r->resources[lo] = (struct resource) { .name = strdup(name) };
-        r->n_resources++;
-        if (!r->resources[lo].name)
-                return -ENOMEM;
-        *ret = &r->resources[lo];
+        base = *array;
+        memmove(base + (lo + 1) * elem_size, base + lo * elem_size, (*n - lo) * elem_size);
+        memset(base + lo * elem_size, 0, elem_size);
+        (*n)++;
+        return (ssize_t) lo;
+}
+
+static int resource_cmp(const void *key, const void *elem) {
+        return strcmp(key, ((const struct resource *) elem)->name);
+}
+
+/* The resource called name, made when new. */
+static int resource_get(struct snapshot_report *r, const char *name, struct resource **ret) {
+        bool found;
+        ssize_t i = sorted_find_or_insert((void **) &r->resources, &r->n_resources, &r->resources_size,
+                                          sizeof(*r->resources), SNAPSHOT_RESOURCES_MAX, name, resource_cmp, &found);
+
+        if (i < 0)
+                return (int) i;
+        if (!found) {
+                r->resources[i].name = strdup(name);
+                if (!r->resources[i].name)
+                        return -ENOMEM;
+        }
+        *ret = &r->resources[i];
         return 0;
 }
 
+struct key_id_key {
+        const char *provider, *key_id;
+};
+
+static int key_id_cmp(const void *key, const void *elem) {
+        const struct key_id_key *k = key;
+        const struct key_id_count *c = elem;
+        const int d = strcmp(k->provider, c->provider);
+
+        return d != 0 ? d : strcmp(k->key_id, c->key_id);
+}
+
 static int key_id_count(struct resource *res, const char *provider, const char *key_id) {
-        size_t lo = 0, hi = res->n_key_ids;
+        const struct key_id_key key = { provider, key_id };
         struct key_id_count *c;
+        bool found;
+        ssize_t i = sorted_find_or_insert((void **) &res->key_ids, &res->n_key_ids, &res->key_ids_size,
+                                          sizeof(*res->key_ids), SNAPSHOT_KEY_IDS_MAX, &key, key_id_cmp, &found);
 
-        while (lo < hi) {
-                const size_t mid = lo + (hi - lo) / 2;
-                int k = strcmp(res->key_ids[mid].provider, provider);
-
-                if (k == 0)
-                        k = strcmp(res->key_ids[mid].key_id, key_id);
-                if (k == 0) {
-                        res->key_ids[mid].objects++;
-                        return 0;
-                }
-                if (k < 0)
-                        lo = mid + 1;
-                else
-                        hi = mid;
-        }
-        if (res->n_key_ids >= SNAPSHOT_KEY_IDS_MAX)
-                return -E2BIG;
-        if (reserve((void **) &res->key_ids, &res->key_ids_size, res->n_key_ids, sizeof(*res->key_ids)) < 0)
-                return -ENOMEM;
-        memmove(&res->key_ids[lo + 1], &res->key_ids[lo], (res->n_key_ids - lo) * sizeof(*res->key_ids));
-        c = &res->key_ids[lo];
-        *c = (struct key_id_count) { .provider = strdup(provider), .key_id = strdup(key_id), .objects = 1 };
-        res->n_key_ids++;
+        if (i < 0)
+                return (int) i;
+        c = &res->key_ids[i];
+        c->objects++;
+        if (found)
+                return 0;
+        c->provider = strdup(provider);
+        c->key_id = strdup(key_id);
         return c->provider && c->key_id ? 0 : -ENOMEM;
 }
 
