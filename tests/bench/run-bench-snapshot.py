@@ -2,7 +2,7 @@
 """tpmkmsctl audit-snapshot on large real etcd snapshots (a benchmark, not a
 timed test).
 
-usage: run-bench-snapshot.py [--mib N] [--keep] BUILD_DIR
+usage: run-bench-snapshot.py [--mib N] [--keep] BUILD_DIR   (ctest: bench-snapshot-smoke, 16 MiB)
 
 Fills a real etcd (tests/lib/tpmkmstest_etcd.py) with objects as
 kube-apiserver stores them, 2-14 KiB each: a third KMS v2 Secrets (under 4
