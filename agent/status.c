@@ -19,29 +19,6 @@ static void format_time(uint64_t usec, char *buf, size_t size) {
                 snprintf(buf, size, "%s", "");
 }
 
-/* A JSON string (RFC 8259): our strings are ids, configuration values and
- * messages, mostly ASCII, but whatever they hold the output stays valid:
- * quotes, backslashes and control characters escaped, and a byte that does
- * not begin well-formed UTF-8 written as U+FFFD. */
-static void json_string(FILE *f, const char *s) {
-        fputc('"', f);
-        for (size_t n; *s; s += n) {
-                unsigned char ch = (unsigned char) *s;
-
-                n = utf8_char_len(s);
-                if (n == 0) {
-                        fputs("\\ufffd", f);
-                        n = 1;
-                } else if (ch == '"' || ch == '\\')
-                        fprintf(f, "\\%c", ch);
-                else if (ch < 0x20 || ch == 0x7f)
-                        fprintf(f, "\\u%04x", ch);
-                else
-                        fwrite(s, 1, n, f);
-        }
-        fputc('"', f);
-}
-
 static void central_json(const struct status_view *d, FILE *out) {
         struct central_endpoint_health h[CENTRAL_ENDPOINTS_MAX];
         size_t n = sync_endpoint_health(d->sync, h, ARRAY_SIZE(h));

@@ -132,3 +132,25 @@ static inline bool utf8_valid(const char *s) {
                         return false;
         return true;
 }
+
+/* s as a JSON string (RFC 8259), quoted: quotes, backslashes and control
+ * characters escaped, and a byte that does not begin well-formed UTF-8
+ * written as U+FFFD, so the output stays valid whatever s holds. */
+static inline void json_string(FILE *f, const char *s) {
+        fputc('"', f);
+        for (size_t n; *s; s += n) {
+                unsigned char ch = (unsigned char) *s;
+
+                n = utf8_char_len(s);
+                if (n == 0) {
+                        fputs("\\ufffd", f);
+                        n = 1;
+                } else if (ch == '"' || ch == '\\')
+                        fprintf(f, "\\%c", ch);
+                else if (ch < 0x20 || ch == 0x7f)
+                        fprintf(f, "\\u%04x", ch);
+                else
+                        fwrite(s, 1, n, f);
+        }
+        fputc('"', f);
+}

@@ -53,6 +53,7 @@ e2e_test(test_tpm_faults 240)
 e2e_test(test_files 240 LOAD)
 e2e_test(test_hostile 240 LOAD)
 e2e_test(test_process 240 LOAD)
+e2e_test(test_snapshot 240)
 
 # The README's first command: the demo must do what it shows.
 add_test(NAME e2e_demo COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo.py

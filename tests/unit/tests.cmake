@@ -9,6 +9,7 @@ tpmkms_unit_test(test-envelope LIBS keystore)
 tpmkms_unit_test(test-server LIBS plugin PkgConfig::NGHTTP2)
 tpmkms_unit_test(test-socket LIBS common)
 tpmkms_unit_test(test-cache LIBS keystore)
+tpmkms_unit_test(test-snapshot LIBS snapshot)
 # test-central: agent/kmip/client.c and tls.c against real servers on
 # 127.0.0.1 (PyKMIP, openssl s_server variants, a silent TCP listener) that
 # tests/unit/central-harness.py starts, seeds and always stops.
