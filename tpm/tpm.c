@@ -54,10 +54,12 @@ struct tpm {
  * open the TPM per operation. swtpm's socket serves one connection at a
  * time and queues the next, /dev/tpm0 refuses a second open: without this
  * lock, a second context would wait on the TPM instead of on a mutex, or
- * fail. held catches a thread that opens the TPM twice (it would wait for
- * itself): -EDEADLK instead of a hang. */
+ * fail. A thread that opens the same TPM twice would wait for itself:
+ * -EDEADLK instead of a hang. A thread holding the lock may open another
+ * TPM (another tcti: a test comparing two TPMs) without taking it again. */
 static pthread_mutex_t tpm_lock = PTHREAD_MUTEX_INITIALIZER;
 static __thread bool tpm_lock_held;
+static __thread char tpm_lock_tcti[256];
 
 /* ---- logging ------------------------------------------------------------ */
 
@@ -909,15 +911,18 @@ int tpm_open(const char *tcti, struct tpm **ret) {
 
         if (!tcti || !ret)
                 return -EINVAL;
-        if (tpm_lock_held)
+        if (tpm_lock_held && strncmp(tpm_lock_tcti, tcti, sizeof(tpm_lock_tcti)) == 0)
                 return -EDEADLK;
 
         t = calloc(1, sizeof(*t));
         if (!t)
                 return -ENOMEM;
         t->srk = ESYS_TR_NONE;
-        pthread_mutex_lock(&tpm_lock);
-        tpm_lock_held = t->locked = true;
+        if (!tpm_lock_held) {
+                pthread_mutex_lock(&tpm_lock);
+                tpm_lock_held = t->locked = true;
+                snprintf(tpm_lock_tcti, sizeof(tpm_lock_tcti), "%s", tcti);
+        }
 
         /* The TCTI connects (or opens the device) here: any failure means no
          * TPM at that address. */

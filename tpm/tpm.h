@@ -94,7 +94,10 @@ bool tpm_pcr_selection_is_empty(const struct tpm_pcr_selection *sel);
 /* Open the TPM through a TCTI config string ("device:/dev/tpmrm0",
  * "swtpm:host=127.0.0.1,port=2321"), run Startup if needed, and make sure the
  * SRK exists at TPM_SRK_HANDLE (ECC P-256 TCG template, RSA-2048 fallback),
- * creating and persisting it on first use. Returns 0, -ENODEV, -ENOLCK, -EIO. */
+ * creating and persisting it on first use. One open TPM per process at a
+ * time: a second tpm_open from another thread waits until tpm_close (tpm.c,
+ * tpm_lock); from the same thread for the same tcti it is -EDEADLK.
+ * Returns 0, -ENODEV, -ENOLCK, -EIO, -EDEADLK. */
 int tpm_open(const char *tcti, struct tpm **ret);
 /* Accepts NULL. Flushes everything transient this module created. */
 void tpm_close(struct tpm *t);
