@@ -117,6 +117,19 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
         return 0;
 }
 
+/* Whether tpmkmsd answers on the control socket. */
+static bool daemon_running(const struct config *c) {
+        char err[256];
+        FILE *null = fopen("/dev/null", "we");
+        int r;
+
+        if (!null)
+                return false;
+        r = control_call(c->control_socket, 1, (char *[]) { (char *) "status", NULL }, null, err, sizeof(err));
+        fclose(null);
+        return r >= 0;
+}
+
 /* Runs here, with the daemon stopped: it opens the vault itself, once,
  * allowing a cache older than the TPM's rollback counter, and rewrites it at
  * the counter's next value. */
@@ -124,17 +137,9 @@ static int accept_restore(const struct config *c) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         struct vault_options opt;
         struct vault v;
-        char err[256];
-        FILE *null;
         int r;
 
-        null = fopen("/dev/null", "we");
-        r = null ? control_call(c->control_socket, 1, (char *[]) { (char *) "status", NULL }, null, err,
-                                sizeof(err))
-                 : -errno;
-        if (null)
-                fclose(null);
-        if (r >= 0) {
+        if (daemon_running(c)) {
                 fprintf(stderr, "tpmkmsctl: tpmkmsd is running (%s answers): stop it first "
                         "(systemctl stop tpmkmsd)\n", c->control_socket);
                 return 1;
@@ -211,7 +216,7 @@ static int enroll(const struct config *c, int argc, char **argv) {
         char err[1024], subj[256], sans[256] = "";
         bool force = false;
         size_t reply_len = 0;
-        FILE *null, *f;
+        FILE *f;
         int opt, r;
 
         optind = 0;
@@ -247,13 +252,7 @@ static int enroll(const struct config *c, int argc, char **argv) {
                 return 1;
         }
 
-        null = fopen("/dev/null", "we");
-        r = null ? control_call(c->control_socket, 1, (char *[]) { (char *) "status", NULL }, null, err,
-                                sizeof(err))
-                 : -errno;
-        if (null)
-                fclose(null);
-        if (r >= 0) {
+        if (daemon_running(c)) {
                 char *args[6], *end;
 
                 percent_encode(o.subject, subj, sizeof(subj));

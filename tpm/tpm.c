@@ -960,6 +960,21 @@ int tpm_open(const char *tcti, struct tpm **ret) {
         return 0;
 }
 
+/* A created object's areas as blobs of TPM_BLOB_MAX bytes (Tss2_MU). */
+static int marshal_created(const TPM2B_PUBLIC *pub, const TPM2B_PRIVATE *priv, uint8_t *pub_blob,
+                           size_t *pub_size, uint8_t *priv_blob, size_t *priv_size) {
+        TSS2_RC rc;
+        int r;
+
+        *pub_size = *priv_size = 0;
+        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(pub, pub_blob, TPM_BLOB_MAX, pub_size);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
+        if (r < 0)
+                return r;
+        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(priv, priv_blob, TPM_BLOB_MAX, priv_size);
+        return tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+}
+
 /* ---- seal --------------------------------------------------------------- */
 
 static __attribute__((noinline)) int seal_impl(struct tpm *t, const struct tpm_pcr_selection *sel,
@@ -1030,13 +1045,8 @@ static __attribute__((noinline)) int seal_impl(struct tpm *t, const struct tpm_p
                 return -EIO;
         }
 
-        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(out_public, s.public_blob, sizeof(s.public_blob), &s.public_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
-        if (r < 0)
-                return r;
-        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(out_private, s.private_blob, sizeof(s.private_blob),
-                                           &s.private_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+        r = marshal_created(out_public, out_private, s.public_blob, &s.public_size, s.private_blob,
+                            &s.private_size);
         if (r < 0)
                 return r;
 
@@ -1616,13 +1626,8 @@ static __attribute__((noinline)) int cache_key_create_impl(struct tpm *t, const 
                 return -EIO;
         }
 
-        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(out_public, s.public_blob, sizeof(s.public_blob), &s.public_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
-        if (r < 0)
-                return r;
-        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(out_private, s.private_blob, sizeof(s.private_blob),
-                                           &s.private_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+        r = marshal_created(out_public, out_private, s.public_blob, &s.public_size, s.private_blob,
+                            &s.private_size);
         if (r < 0)
                 return r;
 
@@ -2042,12 +2047,8 @@ static __attribute__((noinline)) int key_create_impl(struct tpm *t, int type, co
                 log_debug("Create: the client key is not the one requested");
                 return -EIO;
         }
-        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(out_public, k.public_blob, sizeof(k.public_blob), &k.public_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
-        if (r < 0)
-                return r;
-        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(out_private, k.private_blob, sizeof(k.private_blob), &k.private_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+        r = marshal_created(out_public, out_private, k.public_blob, &k.public_size, k.private_blob,
+                            &k.private_size);
         if (r < 0)
                 return r;
         r = tpm_key_check(&k, NULL);
