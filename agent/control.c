@@ -27,6 +27,7 @@ struct control_server {
         sd_event_source *listener;
         sd_event_source *retry;     /* re-enables the listener after an accept failure */
         unsigned n_conns;
+        bool paused;                /* accept failed: the retry timer re-enables */
         int fd;
         char *path;
         control_handler_t handler;
@@ -49,7 +50,9 @@ struct control_conn {
 static void control_conn_free(struct control_conn *c) {
         if (c->on_drop)
                 c->on_drop(c, c->drop_userdata);
-        c->server->n_conns--;
+        /* A slot is free again: take the next one waiting in the backlog. */
+        if (c->server->n_conns-- == CONTROL_CONNECTIONS_MAX && !c->server->paused)
+                (void) sd_event_source_set_enabled(c->server->listener, SD_EVENT_ON);
         if (c->prev)
                 c->prev->next = c->next;
         else
@@ -175,12 +178,13 @@ static int control_conn_on_timeout(sd_event_source *src, uint64_t usec, void *us
 static int control_on_retry(sd_event_source *src, uint64_t usec, void *userdata) {
         struct control_server *s = userdata;
 
-        (void) sd_event_source_set_enabled(s->listener, SD_EVENT_ON);
+        s->paused = false;
+        if (s->n_conns < CONTROL_CONNECTIONS_MAX)
+                (void) sd_event_source_set_enabled(s->listener, SD_EVENT_ON);
         return 0;
 }
 
 static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
-        static const char busy[] = "ERR too many control connections; retry shortly\n";
         struct control_server *s = userdata;
         _cleanup_close_ int cfd = -1;
         struct control_conn *c;
@@ -197,6 +201,7 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
                 log_warning("Control socket: accept: %m; pausing it for %llu ms",
                             (unsigned long long) (ACCEPT_RETRY_USEC / USEC_PER_MSEC));
                 (void) sd_event_source_set_enabled(s->listener, SD_EVENT_OFF);
+                s->paused = true;
                 (void) sd_event_now(s->event, CLOCK_MONOTONIC, &now);
                 if (s->retry)
                         r = sd_event_source_set_time(s->retry, now + ACCEPT_RETRY_USEC) < 0 ? -1
@@ -204,20 +209,16 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
                 else
                         r = sd_event_add_time(s->event, &s->retry, CLOCK_MONOTONIC, now + ACCEPT_RETRY_USEC, 0,
                                               control_on_retry, s);
-                if (r < 0)   /* no timer: better a busy listener than a dead one */
+                if (r < 0) {   /* no timer: better a busy listener than a dead one */
+                        s->paused = false;
                         (void) sd_event_source_set_enabled(s->listener, SD_EVENT_ON);
+                }
                 return 0;
         }
         r = unix_socket_peer(cfd, &peer);
         if (r < 0 || peer.uid != 0) {
                 log_warning("Control socket: refused peer uid=%u pid=%i (root only)",
                             r < 0 ? (unsigned) -1 : (unsigned) peer.uid, r < 0 ? 0 : (int) peer.pid);
-                return 0;
-        }
-        if (s->n_conns >= CONTROL_CONNECTIONS_MAX) {
-                log_warning("Control socket: %u connections open already; refused pid %i",
-                            s->n_conns, (int) peer.pid);
-                (void) !write(cfd, busy, sizeof(busy) - 1);
                 return 0;
         }
         c = calloc(1, sizeof(*c));
@@ -229,7 +230,13 @@ static int control_on_accept(sd_event_source *src, int fd, uint32_t revents, voi
         if (s->conns)
                 s->conns->prev = c;
         s->conns = c;
-        s->n_conns++;
+        /* At the cap, stop accepting: later clients wait in the kernel's
+         * backlog (holding no descriptor of ours) until a slot is free; an
+         * idle connection is closed after 5 s. */
+        if (++s->n_conns == CONTROL_CONNECTIONS_MAX) {
+                log_warning("Control socket: %u connections open; new ones wait until one closes", s->n_conns);
+                (void) sd_event_source_set_enabled(s->listener, SD_EVENT_OFF);
+        }
         r = sd_event_add_io(s->event, &c->io, c->fd, EPOLLIN, control_conn_on_io, c);
         if (r >= 0) {
                 (void) sd_event_now(s->event, CLOCK_MONOTONIC, &now);

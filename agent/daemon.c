@@ -1,4 +1,5 @@
 #include <errno.h>
+#include <openssl/crypto.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
@@ -18,6 +19,7 @@
 #include "util.h"
 #include "control.h"
 #include "daemon.h"
+#include "identity.h"
 #include "log.h"
 #include "metrics.h"
 #include "plugin.h"
@@ -52,7 +54,60 @@ struct daemon {
         bool stop_requested;       /* SIGTERM before the server runs */
         bool kms_socket_ours;      /* we created the socket file (not systemd) */
         uint64_t started_usec;     /* CLOCK_REALTIME */
+        sd_event_source *identity_timer;   /* daily certificate expiry check */
 };
+
+/* The identity as it stands (key file, certificate, the cache's secret). */
+static void daemon_identity(struct daemon *d, struct identity_info *ret) {
+        pthread_mutex_lock(&d->state_lock);
+        identity_inspect(d->config, d->vault.identity, ret);
+        pthread_mutex_unlock(&d->state_lock);
+}
+
+/* At start and daily: the client certificate's expiry in the journal, a
+ * warning from IDENTITY_EXPIRY_WARN_DAYS before it. */
+static void daemon_check_identity(struct daemon *d) {
+        struct identity_info id;
+        char when[32] = "";
+        int64_t days;
+
+        daemon_identity(d, &id);
+        if (id.not_after_usec == 0) {
+                log_warning("Cannot read the client certificate %s: no TLS session with the central KMS "
+                            "until it is installed (tpmkmsctl enroll writes the CSR to sign)", d->config->cert_file);
+                return;
+        }
+        days = identity_days_left(id.not_after_usec, now_usec(CLOCK_REALTIME));
+        {
+                time_t t = (time_t) (id.not_after_usec / USEC_PER_SEC);
+                struct tm tm;
+                if (gmtime_r(&t, &tm))
+                        strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+        }
+        if (days < 0)
+                log_key_event(LOG_MESSAGE_IDENTITY, NULL, NULL,
+                              "ALARM: the client certificate %s expired on %s: the central KMS refuses this "
+                              "host; have the fleet CA sign a new one (tpmkmsctl enroll --force)",
+                              d->config->cert_file, when);
+        else if (days < IDENTITY_EXPIRY_WARN_DAYS)
+                log_key_event(LOG_MESSAGE_IDENTITY, NULL, NULL,
+                              "The client certificate %s expires on %s, in %" PRId64 " day(s): renew it "
+                              "(tpmkmsctl enroll --force, then the fleet CA signs the CSR)",
+                              d->config->cert_file, when, days);
+        else
+                log_info("The client certificate %s (%s) expires on %s, in %" PRId64 " days",
+                         d->config->cert_file, id.subject, when, days);
+        if (*id.problem)
+                log_warning("%s", id.problem);
+}
+
+static int on_identity_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct daemon *d = userdata;
+
+        daemon_check_identity(d);
+        (void) sd_event_source_set_time(s, usec + USEC_PER_DAY);
+        return 0;
+}
 
 static void daemon_update_status(struct daemon *d) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
@@ -75,7 +130,11 @@ static void daemon_update_status(struct daemon *d) {
 static int cmd_status(struct daemon *d, bool json, FILE *out) {
         _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
         struct kms_status st = {};
+        struct identity_info id;
+        bool fleet = d->config->central_type == CENTRAL_KMIP;
 
+        if (fleet)
+                daemon_identity(d, &id);
         backend_ops.status(&d->backend, &st);
         status_render(&(struct status_view) {
                               .config = d->config,
@@ -86,6 +145,7 @@ static int cmd_status(struct daemon *d, bool json, FILE *out) {
                               .healthz = st.healthz,
                               .started_usec = d->started_usec,
                               .sync = d->sync,
+                              .identity = fleet ? &id : NULL,
                       },
                       json, out);
         return 0;
@@ -197,6 +257,96 @@ static int cmd_purge_locked(struct daemon *d, const char *id, FILE *out, char *e
         return r;
 }
 
+/* The subject and SANs come percent-encoded (a control argument has no
+ * blanks): decode in place. */
+static int percent_decode(char *s) {
+        char *w = s;
+
+        for (char *p = s; *p; p++) {
+                if (*p == '%') {
+                        unsigned v;
+                        if (!p[1] || !p[2] || sscanf(p + 1, "%2x", &v) != 1 || v == 0)
+                                return -EINVAL;
+                        *w++ = (char) v;
+                        p += 2;
+                } else
+                        *w++ = *p;
+        }
+        *w = '\0';
+        return 0;
+}
+
+/* tpmkmsctl enroll on a running daemon: enroll SUBJECT TYPE FORCE SANS. The
+ * daemon makes the key (the TPM is its), keeps the secret in its cache and
+ * hands back the key file and the CSR for tpmkmsctl to write (the daemon may
+ * not write /etc). */
+static int cmd_enroll_locked(struct daemon *d, char **argv, FILE *out, char *err, size_t err_size) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = keyring_slot_get(&d->keys);
+        _cleanup_free_ char *key_pem = NULL, *csr_pem = NULL;
+        struct identity_enroll_options o = {};
+        struct vault_identity *secret = NULL;
+        bool force = strcmp(argv[3], "1") == 0;
+        char *save = NULL;
+        int r;
+
+        if (d->config->central_type != CENTRAL_KMIP) {
+                snprintf(err, err_size, "enroll: only in fleet mode ([central] type = kmip)");
+                return -EOPNOTSUPP;
+        }
+        if (d->vault.refused) {
+                snprintf(err, err_size, "refusing to enroll: the sealed cache was refused (%.200s); to re-provision, "
+                         "stop tpmkmsd, move %.150s aside and run tpmkmsctl enroll --force (README, recovery)",
+                         d->vault.reason, d->config->state_dir);
+                return -EPERM;
+        }
+        if (d->vault.identity && !force) {
+                snprintf(err, err_size, "this host already has an enrolled client key (%.200s); --force replaces it",
+                         d->config->key_file);
+                return -EEXIST;
+        }
+        o.key_type = identity_key_type_from_string(argv[2]);
+        if (percent_decode(argv[1]) < 0 || percent_decode(argv[4]) < 0 || o.key_type < 0) {
+                snprintf(err, err_size, "enroll: bad arguments");
+                return -EINVAL;
+        }
+        o.subject = argv[1];
+        if (strcmp(argv[4], "-") != 0)
+                for (char *t = strtok_r(argv[4], ",", &save); t && o.n_sans < IDENTITY_SANS_MAX;
+                     t = strtok_r(NULL, ",", &save))
+                        o.sans[o.n_sans++] = t;
+        if (!kr) {
+                r = keyring_new(NULL, 0, &kr);
+                if (r < 0) {
+                        snprintf(err, err_size, "out of memory");
+                        return r;
+                }
+        }
+        secret = OPENSSL_secure_zalloc(sizeof(*secret));
+        if (!secret) {
+                snprintf(err, err_size, "out of locked memory");
+                return -ENOMEM;
+        }
+        r = identity_enroll(d->config, &o, secret, &key_pem, &csr_pem, err, err_size);
+        if (r >= 0) {
+                r = vault_set_identity(&d->vault, kr, secret);
+                if (r < 0)
+                        snprintf(err, err_size, "cannot keep the client key's secret in the sealed cache: %s "
+                                 "(see the journal); nothing changed", strerror(-r));
+        }
+        OPENSSL_secure_clear_free(secret, sizeof(*secret));
+        if (r < 0)
+                return r;
+        if (d->sync)
+                sync_reload_identity(d->sync);
+        log_key_event(LOG_MESSAGE_IDENTITY, NULL, NULL,
+                      "Enrolled a new TPM-bound client key (%s, subject %s); its secret is in the sealed "
+                      "cache. Until the fleet CA signs the CSR into %s, the central KMS is not reachable.",
+                      argv[2], o.subject, d->config->cert_file);
+        fputs(key_pem, out);
+        fputs(csr_pem, out);
+        return 0;
+}
+
 /* Rotate, reseal and purge write the cache (and use the TPM) like the sync
  * thread does: on the worker, one writer at a time under state_lock, each
  * working from the snapshot it will replace; the control reply is deferred
@@ -205,6 +355,7 @@ enum slow_command {
         SLOW_ROTATE,
         SLOW_RESEAL,
         SLOW_PURGE,
+        SLOW_ENROLL,
 };
 
 struct slow_job {
@@ -214,6 +365,7 @@ struct slow_job {
         struct tpm_pcr_selection sel;     /* reseal: what to seal to */
         bool has_sel;
         char id[KEY_ID_MAX];              /* purge: which version */
+        char args[5][CONTROL_LINE_MAX];   /* enroll: its control arguments */
         struct tpm_pcr_selection sealed;  /* after the job: what the cache is sealed to */
         char *body;
         size_t body_size;
@@ -239,9 +391,17 @@ static int slow_job_run(void *userdata) {
         case SLOW_RESEAL:
                 r = cmd_reseal_locked(d, j->has_sel ? &j->sel : NULL, out, j->err, sizeof(j->err));
                 break;
-        default:
+        case SLOW_PURGE:
                 r = cmd_purge_locked(d, j->id, out, j->err, sizeof(j->err));
                 break;
+        default: {
+                char *argv[5];
+
+                for (size_t i = 0; i < ARRAY_SIZE(argv); i++)
+                        argv[i] = j->args[i];
+                r = cmd_enroll_locked(d, argv, out, j->err, sizeof(j->err));
+                break;
+        }
         }
         if (vault_sealed_pcrs(&d->vault))
                 j->sealed = *vault_sealed_pcrs(&d->vault);
@@ -357,6 +517,7 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
                 { "reseal", "reseal [--pcrs SELECTION]", 2 },
                 { "sync", "sync", 0 },
                 { "purge", "purge KEY_ID", 1 },
+                { "enroll", "enroll SUBJECT TYPE FORCE SANS", 4 },
         };
         const char *usage = NULL;
 
@@ -395,6 +556,17 @@ static int daemon_control(void *userdata, struct control_conn *conn, int argc, c
                                  "sha256:0,7, none)", argv[2]);
                         return -EINVAL;
                 }
+                return slow_submit(d, conn, &j, err, err_size);
+        }
+        if (strcmp(argv[0], "enroll") == 0) {
+                struct slow_job j = { .command = SLOW_ENROLL };
+
+                if (argc != 5) {
+                        snprintf(err, err_size, "usage: tpmkmsctl enroll --subject SUBJECT --csr FILE");
+                        return -EINVAL;
+                }
+                for (int i = 0; i < 5; i++)
+                        snprintf(j.args[i], sizeof(j.args[i]), "%s", argv[i]);
                 return slow_submit(d, conn, &j, err, err_size);
         }
         if (strcmp(argv[0], "sync") == 0)
@@ -687,6 +859,16 @@ int daemon_run(const struct config *c) {
                 goto out;
         }
 
+        if (c->central_type == CENTRAL_KMIP) {
+                daemon_check_identity(&d);
+                r = sd_event_add_time_relative(d.event, &d.identity_timer, CLOCK_REALTIME, USEC_PER_DAY, 0,
+                                               on_identity_timer, &d);
+                if (r < 0) {
+                        log_error_errno(r, "Cannot set up the daily certificate check: %m");
+                        goto out;
+                }
+        }
+
         (void) sd_notify(false, "READY=1");
         daemon_update_status(&d);
         log_flush();
@@ -699,6 +881,7 @@ int daemon_run(const struct config *c) {
         log_info("Stopped");
 out:
         metrics_free(d.metrics);   /* first: its thread reads the keys and the sync state */
+        sd_event_source_unref(d.identity_timer);
         control_server_free(d.control);
         kms_server_free(d.kms);
         if (d.kms_socket_ours)

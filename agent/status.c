@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "identity.h"
 #include "macro.h"
 #include "status.h"
 #include "sync.h"
@@ -82,6 +83,44 @@ static void central_text(const struct status_view *d, FILE *out) {
         }
 }
 
+/* The client identity: what the central KMS sees of this host. days_left
+ * and not_after are for people and for alerting (warn from
+ * IDENTITY_EXPIRY_WARN_DAYS before). */
+static void identity_render(const struct status_view *d, bool json, FILE *out) {
+        const struct identity_info *id = d->identity;
+        int64_t days = identity_days_left(id->not_after_usec, now_usec(CLOCK_REALTIME));
+        char t[32];
+
+        format_time(id->not_after_usec, t, sizeof(t));
+        if (json) {
+                fputs(", \"identity\": {\"key_file\": ", out);
+                json_string(out, d->config->key_file);
+                fputs(", \"cert_file\": ", out);
+                json_string(out, d->config->cert_file);
+                fprintf(out, ", \"tpm_bound\": %s, \"enrolled\": %s, \"key_type\": \"%s\", \"subject\": ",
+                        id->tpm_bound ? "true" : "false", id->enrolled ? "true" : "false", id->key_type);
+                json_string(out, id->subject);
+                if (id->not_after_usec)
+                        fprintf(out, ", \"not_after\": \"%s\", \"days_left\": %" PRId64 ", \"expiry_warning\": %s",
+                                t, days, days < IDENTITY_EXPIRY_WARN_DAYS ? "true" : "false");
+                else
+                        fputs(", \"not_after\": \"\", \"days_left\": null, \"expiry_warning\": true", out);
+                fputs(", \"problem\": ", out);
+                json_string(out, id->problem);
+                fputs("}", out);
+                return;
+        }
+        fprintf(out, "identity:      %s%s, %s\n", id->tpm_bound ? "TPM-bound " : "NOT TPM-bound ",
+                *id->key_type ? id->key_type : "unreadable key", d->config->key_file);
+        if (id->not_after_usec)
+                fprintf(out, "certificate:   %s, expires %s (%" PRId64 " days left%s)\n", id->subject, t, days,
+                        days < 0 ? ", EXPIRED" : days < IDENTITY_EXPIRY_WARN_DAYS ? ", RENEW SOON" : "");
+        else
+                fprintf(out, "certificate:   unreadable (%s)\n", d->config->cert_file);
+        if (*id->problem)
+                fprintf(out, "identity warning: %s\n", id->problem);
+}
+
 void status_render(const struct status_view *d, bool json, FILE *out) {
         const struct keyring *kr = d->keys;
         const struct key_version *p = kr ? keyring_primary(kr) : NULL;
@@ -126,6 +165,8 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
                                 created, seen, since);
                 }
                 fputs("]", out);
+                if (d->identity)
+                        identity_render(d, true, out);
                 if (d->sync)
                         central_json(d, out);
                 fputs("}\n", out);
@@ -151,6 +192,8 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
                         k->id, created, seen, *k->central_id ? "  central " : "", k->central_id,
                         *since ? "  MISSING since " : "", since);
         }
+        if (d->identity)
+                identity_render(d, false, out);
         if (d->sync)
                 central_text(d, out);
 }

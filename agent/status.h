@@ -10,6 +10,7 @@
 #include "keystore.h"
 
 struct sync;
+struct identity_info;
 
 struct status_view {
         const struct config *config;
@@ -20,6 +21,7 @@ struct status_view {
         const char *healthz;          /* what Status answers the apiserver */
         uint64_t started_usec;        /* CLOCK_REALTIME */
         struct sync *sync;            /* fleet mode, serving; else NULL */
+        const struct identity_info *identity;   /* fleet mode: the client identity; else NULL */
 };
 
 void status_render(const struct status_view *v, bool json, FILE *out);

@@ -2,6 +2,7 @@
 #include <inttypes.h>
 #include <stdarg.h>
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -12,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "identity.h"
 #include "macro.h"
 #include "util.h"
 #include "log.h"
@@ -35,6 +37,7 @@ struct sync {
         pthread_mutex_t lock;              /* guards everything below */
         pthread_cond_t cond;
         bool stop, requested;
+        bool reload_identity;              /* tpmkmsctl enroll: rebuild the client */
         uint64_t gen_started, gen_done;    /* syncs started / finished (see sync.h) */
         uint64_t last_on_demand;           /* CLOCK_MONOTONIC */
         struct sync_status status;
@@ -99,14 +102,29 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
         int r;
 
         pthread_mutex_lock(&s->lock);
+        if (s->reload_identity) {
+                central_client_free(s->central);
+                s->central = NULL;
+                s->reload_identity = false;
+        }
         cc = s->central;
         pthread_mutex_unlock(&s->lock);
         if (!cc) {
                 /* Certificates may be fixed while we run: try again each time. */
+                EVP_PKEY *key = NULL;
                 struct central_options opt;
 
+                /* The TPM client key's secret is in the sealed cache, which
+                 * enroll may replace: read it as the writers do. */
+                pthread_mutex_lock(s->state_lock);
+                r = identity_load_key(s->config, s->vault->identity, &key, err, err_size);
+                pthread_mutex_unlock(s->state_lock);
+                if (r < 0)
+                        return r;
                 config_central_options(s->config, &opt);
+                opt.key = key;
                 r = central_client_new(&opt, &cc, err, err_size);
+                EVP_PKEY_free(key);   /* the TLS context holds its own reference */
                 if (r < 0)
                         return r;
                 pthread_mutex_lock(&s->lock);
@@ -299,6 +317,12 @@ bool sync_free(struct sync *s, uint64_t wait_usec) {
         pthread_mutex_destroy(&s->lock);
         free(s);
         return true;
+}
+
+void sync_reload_identity(struct sync *s) {
+        pthread_mutex_lock(&s->lock);
+        s->reload_identity = true;
+        pthread_mutex_unlock(&s->lock);
 }
 
 uint64_t sync_request(struct sync *s) {

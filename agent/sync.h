@@ -54,6 +54,10 @@ bool sync_free(struct sync *s, uint64_t wait_usec);
  * wants to see. Each request returns a token, the number of that sync;
  * sync_done_generation() >= token means it has finished. */
 
+/* The client key or its secret changed (tpmkmsctl enroll): the next sync
+ * builds its central KMS client from the files and the vault again. */
+void sync_reload_identity(struct sync *s);
+
 /* Sync now. Returns the token. */
 uint64_t sync_request(struct sync *s);
 /* For a Decrypt with an unknown key id: join a sync that is queued but not

@@ -7,12 +7,17 @@
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
+#include <fcntl.h>
+#include <openssl/crypto.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "util.h"
 #include "config.h"
 #include "control.h"
+#include "identity.h"
 #include "keystore.h"
 #include "log.h"
 #include "macro.h"
@@ -34,6 +39,10 @@ static void usage(FILE *f) {
                 "                   backup of this host (refused otherwise as a rollback)\n"
                 "  new-cache        with tpmkmsd stopped, standalone: the key cache is gone; make a new\n"
                 "                   one with a new first key (every old ciphertext stays unreadable)\n"
+                "  enroll --subject SUBJECT --csr FILE [--san SAN]... [--key-type ecdsa-p256|rsa-2048] [--force]\n"
+                "                   fleet mode: make this host's client key for the central KMS in the TPM\n"
+                "                   (written to [central] key_file, usable only by this TPM in the measured\n"
+                "                   state the cache is sealed to) and a CSR for the fleet CA (FILE)\n"
                 "  encryption-config [--name NAME] [--timeout DURATION] [RESOURCE...]\n"
                 "                   print a kube-apiserver EncryptionConfiguration using this plugin\n"
                 "                   (default resource: secrets; fail-closed: no identity provider)\n"
@@ -171,6 +180,19 @@ static int audit_snapshot(int argc, char **argv) {
         return snapshot_report_unencrypted(report) > 0 ? 1 : 0;
 }
 
+/* Whether tpmkmsd answers on the control socket. */
+static bool daemon_running(const struct config *c) {
+        char err[256];
+        FILE *null = fopen("/dev/null", "we");
+        int r;
+
+        if (!null)
+                return false;
+        r = control_call(c->control_socket, 1, (char *[]) { (char *) "status", NULL }, null, err, sizeof(err));
+        fclose(null);
+        return r >= 0;
+}
+
 /* accept-restore and new-cache run here, with the daemon stopped: they open
  * the vault themselves, once, allowing what a start refuses (a cache older
  * than the TPM's rollback counter; a standalone cache that is gone), and
@@ -179,17 +201,9 @@ static int open_vault_offline(const struct config *c, bool accept_restore) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         struct vault_options opt;
         struct vault v;
-        char err[256];
-        FILE *null;
         int r;
 
-        null = fopen("/dev/null", "we");
-        r = null ? control_call(c->control_socket, 1, (char *[]) { (char *) "status", NULL }, null, err,
-                                sizeof(err))
-                 : -errno;
-        if (null)
-                fclose(null);
-        if (r >= 0) {
+        if (daemon_running(c)) {
                 fprintf(stderr, "tpmkmsctl: tpmkmsd is running (%s answers): stop it first "
                         "(systemctl stop tpmkmsd)\n", c->control_socket);
                 return 1;
@@ -213,6 +227,192 @@ static int open_vault_offline(const struct config *c, bool accept_restore) {
                        c->state_dir, keyring_size(kr));
         vault_done(&v);
         return r < 0 || v.refused ? 1 : 0;
+}
+
+/* Write path atomically with mode, refusing to replace it unless force. */
+static int write_file(const char *path, const char *data, mode_t mode, bool force) {
+        char tmp[PATH_MAX];
+        int fd, r = 0;
+
+        if (!force && access(path, F_OK) == 0)
+                return -EEXIST;
+        if (snprintf(tmp, sizeof(tmp), "%s.tmpXXXXXX", path) >= (int) sizeof(tmp))
+                return -ENAMETOOLONG;
+        fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        if (fchmod(fd, mode) < 0 || write_all(fd, data, strlen(data)) < 0 || fsync(fd) < 0)
+                r = -errno;
+        if (close(fd) < 0 && r == 0)
+                r = -errno;
+        if (r == 0 && rename(tmp, path) < 0)
+                r = -errno;
+        if (r < 0)
+                (void) unlink(tmp);
+        return r;
+}
+
+/* Percent-encode what a control argument cannot hold (blanks, '%', ','
+ * inside one SAN is allowed: the list is comma-separated). */
+static void percent_encode(const char *s, char *out, size_t size) {
+        size_t n = 0;
+
+        for (; *s && n + 4 < size; s++) {
+                if (*s == ' ' || *s == '\t' || *s == '%' || (unsigned char) *s < 0x20)
+                        n += (size_t) snprintf(out + n, size - n, "%%%02X", (unsigned char) *s);
+                else
+                        out[n++] = *s;
+        }
+        out[n] = '\0';
+}
+
+/* enroll: through the daemon when it runs (it owns the TPM and the cache),
+ * else here, opening the vault (a host with no cache yet gets one). */
+static int enroll(const struct config *c, int argc, char **argv) {
+        static const struct option options[] = {
+                { "subject", required_argument, NULL, 's' },
+                { "csr", required_argument, NULL, 'o' },
+                { "san", required_argument, NULL, 'a' },
+                { "key-type", required_argument, NULL, 't' },
+                { "force", no_argument, NULL, 'f' },
+                {},
+        };
+        struct identity_enroll_options o = { .key_type = TPM_KEY_ECC_P256 };
+        _cleanup_free_ char *key_pem = NULL, *csr_pem = NULL, *reply = NULL;
+        const char *csr_file = NULL, *type = "ecdsa-p256";
+        char err[1024], subj[256], sans[256] = "";
+        bool force = false;
+        size_t reply_len = 0;
+        FILE *f;
+        int opt, r;
+
+        optind = 0;
+        while ((opt = getopt_long(argc, argv, "s:o:a:t:f", options, NULL)) >= 0) {
+                switch (opt) {
+                case 's': o.subject = optarg; break;
+                case 'o': csr_file = optarg; break;
+                case 'a':
+                        if (o.n_sans == IDENTITY_SANS_MAX || strchr(optarg, ',')) {
+                                fprintf(stderr, "tpmkmsctl: --san: at most %d, one per option\n", IDENTITY_SANS_MAX);
+                                return 1;
+                        }
+                        o.sans[o.n_sans++] = optarg;
+                        break;
+                case 't': type = optarg; break;
+                case 'f': force = true; break;
+                default: return 2;
+                }
+        }
+        o.key_type = identity_key_type_from_string(type);
+        if (!o.subject || !csr_file || optind != argc || o.key_type < 0) {
+                fprintf(stderr, "usage: tpmkmsctl enroll --subject SUBJECT --csr FILE [--san SAN]... "
+                        "[--key-type ecdsa-p256|rsa-2048] [--force]\n");
+                return 2;
+        }
+        if (c->central_type != CENTRAL_KMIP) {
+                fprintf(stderr, "tpmkmsctl: enroll is for fleet mode ([central] type = kmip)\n");
+                return 1;
+        }
+        if (!force && access(c->key_file, F_OK) == 0) {
+                fprintf(stderr, "tpmkmsctl: %s exists: this host has an identity; --force replaces it "
+                        "(the old key stops working at once)\n", c->key_file);
+                return 1;
+        }
+
+        if (daemon_running(c)) {
+                char *args[6], *end;
+
+                percent_encode(o.subject, subj, sizeof(subj));
+                for (size_t i = 0; i < o.n_sans; i++) {
+                        char enc[128];
+                        percent_encode(o.sans[i], enc, sizeof(enc));
+                        strappendf(sans, sizeof(sans), "%s%s", i ? "," : "", enc);
+                }
+                args[0] = (char *) "enroll";
+                args[1] = subj;
+                args[2] = (char *) type;
+                args[3] = (char *) (force ? "1" : "0");
+                args[4] = *sans ? sans : (char *) "-";
+                args[5] = NULL;
+                f = open_memstream(&reply, &reply_len);
+                if (!f)
+                        return 1;
+                r = control_call(c->control_socket, 5, args, f, err, sizeof(err));
+                fclose(f);
+                if (r < 0) {
+                        fprintf(stderr, "tpmkmsctl: %s\n", err);
+                        return 1;
+                }
+                end = reply ? strstr(reply, "-----END TSS2 PRIVATE KEY-----\n") : NULL;
+                if (!end) {
+                        fprintf(stderr, "tpmkmsctl: tpmkmsd answered no key file\n");
+                        return 1;
+                }
+                end += strlen("-----END TSS2 PRIVATE KEY-----\n");
+                csr_pem = strdup(end);
+                *end = '\0';
+                key_pem = strdup(reply);
+                if (!csr_pem || !key_pem)
+                        return 1;
+        } else {
+                _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+                struct vault_options vopt;
+                struct vault v;
+                struct vault_identity *secret;
+
+                log_setup(LOG_INFO);
+                r = keyring_secure_heap_init();
+                if (r < 0) {
+                        fprintf(stderr, "tpmkmsctl: cannot set up locked memory (ulimit -l): %s\n", strerror(-r));
+                        return 1;
+                }
+                config_vault_options(c, &vopt);
+                r = vault_open(&v, &vopt, false, &kr);
+                if (r >= 0 && v.refused) {
+                        fprintf(stderr, "tpmkmsctl: the sealed cache is refused (%s): to re-provision, move %s "
+                                "aside and enroll again (README, recovery)\n", v.reason, c->state_dir);
+                        vault_done(&v);
+                        return 1;
+                }
+                if (r < 0) {
+                        vault_done(&v);
+                        return 1;
+                }
+                if (v.identity && !force) {
+                        fprintf(stderr, "tpmkmsctl: the sealed cache already holds an enrolled client key; "
+                                "--force replaces it\n");
+                        vault_done(&v);
+                        return 1;
+                }
+                secret = OPENSSL_secure_zalloc(sizeof(*secret));
+                r = secret ? identity_enroll(c, &o, secret, &key_pem, &csr_pem, err, sizeof(err)) : -ENOMEM;
+                if (r >= 0)
+                        r = vault_set_identity(&v, kr, secret);
+                else
+                        fprintf(stderr, "tpmkmsctl: %s\n", err);
+                OPENSSL_secure_clear_free(secret, sizeof(*secret));
+                vault_done(&v);
+                if (r < 0)
+                        return 1;
+        }
+
+        /* The key file is not secret (useless without this TPM and the
+         * sealed cache), but 0600 all the same: the daemon refuses more. */
+        r = write_file(c->key_file, key_pem, 0600, true);
+        if (r < 0) {
+                fprintf(stderr, "tpmkmsctl: cannot write %s: %s; the sealed cache already holds the new "
+                        "key's secret: run enroll --force again\n", c->key_file, strerror(-r));
+                return 1;
+        }
+        r = write_file(csr_file, csr_pem, 0644, true);
+        if (r < 0) {
+                fprintf(stderr, "tpmkmsctl: cannot write %s: %s\n", csr_file, strerror(-r));
+                return 1;
+        }
+        printf("enrolled: TPM-bound %s client key in %s; CSR in %s.\n"
+               "Have the fleet CA sign it (clientAuth) into %s; tpmkmsd uses it from its next sync.\n",
+               type, c->key_file, csr_file, c->cert_file);
+        return 0;
 }
 
 int main(int argc, char **argv) {
@@ -250,6 +450,8 @@ int main(int argc, char **argv) {
         }
         if (strcmp(argv[optind], "encryption-config") == 0)
                 return encryption_config(&config, argc - optind, argv + optind);
+        if (strcmp(argv[optind], "enroll") == 0)
+                return enroll(&config, argc - optind, argv + optind);
         if (strcmp(argv[optind], "accept-restore") == 0 && argc - optind == 1)
                 return open_vault_offline(&config, true);
         if (strcmp(argv[optind], "new-cache") == 0 && argc - optind == 1)

@@ -58,5 +58,8 @@ void log_audit_flush(uint64_t now, bool all);
 #define LOG_MESSAGE_KEY_MATERIAL_CHANGED "7f3c9a1e5b2d4c80a6e1f9d3b7c5a214"
 /* A cached version went missing at the central KMS (Destroyed, not located). */
 #define LOG_MESSAGE_KEY_MISSING   "c3e85b1f6a0d4e27b94f2d7a1c6e8b35"
+/* The client identity for the central KMS: enrolled, certificate expiry
+ * (TPMKMS_CERT_NOT_AFTER, TPMKMS_CERT_DAYS_LEFT in the message). */
+#define LOG_MESSAGE_IDENTITY      "e6b04c2f8d1a4b7e9c35f0a2d7e1b486"
 void log_key_event(const char *message_id, const char *key_id, const char *role,
                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));

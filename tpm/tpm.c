@@ -11,6 +11,7 @@
  * it goes out of scope, on every path. */
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,7 +45,21 @@ struct tpm {
         TSS2_TCTI_CONTEXT *tcti;
         ESYS_CONTEXT *esys;
         ESYS_TR srk;                    /* persistent: closed, never flushed */
+        bool locked;                    /* holds tpm_lock (see tpm_open) */
 };
+
+/* One TPM connection at a time in this process, whichever thread asks: the
+ * sync thread (the client key signs during a TLS handshake; cache writes
+ * advance the NV counter) and the event loop (start, reseal, enroll) each
+ * open the TPM per operation. swtpm's socket serves one connection at a
+ * time and queues the next, /dev/tpm0 refuses a second open: without this
+ * lock, a second context would wait on the TPM instead of on a mutex, or
+ * fail. A thread that opens the same TPM twice would wait for itself:
+ * -EDEADLK instead of a hang. A thread holding the lock may open another
+ * TPM (another tcti: a test comparing two TPMs) without taking it again. */
+static pthread_mutex_t tpm_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread bool tpm_lock_held;
+static __thread char tpm_lock_tcti[256];
 
 /* ---- logging ------------------------------------------------------------ */
 
@@ -890,6 +905,10 @@ void tpm_close(struct tpm *t) {
                 Esys_Finalize(&t->esys);
         if (t->tcti)
                 Tss2_TctiLdr_Finalize(&t->tcti);
+        if (t->locked) {
+                tpm_lock_held = false;
+                pthread_mutex_unlock(&tpm_lock);
+        }
         free(t);
 }
 
@@ -932,11 +951,18 @@ int tpm_open(const char *tcti, const char *owner_auth, struct tpm **ret) {
 
         if (!tcti || !ret)
                 return -EINVAL;
+        if (tpm_lock_held && strncmp(tpm_lock_tcti, tcti, sizeof(tpm_lock_tcti)) == 0)
+                return -EDEADLK;
 
         t = calloc(1, sizeof(*t));
         if (!t)
                 return -ENOMEM;
         t->srk = ESYS_TR_NONE;
+        if (!tpm_lock_held) {
+                pthread_mutex_lock(&tpm_lock);
+                tpm_lock_held = t->locked = true;
+                snprintf(tpm_lock_tcti, sizeof(tpm_lock_tcti), "%s", tcti);
+        }
 
         /* The TCTI connects (or opens the device) here: any failure means no
          * TPM at that address. */
@@ -972,6 +998,21 @@ int tpm_open(const char *tcti, const char *owner_auth, struct tpm **ret) {
 
         *ret = TAKE_PTR(t);
         return 0;
+}
+
+/* A created object's areas as blobs of TPM_BLOB_MAX bytes (Tss2_MU). */
+static int marshal_created(const TPM2B_PUBLIC *pub, const TPM2B_PRIVATE *priv, uint8_t *pub_blob,
+                           size_t *pub_size, uint8_t *priv_blob, size_t *priv_size) {
+        TSS2_RC rc;
+        int r;
+
+        *pub_size = *priv_size = 0;
+        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(pub, pub_blob, TPM_BLOB_MAX, pub_size);
+        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
+        if (r < 0)
+                return r;
+        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(priv, priv_blob, TPM_BLOB_MAX, priv_size);
+        return tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
 }
 
 /* ---- seal --------------------------------------------------------------- */
@@ -1044,13 +1085,8 @@ static __attribute__((noinline)) int seal_impl(struct tpm *t, const struct tpm_p
                 return -EIO;
         }
 
-        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(out_public, s.public_blob, sizeof(s.public_blob), &s.public_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
-        if (r < 0)
-                return r;
-        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(out_private, s.private_blob, sizeof(s.private_blob),
-                                           &s.private_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+        r = marshal_created(out_public, out_private, s.public_blob, &s.public_size, s.private_blob,
+                            &s.private_size);
         if (r < 0)
                 return r;
 
@@ -1630,13 +1666,8 @@ static __attribute__((noinline)) int cache_key_create_impl(struct tpm *t, const 
                 return -EIO;
         }
 
-        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(out_public, s.public_blob, sizeof(s.public_blob), &s.public_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PUBLIC_Marshal");
-        if (r < 0)
-                return r;
-        rc = Tss2_MU_TPM2B_PRIVATE_Marshal(out_private, s.private_blob, sizeof(s.private_blob),
-                                           &s.private_size);
-        r = tpm_rc_to_errno(rc, -EIO, "Tss2_MU_TPM2B_PRIVATE_Marshal");
+        r = marshal_created(out_public, out_private, s.public_blob, &s.public_size, s.private_blob,
+                            &s.private_size);
         if (r < 0)
                 return r;
 
@@ -1921,4 +1952,303 @@ int tpm_counter_define(struct tpm *t, uint32_t index, const char *owner_auth, ui
         if (r < 0)
                 return r;
         return counter_read_tr(t, nv.tr, ret);
+}
+
+/* ---- the client key (the host's identity at the central KMS) ------------ */
+
+#define KEY_ATTRS_COMMON (TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_SENSITIVEDATAORIGIN | \
+                          TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA | TPMA_OBJECT_SIGN_ENCRYPT)
+/* RSA: the raw private operation (TPM2_RSA_Decrypt, scheme NULL) is how
+ * OpenSSL's PSS and PKCS#1 v1.5 paddings reach the TPM (tpm/key.c). */
+#define KEY_ATTRS_RSA (KEY_ATTRS_COMMON | TPMA_OBJECT_DECRYPT)
+
+static int key_unmarshal(const struct tpm_key *k, TPM2B_PUBLIC *pub, TPM2B_PRIVATE *priv) {
+        size_t off = 0;
+
+        if (!k || k->public_size == 0 || k->public_size > TPM_BLOB_MAX || k->private_size == 0 ||
+            k->private_size > TPM_BLOB_MAX)
+                return -EINVAL;
+        *pub = (TPM2B_PUBLIC) {};
+        if (Tss2_MU_TPM2B_PUBLIC_Unmarshal(k->public_blob, k->public_size, &off, pub) != TSS2_RC_SUCCESS ||
+            off != k->public_size)
+                return -EINVAL;
+        if (priv) {
+                off = 0;
+                *priv = (TPM2B_PRIVATE) {};
+                if (Tss2_MU_TPM2B_PRIVATE_Unmarshal(k->private_blob, k->private_size, &off, priv) !=
+                            TSS2_RC_SUCCESS ||
+                    off != k->private_size)
+                        return -EINVAL;
+        }
+        return 0;
+}
+
+int tpm_key_check(const struct tpm_key *k, struct tpm_key_public *ret) {
+        TPM2B_PUBLIC pub;
+        const TPMT_PUBLIC *p = &pub.publicArea;
+        struct tpm_key_public kp = {};
+        int r;
+
+        r = key_unmarshal(k, &pub, NULL);
+        if (r < 0)
+                return r;
+        if (k->parent != TPM_SRK_HANDLE || p->nameAlg != TPM2_ALG_SHA256 || p->authPolicy.size != 0)
+                return -EINVAL;
+        if (p->type == TPM2_ALG_ECC) {
+                const TPMS_ECC_PARMS *e = &p->parameters.eccDetail;
+
+                if (p->objectAttributes != KEY_ATTRS_COMMON || e->curveID != TPM2_ECC_NIST_P256 ||
+                    e->scheme.scheme != TPM2_ALG_NULL || e->symmetric.algorithm != TPM2_ALG_NULL ||
+                    p->unique.ecc.x.size == 0 || p->unique.ecc.x.size > sizeof(kp.x) ||
+                    p->unique.ecc.y.size == 0 || p->unique.ecc.y.size > sizeof(kp.y))
+                        return -EINVAL;
+                kp.type = TPM_KEY_ECC_P256;
+                /* Left-padded to the field size: MU keeps what the TPM sent. */
+                memcpy(kp.x + sizeof(kp.x) - p->unique.ecc.x.size, p->unique.ecc.x.buffer, p->unique.ecc.x.size);
+                memcpy(kp.y + sizeof(kp.y) - p->unique.ecc.y.size, p->unique.ecc.y.buffer, p->unique.ecc.y.size);
+        } else if (p->type == TPM2_ALG_RSA) {
+                const TPMS_RSA_PARMS *rp = &p->parameters.rsaDetail;
+
+                if (p->objectAttributes != KEY_ATTRS_RSA || rp->keyBits != 2048 ||
+                    rp->scheme.scheme != TPM2_ALG_NULL || rp->symmetric.algorithm != TPM2_ALG_NULL ||
+                    p->unique.rsa.size != 256)
+                        return -EINVAL;
+                kp.type = TPM_KEY_RSA_2048;
+                memcpy(kp.n, p->unique.rsa.buffer, 256);
+                kp.n_size = 256;
+                kp.exponent = rp->exponent ? rp->exponent : 65537;   /* Part 2, 12.2.3.5: 0 = 2^16+1 */
+        } else
+                return -EINVAL;
+        if (ret)
+                *ret = kp;
+        return 0;
+}
+
+static __attribute__((noinline)) int key_create_impl(struct tpm *t, int type, const uint8_t auth[TPM_KEY_AUTH_SIZE],
+                                                      struct tpm_key *ret) {
+        static const TPM2B_DATA outside = {};
+        static const TPML_PCR_SELECTION creation_pcr = {};
+        _cleanup_(sensitive_create_erasep) TPM2B_SENSITIVE_CREATE sensitive = {};
+        _cleanup_esys_free_ TPM2B_PRIVATE *out_private = NULL;
+        _cleanup_esys_free_ TPM2B_PUBLIC *out_public = NULL;
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        struct tpm_key k = { .parent = TPM_SRK_HANDLE };
+        TPM2B_PUBLIC template = {};
+        TPMT_PUBLIC *p = &template.publicArea;
+        TSS2_RC rc;
+        int r;
+
+        if (!t || !auth || !ret || (type != TPM_KEY_ECC_P256 && type != TPM_KEY_RSA_2048))
+                return -EINVAL;
+
+        /* A signing key (Part 2, 8.3 TPMA_OBJECT; Part 3, 12.1 TPM2_Create):
+         *  - sensitiveDataOrigin: the TPM generates the private key; nobody
+         *    outside ever knows it;
+         *  - fixedTPM|fixedParent: never duplicated off this TPM, so the
+         *    key file is useless on any other TPM;
+         *  - userWithAuth with a random 32-byte authValue kept only in the
+         *    sealed cache (agent/keystore/cache.h): using the key needs
+         *    what only this TPM in the measured state can decrypt;
+         *  - noDA: our own tries never count towards lockout; a 256-bit
+         *    authValue cannot be guessed anyway;
+         *  - scheme NULL: the caller names the scheme per signature. */
+        p->nameAlg = TPM2_ALG_SHA256;
+        if (type == TPM_KEY_ECC_P256) {
+                p->type = TPM2_ALG_ECC;
+                p->objectAttributes = KEY_ATTRS_COMMON;
+                p->parameters.eccDetail.symmetric.algorithm = TPM2_ALG_NULL;
+                p->parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
+                p->parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
+                p->parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+        } else {
+                p->type = TPM2_ALG_RSA;
+                p->objectAttributes = KEY_ATTRS_RSA;
+                p->parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_NULL;
+                p->parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+                p->parameters.rsaDetail.keyBits = 2048;
+                p->parameters.rsaDetail.exponent = 0;
+        }
+        sensitive.sensitive.userAuth.size = TPM_KEY_AUTH_SIZE;
+        memcpy(sensitive.sensitive.userAuth.buffer, auth, TPM_KEY_AUTH_SIZE);
+
+        /* inSensitive (the authValue) is the first parameter:
+         * TPMA_SESSION_DECRYPT keeps it off the bus. */
+        r = start_session(t, TPM2_SE_HMAC, TPMA_SESSION_DECRYPT, &session);
+        if (r < 0)
+                return r;
+        TPM_RETRY(rc, Esys_Create(t->esys, t->srk, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &sensitive,
+                                  &template, &outside, &creation_pcr, &out_private, &out_public, NULL,
+                                  NULL, NULL));
+        esys_secrets_wipe(t);
+        r = tpm_rc_to_errno(rc, -EIO, "Create(client key)");
+        if (r < 0)
+                return r;
+        if (out_public->publicArea.objectAttributes != p->objectAttributes) {
+                log_debug("Create: the client key is not the one requested");
+                return -EIO;
+        }
+        r = marshal_created(out_public, out_private, k.public_blob, &k.public_size, k.private_blob,
+                            &k.private_size);
+        if (r < 0)
+                return r;
+        r = tpm_key_check(&k, NULL);
+        if (r < 0) {
+                log_debug("Create: the client key fails tpm_key_check");
+                return -EIO;
+        }
+        *ret = k;
+        return 0;
+}
+
+int tpm_key_create(struct tpm *t, int type, const uint8_t auth[TPM_KEY_AUTH_SIZE], struct tpm_key *ret) {
+        int r = key_create_impl(t, type, auth, ret);
+
+        stack_scrub();
+        return r;
+}
+
+/* Load k under the SRK and give ESYS its authValue, for a salted HMAC
+ * session: the authValue keys the session's HMAC and never crosses the bus
+ * (a password session would send it in clear). */
+static int key_load(struct tpm *t, const struct tpm_key *k, const uint8_t auth[TPM_KEY_AUTH_SIZE],
+                    TPMT_PUBLIC *ret_pub, struct tpm_handle *object, struct tpm_handle *session) {
+        TPM2B_PUBLIC pub;
+        TPM2B_PRIVATE priv;
+        TPM2B_AUTH a = { .size = TPM_KEY_AUTH_SIZE };
+        TSS2_RC rc;
+        int r;
+
+        r = tpm_key_check(k, NULL);
+        if (r < 0)
+                return r;
+        r = key_unmarshal(k, &pub, &priv);
+        if (r < 0)
+                return r;
+        TPM_RETRY(rc, Esys_Load(t->esys, t->srk, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &priv, &pub,
+                                &object->tr));
+        r = tpm_rc_to_errno(rc, -EXDEV, "Load(client key)");
+        if (r < 0) {
+                object->tr = ESYS_TR_NONE;
+                return r;
+        }
+        memcpy(a.buffer, auth, TPM_KEY_AUTH_SIZE);
+        rc = Esys_TR_SetAuth(t->esys, object->tr, &a);
+        explicit_bzero(&a, sizeof(a));
+        r = tpm_rc_to_errno(rc, -EIO, "TR_SetAuth");
+        if (r < 0)
+                return r;
+        *ret_pub = pub.publicArea;
+        return start_session(t, TPM2_SE_HMAC, 0, session);
+}
+
+/* A use of the key that failed authorization is a wrong authValue: the key
+ * file and the sealed cache's secret are not a pair. */
+static int key_use_errno(TSS2_RC rc, const char *what) {
+        TSS2_RC code = tpm_rc_code(rc);
+        int r = tpm_rc_to_errno(rc, -EIO, what);
+
+        if (r < 0 && (code == TPM2_RC_AUTH_FAIL || code == TPM2_RC_BAD_AUTH))
+                return -EACCES;
+        return r;
+}
+
+static __attribute__((noinline)) int key_sign_impl(struct tpm *t, const struct tpm_key *k,
+                                                    const uint8_t auth[TPM_KEY_AUTH_SIZE], const uint8_t *digest,
+                                                    size_t digest_size, uint8_t sig_r[32], uint8_t sig_s[32]) {
+        struct tpm_handle object _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        _cleanup_esys_free_ TPMT_SIGNATURE *sig = NULL;
+        TPMT_TK_HASHCHECK validation = { .tag = TPM2_ST_HASHCHECK, .hierarchy = TPM2_RH_NULL };
+        TPMT_SIG_SCHEME scheme = { .scheme = TPM2_ALG_ECDSA };
+        TPM2B_DIGEST d = {};
+        TPMT_PUBLIC pub;
+        TSS2_RC rc;
+        int r;
+
+        if (!t || !auth || !digest || !sig_r || !sig_s)
+                return -EINVAL;
+        /* Part 3, 20.2 TPM2_Sign: the digest's size must be the scheme
+         * hash's; OpenSSL hands us SHA-256, -384 or -512 digests (TLS
+         * signature algorithms, X509_REQ_sign). */
+        switch (digest_size) {
+        case 32: scheme.details.ecdsa.hashAlg = TPM2_ALG_SHA256; break;
+        case 48: scheme.details.ecdsa.hashAlg = TPM2_ALG_SHA384; break;
+        case 64: scheme.details.ecdsa.hashAlg = TPM2_ALG_SHA512; break;
+        default: return -EINVAL;
+        }
+        r = key_load(t, k, auth, &pub, &object, &session);
+        if (r < 0)
+                return r;
+        if (pub.type != TPM2_ALG_ECC)
+                return -EINVAL;
+        d.size = (UINT16) digest_size;
+        memcpy(d.buffer, digest, digest_size);
+        TPM_RETRY(rc, Esys_Sign(t->esys, object.tr, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &d, &scheme,
+                                &validation, &sig));
+        r = key_use_errno(rc, "Sign");
+        if (r < 0)
+                return r;
+        if (sig->sigAlg != TPM2_ALG_ECDSA || sig->signature.ecdsa.signatureR.size > 32 ||
+            sig->signature.ecdsa.signatureS.size > 32)
+                return -EIO;
+        memset(sig_r, 0, 32);
+        memset(sig_s, 0, 32);
+        memcpy(sig_r + 32 - sig->signature.ecdsa.signatureR.size, sig->signature.ecdsa.signatureR.buffer,
+               sig->signature.ecdsa.signatureR.size);
+        memcpy(sig_s + 32 - sig->signature.ecdsa.signatureS.size, sig->signature.ecdsa.signatureS.buffer,
+               sig->signature.ecdsa.signatureS.size);
+        return 0;
+}
+
+int tpm_key_sign_ecdsa(struct tpm *t, const struct tpm_key *k, const uint8_t auth[TPM_KEY_AUTH_SIZE],
+                       const uint8_t *digest, size_t digest_size, uint8_t sig_r[32], uint8_t sig_s[32]) {
+        int r = key_sign_impl(t, k, auth, digest, digest_size, sig_r, sig_s);
+
+        stack_scrub();   /* the authValue went through ESYS's frames */
+        return r;
+}
+
+static __attribute__((noinline)) int key_rsa_impl(struct tpm *t, const struct tpm_key *k,
+                                                   const uint8_t auth[TPM_KEY_AUTH_SIZE], const uint8_t *in,
+                                                   size_t in_size, uint8_t out[256]) {
+        static const TPMT_RSA_DECRYPT scheme = { .scheme = TPM2_ALG_NULL };
+        static const TPM2B_DATA label = {};
+        struct tpm_handle object _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
+        _cleanup_esys_free_ TPM2B_PUBLIC_KEY_RSA *msg = NULL;
+        TPM2B_PUBLIC_KEY_RSA c = {};
+        TPMT_PUBLIC pub;
+        TSS2_RC rc;
+        int r;
+
+        if (!t || !auth || !in || !out || in_size != 256)
+                return -EINVAL;
+        r = key_load(t, k, auth, &pub, &object, &session);
+        if (r < 0)
+                return r;
+        if (pub.type != TPM2_ALG_RSA)
+                return -EINVAL;
+        c.size = 256;
+        memcpy(c.buffer, in, 256);
+        /* Part 3, 14.3 TPM2_RSA_Decrypt with scheme NULL: RSADP, the raw
+         * private operation on an already padded block (a signature, not
+         * a secret: nothing to keep off the bus). */
+        TPM_RETRY(rc, Esys_RSA_Decrypt(t->esys, object.tr, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &c, &scheme,
+                                       &label, &msg));
+        r = key_use_errno(rc, "RSA_Decrypt");
+        if (r < 0)
+                return r;
+        if (msg->size > 256)
+                return -EIO;
+        memset(out, 0, 256);
+        memcpy(out + 256 - msg->size, msg->buffer, msg->size);
+        return 0;
+}
+
+int tpm_key_rsa_private(struct tpm *t, const struct tpm_key *k, const uint8_t auth[TPM_KEY_AUTH_SIZE],
+                        const uint8_t *in, size_t in_size, uint8_t out[256]) {
+        int r = key_rsa_impl(t, k, auth, in, in_size, out);
+
+        stack_scrub();
+        return r;
 }

@@ -96,8 +96,10 @@ bool tpm_pcr_selection_is_empty(const struct tpm_pcr_selection *sel);
  * SRK exists at TPM_SRK_HANDLE (ECC P-256 TCG template, RSA-2048 fallback),
  * creating and persisting it on first use with the owner hierarchy's
  * authorisation owner_auth (NULL or "" = empty; used only then, through an
- * HMAC session). Returns 0, -ENODEV, -ENOLCK, -EACCES (the owner
- * authorisation was refused), -EINVAL, -EIO. */
+ * HMAC session). One open TPM per process at a time: a second tpm_open from
+ * another thread waits until tpm_close (tpm.c, tpm_lock); from the same
+ * thread for the same tcti it is -EDEADLK. Returns 0, -ENODEV, -ENOLCK,
+ * -EACCES (the owner authorisation was refused), -EINVAL, -EIO, -EDEADLK. */
 int tpm_open(const char *tcti, const char *owner_auth, struct tpm **ret);
 /* Accepts NULL. Flushes everything transient this module created. */
 void tpm_close(struct tpm *t);
@@ -247,3 +249,83 @@ int tpm_counter_define(struct tpm *t, uint32_t index, const char *owner_auth, ui
 /* Increment the counter by one; the new value in ret (may be NULL).
  * Returns 0, -EINVAL, -ENOENT, -ENOTUNIQ, -ENODEV, -ENOLCK, -EIO. */
 int tpm_counter_increment(struct tpm *t, uint32_t index, uint64_t *ret);
+
+/* ---- the client key: this host's identity at the central KMS --------------
+ *
+ * A signing key the TPM generates under the SRK: fixedTPM|fixedParent|
+ * sensitiveDataOrigin (the private key never exists outside this TPM),
+ * userWithAuth with a random 32-byte authValue that the agent keeps only
+ * inside the sealed cache (agent/keystore/cache.h, the identity section),
+ * noDA, scheme NULL. Using it needs the blobs (the key file, not secret:
+ * useless on any other TPM) and the authValue (readable only where the
+ * cache key derives: this TPM, the measured state). Every use goes through
+ * a salted HMAC session, so the authValue never crosses the bus. */
+
+enum {
+        TPM_KEY_ECC_P256 = 1,   /* ECDSA P-256: the default */
+        TPM_KEY_RSA_2048 = 2,   /* for central KMSes that want RSA */
+};
+#define TPM_KEY_AUTH_SIZE 32
+
+struct tpm_key {
+        uint32_t parent;                  /* TPM_SRK_HANDLE */
+        uint8_t public_blob[TPM_BLOB_MAX];   /* marshalled TPM2B_PUBLIC */
+        size_t public_size;
+        uint8_t private_blob[TPM_BLOB_MAX];  /* marshalled TPM2B_PRIVATE (wrapped by the SRK) */
+        size_t private_size;
+};
+
+/* The public half, from the public blob. */
+struct tpm_key_public {
+        int type;                         /* TPM_KEY_* */
+        uint8_t x[32], y[32];             /* ECC P-256 point, big-endian */
+        uint8_t n[256];                   /* RSA modulus, big-endian */
+        size_t n_size;
+        uint32_t exponent;
+};
+
+/* Create a client key of type with auth as its authValue (sent encrypted).
+ * Returns 0, -EINVAL, -ENODEV, -ENOLCK, -EIO. */
+int tpm_key_create(struct tpm *t, int type, const uint8_t auth[TPM_KEY_AUTH_SIZE], struct tpm_key *ret);
+
+/* Whether k is a key tpm_key_create makes (parent, attributes, type,
+ * scheme); pure, no TPM. ret (may be NULL) gets the public half. Returns 0
+ * or -EINVAL. */
+int tpm_key_check(const struct tpm_key *k, struct tpm_key_public *ret);
+
+/* ECDSA signature (r, s, each 32 bytes big-endian) of a SHA-256, -384 or
+ * -512 digest (the size says which). Loads k, signs through a salted HMAC
+ * session keyed with auth, flushes. Returns 0, -EINVAL, -EXDEV (k does not
+ * load: another TPM's key, or the TPM was cleared), -EACCES (auth is not
+ * k's authValue), -ENODEV, -ENOLCK, -EIO. */
+int tpm_key_sign_ecdsa(struct tpm *t, const struct tpm_key *k, const uint8_t auth[TPM_KEY_AUTH_SIZE],
+                       const uint8_t *digest, size_t digest_size, uint8_t sig_r[32], uint8_t sig_s[32]);
+
+/* RSA-2048: the raw private operation (RSADP) on a 256-byte block the
+ * caller padded (PSS or PKCS#1 v1.5 signature padding). Returns as
+ * tpm_key_sign_ecdsa. */
+int tpm_key_rsa_private(struct tpm *t, const struct tpm_key *k, const uint8_t auth[TPM_KEY_AUTH_SIZE],
+                        const uint8_t *in, size_t in_size, uint8_t out[256]);
+
+/* tpm/key.c: the key file and the key as OpenSSL sees it. */
+
+/* The "TSS2 PRIVATE KEY" PEM that tpm2-openssl and the TPM2 engines read
+ * (TCG/IETF draft-bottomley-tpm2-keys: OID 2.23.133.10.1.3, emptyAuth
+ * absent, parent, TPM2B_PUBLIC, TPM2B_PRIVATE). *ret is malloc'ed and
+ * NUL-terminated. Returns 0, -EINVAL, -ENOMEM. */
+int tpm_key_pem_write(const struct tpm_key *k, char **ret, size_t *ret_len);
+/* Parse such a PEM (the first PEM block in buf). Returns 0; -ENOMSG (buf
+ * is some other PEM, e.g. a plain private key); -EINVAL (a TSS2 key that
+ * is malformed or not one tpm_key_create makes). */
+int tpm_key_pem_read(const void *buf, size_t len, struct tpm_key *ret);
+
+typedef struct evp_pkey_st EVP_PKEY;
+/* An OpenSSL key whose private operations run in the TPM at tcti: each
+ * signature opens the TPM (tpm_open, so it waits for any other user in this
+ * process), loads k, signs, flushes and closes; nothing stays open between
+ * handshakes. tcti, k and auth are copied (auth into the secure heap, wiped
+ * when the key is freed). Failures in a signature are queued as OpenSSL
+ * errors whose data names the cause (e.g. "the TPM refused the client key's
+ * authorization value"). Returns 0, -EINVAL, -ENOMEM. */
+int tpm_key_evp_pkey(const char *tcti, const struct tpm_key *k, const uint8_t auth[TPM_KEY_AUTH_SIZE],
+                     EVP_PKEY **ret);

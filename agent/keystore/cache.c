@@ -240,8 +240,10 @@ int cache_decode_header(const uint8_t *buf, size_t len, struct cache_header *ret
 
 /* ---- keys: the plaintext serialisation ---- */
 
-static size_t keys_size(const struct keyring *kr) {
-        size_t n = 4;
+#define IDENTITY_SECTION_SIZE (1 + 32 + TPM_KEY_AUTH_SIZE)
+
+static size_t keys_size(const struct keyring *kr, const struct vault_identity *identity) {
+        size_t n = 4 + (identity ? IDENTITY_SECTION_SIZE : 0);
 
         for (size_t i = 0; i < keyring_size(kr); i++) {
                 const struct key_version *v = keyring_get(kr, i);
@@ -251,7 +253,7 @@ static size_t keys_size(const struct keyring *kr) {
         return n;
 }
 
-static void keys_write(uint8_t *p, const struct keyring *kr) {
+static void keys_write(uint8_t *p, const struct keyring *kr, const struct vault_identity *identity) {
         p = wr_u32(p, (uint32_t) keyring_size(kr));
         for (size_t i = 0; i < keyring_size(kr); i++) {
                 const struct key_version *v = keyring_get(kr, i);
@@ -266,6 +268,11 @@ static void keys_write(uint8_t *p, const struct keyring *kr) {
                 p = wr_u16(p, (uint16_t) cid_len);
                 p = wr_bytes(p, v->central_id, cid_len);
                 p = wr_bytes(p, v->kek, AES256_KEY_SIZE);
+        }
+        if (identity) {
+                p = wr_u8(p, CACHE_SECTION_IDENTITY);
+                p = wr_bytes(p, identity->key_digest, sizeof(identity->key_digest));
+                (void) wr_bytes(p, identity->auth, sizeof(identity->auth));
         }
 }
 
@@ -284,11 +291,13 @@ static bool rd_string(struct rd *r, size_t min, char *dst, size_t size) {
 /* Builds the keyring from pt, whose records are of format version. The
  * key_version array points into pt for the KEKs and holds no secret of its
  * own. */
-static int keys_parse(const uint8_t *pt, size_t len, uint32_t version, struct keyring **ret) {
+static int keys_parse(const uint8_t *pt, size_t len, uint32_t version, struct keyring **ret,
+                      struct vault_identity **ret_identity) {
         _cleanup_free_ struct key_version *keys = NULL;
         struct rd r = { .p = pt, .left = len };
         size_t fixed = version == 1 ? KEY_RECORD_FIXED_V1 : KEY_RECORD_FIXED;
         uint32_t n;
+        int k;
 
         if (!rd_u32(&r, &n) || n > KEYRING_MAX_KEYS || n > r.left / fixed)
                 return -EBADMSG;
@@ -316,23 +325,43 @@ static int keys_parse(const uint8_t *pt, size_t len, uint32_t version, struct ke
                 v->role = role;
                 v->kek = (uint8_t *) kek;
         }
-        if (r.left != 0)
-                return -EBADMSG;
+        /* After the records: nothing, or (format 2 on) the identity section. */
+        if (r.left != 0) {
+                const uint8_t *sec;
+                uint8_t tag;
+
+                if (version < 2 || r.left != IDENTITY_SECTION_SIZE || !rd_u8(&r, &tag) ||
+                    tag != CACHE_SECTION_IDENTITY || !rd_bytes(&r, r.left, &sec))
+                        return -EBADMSG;
+                if (ret_identity) {
+                        *ret_identity = OPENSSL_secure_malloc(sizeof(**ret_identity));
+                        if (!*ret_identity)
+                                return -ENOMEM;
+                        memcpy((*ret_identity)->key_digest, sec, 32);
+                        memcpy((*ret_identity)->auth, sec + 32, TPM_KEY_AUTH_SIZE);
+                }
+        }
 
         /* Authenticated yet inconsistent (two primaries, duplicate ids): we
          * never write that, so it is as bad as a failed tag. */
-        switch (keyring_new(keys, n, ret)) {
-        case 0:
+        k = keyring_new(keys, n, ret);
+        if (k == 0)
                 return 0;
-        case -ENOMEM:
-                return -ENOMEM;
-        default:
-                return -EBADMSG;
+        if (ret_identity) {
+                OPENSSL_secure_clear_free(*ret_identity, sizeof(**ret_identity));
+                *ret_identity = NULL;
         }
+        return k == -ENOMEM ? -ENOMEM : -EBADMSG;
 }
 
 int cache_encode(const struct cache_header *h, const uint8_t cache_key[AES256_KEY_SIZE],
                  const struct keyring *kr, uint8_t **ret, size_t *ret_len) {
+        return cache_encode_identity(h, cache_key, kr, NULL, ret, ret_len);
+}
+
+int cache_encode_identity(const struct cache_header *h, const uint8_t cache_key[AES256_KEY_SIZE],
+                          const struct keyring *kr, const struct vault_identity *identity,
+                          uint8_t **ret, size_t *ret_len) {
         const struct tpm_sealed *sealed = h ? &h->sealed : NULL;
         EVP_CIPHER_CTX *ctx = NULL;
         uint8_t *pt = NULL, *buf = NULL, *p, *ct;
@@ -344,7 +373,7 @@ int cache_encode(const struct cache_header *h, const uint8_t cache_key[AES256_KE
                 return -EINVAL;
 
         hlen = header_size(sealed);
-        pt_len = keys_size(kr);
+        pt_len = keys_size(kr, identity);
         total = hlen + CACHE_NONCE_SIZE + 4 + pt_len + CACHE_TAG_SIZE;
         if (total > CACHE_FILE_MAX)
                 return -EFBIG;   /* we would refuse to read it back */
@@ -359,7 +388,7 @@ int cache_encode(const struct cache_header *h, const uint8_t cache_key[AES256_KE
                 r = -ENOMEM;
                 goto out;
         }
-        keys_write(pt, kr);
+        keys_write(pt, kr, identity);
 
         p = header_write(buf, h);
         if (RAND_bytes(p, CACHE_NONCE_SIZE) != 1)
@@ -389,11 +418,18 @@ out:
 
 int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[AES256_KEY_SIZE],
                       struct keyring **ret) {
+        return cache_decode_identity(buf, len, cache_key, ret, NULL);
+}
+
+int cache_decode_identity(const uint8_t *buf, size_t len, const uint8_t cache_key[AES256_KEY_SIZE],
+                          struct keyring **ret, struct vault_identity **ret_identity) {
         EVP_CIPHER_CTX *ctx = NULL;
         struct layout lay;
         uint8_t tag[CACHE_TAG_SIZE], *pt = NULL;
         int outl, finl, r;
 
+        if (ret_identity)
+                *ret_identity = NULL;
         if (!cache_key || !ret)
                 return -EINVAL;
         r = file_parse(buf, len, NULL, &lay);
@@ -416,7 +452,7 @@ int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[AE
             EVP_DecryptFinal_ex(ctx, pt + outl, &finl) != 1)
                 goto out;
 
-        r = keys_parse(pt, lay.ct_len, lay.version, ret);
+        r = keys_parse(pt, lay.ct_len, lay.version, ret, ret_identity);
 out:
         EVP_CIPHER_CTX_free(ctx);
         OPENSSL_secure_clear_free(pt, lay.ct_len);

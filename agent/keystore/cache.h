@@ -35,7 +35,12 @@
  *     2+I     u16 I (1..KEY_ID_MAX-1), key id, no NUL
  *     2+J     u16 J (0..KEY_ID_MAX-1), central id, no NUL
  *     32      KEK
- *   then nothing: the records must end exactly at L.
+ *   then, optionally (an enrolled client key, agent/identity.h; files
+ *   written before it have none and stay readable as they are):
+ *     1       u8 section tag CACHE_SECTION_IDENTITY (1)
+ *     32      SHA-256 of the client key's marshalled TPM2B_PUBLIC
+ *     32      the client key's authValue (tpm.h, "the client key")
+ *   then nothing: the payload must end exactly at L.
  *   A format-1 file (the same header with version 1) has records without
  *   missing_since_usec and no missing role; it is read, and the next write
  *   makes it format 2.
@@ -65,7 +70,20 @@ struct cache_header {
         uint64_t counter;            /* rollback counter value; 0 in version 1 */
 };
 
-/* Serialise a whole cache file. *ret is malloc'ed (no secret in it).
+#define CACHE_SECTION_IDENTITY 1
+
+/* Serialise a whole cache file; identity (may be NULL: none) goes after
+ * the records. */
+int cache_encode_identity(const struct cache_header *h, const uint8_t cache_key[AES256_KEY_SIZE],
+                          const struct keyring *kr, const struct vault_identity *identity,
+                          uint8_t **ret, size_t *ret_len);
+/* Authenticate and decrypt as cache_decode_keys; *ret_identity (in the
+ * secure heap, free with OPENSSL_secure_clear_free) is the identity
+ * section, or NULL when the file has none. */
+int cache_decode_identity(const uint8_t *buf, size_t len, const uint8_t cache_key[AES256_KEY_SIZE],
+                          struct keyring **ret, struct vault_identity **ret_identity);
+
+/* Serialise a whole cache file without an identity. *ret is malloc'ed (no secret in it).
  * Returns 0, -EINVAL (sealed kind 0 or sizes out of range), -EFBIG (over
  * CACHE_FILE_MAX), -ENOMEM, -EIO. */
 int cache_encode(const struct cache_header *h, const uint8_t cache_key[AES256_KEY_SIZE],
@@ -77,7 +95,8 @@ int cache_encode(const struct cache_header *h, const uint8_t cache_key[AES256_KE
  * (unknown format version). */
 int cache_decode_header(const uint8_t *buf, size_t len, struct cache_header *ret);
 
-/* Authenticate and decrypt the payload, and build the keyring. Returns 0;
+/* Authenticate and decrypt the payload, and build the keyring (an identity
+ * section is checked, then ignored). Returns 0;
  * -EBADMSG (tampered, truncated, wrong key, malformed keys);
  * -EPROTONOSUPPORT (unknown format version); -ENOMEM. */
 int cache_decode_keys(const uint8_t *buf, size_t len, const uint8_t cache_key[AES256_KEY_SIZE],

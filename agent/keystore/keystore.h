@@ -155,6 +155,13 @@ int envelope_open(const uint8_t kek[AES256_KEY_SIZE], const char *key_id,
  * operator's explicit step: tpmkmsctl accept-restore). The cache is written
  * only when the key set or the seal changes, never per request. */
 
+/* The client key's secret (agent/identity.h): kept only inside the sealed
+ * cache, so only this TPM in the measured state reads it. */
+struct vault_identity {
+        uint8_t key_digest[32];            /* SHA-256 of the key's TPM2B_PUBLIC blob: which key */
+        uint8_t auth[TPM_KEY_AUTH_SIZE];   /* its authValue */
+};
+
 struct vault_options {
         char state_dir[PATH_MAX];
         char tcti[256];                  /* tpm2-tss TCTI configuration string */
@@ -174,6 +181,7 @@ struct vault {
         struct vault_options options;
         struct cache_header *header;  /* the cache in force: sealed object, counter value */
         uint8_t *cache_key;           /* AES256_KEY_SIZE bytes, secure heap; NULL when refused */
+        struct vault_identity *identity; /* secure heap; NULL: no client key enrolled */
         bool refused;
         bool created;                 /* vault_open made a new cache (first start) */
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
@@ -202,6 +210,11 @@ int vault_reseal(struct vault *v, const struct keyring *kr, const struct tpm_pcr
 /* How long the vault has been waiting on the TPM (0: not using it). Safe
  * from any thread: tpmkmsctl status reads it while a job may be stuck. */
 uint64_t vault_tpm_busy(const struct vault *v);
+/* Persist kr with identity (NULL: none) as the cache's identity section,
+ * replacing any before it; it survives every later store and reseal.
+ * Returns 0 or -errno (logged); -EPERM when refused. */
+int vault_set_identity(struct vault *v, const struct keyring *kr, const struct vault_identity *identity);
+
 /* The PCR selection the cache in force is sealed to (NULL when refused
  * before a header was read). */
 const struct tpm_pcr_selection *vault_sealed_pcrs(const struct vault *v);

@@ -136,6 +136,10 @@ static int vault_refuse(struct vault *v, const char *cause, const char *fmt, ...
         /* Nothing is unsealed for a refused cache; what may be is wiped. */
         OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
         v->cache_key = NULL;
+        if (v->identity) {
+                OPENSSL_secure_clear_free(v->identity, sizeof(*v->identity));
+                v->identity = NULL;
+        }
         log_key_event(LOG_MESSAGE_CACHE_REFUSED, NULL, NULL,
                       "Refusing the sealed cache in %s: %s. The file is left untouched; "
                       "nothing is served until this is resolved (see README, recovery runbook).",
@@ -176,7 +180,8 @@ static int counter_get(struct vault *v, struct tpm *t, uint64_t *ret) {
  * the counter (see keystore.h for the order). On success *ret_header is the
  * header written. */
 static int write_cache(struct vault *v, const struct tpm_sealed *sealed, const uint8_t *cache_key,
-                       const struct keyring *kr, struct cache_header *ret_header) {
+                       const struct keyring *kr, const struct vault_identity *identity,
+                       struct cache_header *ret_header) {
         _cleanup_vault_tpm_ struct vault_tpm t = { .v = v };
         _cleanup_free_ uint8_t *buf = NULL;
         struct cache_header h = { .version = CACHE_FORMAT_VERSION, .sealed = *sealed };
@@ -201,7 +206,7 @@ static int write_cache(struct vault *v, const struct tpm_sealed *sealed, const u
         }
         h.counter = value + 1;
 
-        r = cache_encode(&h, cache_key, kr, &buf, &len);
+        r = cache_encode_identity(&h, cache_key, kr, identity, &buf, &len);
         if (r < 0)
                 return log_error_errno(r, "Cannot encode the key cache: %m");
         r = cache_write_file(v->options.state_dir, buf, len);
@@ -243,7 +248,7 @@ static int vault_rekey(struct vault *v, const struct tpm_pcr_selection *sel, con
                         log_error_errno(r, "Cannot make the cache key in the TPM: %s (%m)", tpm_error_hint(r));
         }
         if (r >= 0)
-                r = write_cache(v, &sealed, key, kr, &h);
+                r = write_cache(v, &sealed, key, kr, v->identity, &h);
         if (r < 0) {
                 OPENSSL_secure_clear_free(key, AES256_KEY_SIZE);
                 return r;
@@ -312,7 +317,7 @@ static int vault_check_counter(struct vault *v, const struct keyring *kr) {
                 log_key_event(LOG_MESSAGE_CACHE_RESTORED, NULL, NULL,
                               "Accepting a restored cache written at counter value %" PRIu64
                               " (the TPM is at %" PRIu64 "), as the operator asked", file, value);
-                return write_cache(v, &v->header->sealed, v->cache_key, kr, v->header);
+                return write_cache(v, &v->header->sealed, v->cache_key, kr, v->identity, v->header);
         }
         if (file < value)
                 return vault_refuse(v, "rollback", "sealed cache: an older copy (counter %" PRIu64 ", the TPM is at %" PRIu64
@@ -390,7 +395,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                 return log_error_errno(r, "Cannot derive the cache key: %s (%m)", tpm_error_hint(r));
         }
 
-        r = cache_decode_keys(buf, len, v->cache_key, &kr);
+        r = cache_decode_identity(buf, len, v->cache_key, &kr, &v->identity);
         if (r == -ENOMEM)
                 return log_error_errno(r, "Cannot load the keyring: %m");
         if (r < 0)
@@ -513,7 +518,29 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
 int vault_store(struct vault *v, const struct keyring *kr) {
         if (v->refused)
                 return -EPERM;
-        return write_cache(v, &v->header->sealed, v->cache_key, kr, v->header);
+        return write_cache(v, &v->header->sealed, v->cache_key, kr, v->identity, v->header);
+}
+
+int vault_set_identity(struct vault *v, const struct keyring *kr, const struct vault_identity *identity) {
+        struct vault_identity *copy = NULL;
+        int r;
+
+        if (v->refused)
+                return -EPERM;
+        if (identity) {
+                copy = OPENSSL_secure_malloc(sizeof(*copy));
+                if (!copy)
+                        return log_error_errno(ENOMEM, "Cannot allocate locked memory for the client key's secret");
+                memcpy(copy, identity, sizeof(*copy));
+        }
+        r = write_cache(v, &v->header->sealed, v->cache_key, kr, copy, v->header);
+        if (r < 0) {
+                OPENSSL_secure_clear_free(copy, sizeof(*copy));
+                return r;
+        }
+        OPENSSL_secure_clear_free(v->identity, sizeof(*v->identity));
+        v->identity = copy;
+        return 0;
 }
 
 int vault_reseal(struct vault *v, const struct keyring *kr, const struct tpm_pcr_selection *sel) {
@@ -538,6 +565,8 @@ const struct tpm_pcr_selection *vault_sealed_pcrs(const struct vault *v) {
 void vault_done(struct vault *v) {
         OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
         v->cache_key = NULL;
+        OPENSSL_secure_clear_free(v->identity, sizeof(*v->identity));
+        v->identity = NULL;
         free(v->header);
         v->header = NULL;
 }

@@ -122,7 +122,7 @@ int central_client_new(const struct central_options *c, struct central_client **
                 errorf(err, err_size, "out of memory");
                 return -ENOMEM;
         }
-        r = tls_context_new(c->ca_file, c->cert_file, c->key_file, &cc->tls, err, err_size);
+        r = tls_context_new(c->ca_file, c->cert_file, c->key_file, c->key, &cc->tls, err, err_size);
         if (r < 0) {
                 free(cc);
                 return r;

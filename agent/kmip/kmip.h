@@ -17,6 +17,8 @@
 
 #include "macro.h"
 
+typedef struct evp_pkey_st EVP_PKEY;
+
 #define CENTRAL_ENDPOINTS_MAX 8
 #define CENTRAL_ID_MAX 128          /* a key version's identifier at the central KMS */
 #define CENTRAL_GROUP_MAX 255       /* the key group's name */
@@ -32,7 +34,9 @@ struct central_options {
         size_t n_endpoints;         /* 1..CENTRAL_ENDPOINTS_MAX */
         const char *ca_file;        /* the only trust anchors: no system store */
         const char *cert_file;      /* our certificate chain */
-        const char *key_file;       /* our key: group/other access is refused */
+        const char *key_file;       /* our key: group/other access is refused; unused with key */
+        EVP_PKEY *key;              /* our key as an OpenSSL key (e.g. one whose private operations
+                                     * run in a TPM); NULL: read key_file. Referenced, not copied */
         const char *group;          /* the key group (KMIP Object Group), 1..CENTRAL_GROUP_MAX bytes */
         uint64_t timeout_usec;      /* per connect, handshake and request; 0: 5 s */
         uint64_t backoff_cap_usec;  /* longest backoff; raised to at least 5 min */

@@ -37,6 +37,14 @@
         "ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES256-SHA384:"                   \
         "ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256"
 
+/* What our CertificateVerify may use: digests a TPM signs (SHA-256/384/512)
+ * and the schemes KMIP servers accept over TLS 1.2 (ECDSA, RSA PKCS#1 v1.5)
+ * and 1.3 (ECDSA, RSA-PSS). */
+#define CLIENT_SIGALGS                                                         \
+        "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:"                              \
+        "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"         \
+        "RSA+SHA256:RSA+SHA384:RSA+SHA512"
+
 #define KEY_FILE_MAX (64u * 1024u)   /* a PEM private key is a few KiB */
 
 struct tls_context {
@@ -61,11 +69,15 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct tls_context *, tls_context_free);
 /* The oldest queued OpenSSL error as text, then clear the queue (it is
  * per thread and would otherwise confuse the next call). */
 static const char *ssl_error_text(char *buf, size_t size) {
-        unsigned long e = ERR_peek_error();
-        const char *reason;
+        const char *reason, *data = NULL;
+        int flags = 0;
+        unsigned long e = ERR_peek_error_data(&data, &flags);
 
         if (e == 0)
                 snprintf(buf, size, "unknown error");
+        else if (ERR_GET_LIB(e) == ERR_LIB_USER && (flags & ERR_TXT_STRING) && data && *data)
+                /* Our own key method's reason (tpm/key.c): the text says it all. */
+                snprintf(buf, size, "%s", data);
         else if ((reason = ERR_reason_error_string(e)))
                 snprintf(buf, size, "%s", reason);
         else
@@ -190,7 +202,7 @@ out:
         return r;
 }
 
-int tls_context_new(const char *ca_file, const char *cert_file, const char *key_file,
+int tls_context_new(const char *ca_file, const char *cert_file, const char *key_file, EVP_PKEY *key,
                     struct tls_context **ret, char *err, size_t err_size) {
         _cleanup_(tls_context_freep) struct tls_context *t = NULL;
         char text[256];
@@ -210,7 +222,8 @@ int tls_context_new(const char *ca_file, const char *cert_file, const char *key_
                 return -ENOMEM;
         }
         if (SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION) != 1 ||
-            SSL_CTX_set_cipher_list(t->ctx, TLS12_CIPHERS) != 1) {
+            SSL_CTX_set_cipher_list(t->ctx, TLS12_CIPHERS) != 1 ||
+            SSL_CTX_set1_client_sigalgs_list(t->ctx, CLIENT_SIGALGS) != 1) {
                 errorf(err, err_size, "cannot configure TLS: %s", ssl_error_text(text, sizeof(text)));
                 return -EINVAL;
         }
@@ -230,9 +243,17 @@ int tls_context_new(const char *ca_file, const char *cert_file, const char *key_
 
         if (SSL_CTX_use_certificate_chain_file(t->ctx, cert_file) != 1)
                 return load_failure("certificate file", cert_file, err, err_size);
-        r = load_key(t->ctx, key_file, cert_file, err, err_size);
-        if (r < 0)
-                return r;
+        if (key) {
+                if (SSL_CTX_use_PrivateKey(t->ctx, key) != 1) {
+                        ERR_clear_error();
+                        errorf(err, err_size, "key file %s does not match certificate %s", key_file, cert_file);
+                        return -EINVAL;
+                }
+        } else {
+                r = load_key(t->ctx, key_file, cert_file, err, err_size);
+                if (r < 0)
+                        return r;
+        }
         if (SSL_CTX_check_private_key(t->ctx) != 1) {
                 ERR_clear_error();
                 errorf(err, err_size, "key file %s does not match certificate %s", key_file, cert_file);

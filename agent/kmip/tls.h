@@ -23,13 +23,16 @@
 
 struct tls_context;
 struct tls_conn;
+typedef struct evp_pkey_st EVP_PKEY;
 
 /* Load the CA file (the only trust anchors: no system store), our certificate
  * chain and our key. The key file must be a regular file that neither group
  * nor others may access (like OpenSSH's identity files): -EPERM otherwise,
- * naming the file and its mode. Returns 0, or -ENOENT/-EACCES/-EPERM/-EINVAL
- * (unreadable or unusable file) or -ENOMEM, with a message in err. */
-int tls_context_new(const char *ca_file, const char *cert_file, const char *key_file,
+ * naming the file and its mode. With key non-NULL that key is used (a
+ * reference is taken) and key_file only names it in messages. Returns 0, or
+ * -ENOENT/-EACCES/-EPERM/-EINVAL (unreadable or unusable file) or -ENOMEM,
+ * with a message in err. */
+int tls_context_new(const char *ca_file, const char *cert_file, const char *key_file, EVP_PKEY *key,
                     struct tls_context **ret, char *err, size_t err_size);
 void tls_context_free(struct tls_context *t);
 

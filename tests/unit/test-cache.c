@@ -2,6 +2,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -519,6 +520,63 @@ static void test_cache_decode_keys_malformed_plaintext(void **state) {
         }
 }
 
+/* The identity section (an enrolled client key's digest and authValue)
+ * after the records: round trip, kept out of the plain file, and a file
+ * without it (every format-2 file written before it) still reads. */
+static void test_cache_identity_round_trip(void **state) {
+        _cleanup_free_ uint8_t *with = NULL, *without = NULL;
+        _cleanup_(keyring_unrefp) struct keyring *got = NULL, *got2 = NULL;
+        struct vault_identity id, *got_id = NULL;
+        size_t len_with, len_without;
+
+        memset(id.key_digest, 0x5a, sizeof(id.key_digest));
+        memset(id.auth, 0xc3, sizeof(id.auth));
+        assert_int_equal(cache_encode_identity(&header, cache_key, kr, &id, &with, &len_with), 0);
+        encode(&without, &len_without);
+        assert_int_equal(len_with, len_without + 1 + 32 + TPM_KEY_AUTH_SIZE);
+        /* still format 2, the header unchanged */
+        assert_memory_equal(with, "TPMKMSC\0\0\0\0\2", 12);
+        assert_null(memmem(with, len_with, id.auth, sizeof(id.auth)));
+
+        assert_int_equal(cache_decode_identity(with, len_with, cache_key, &got, &got_id), 0);
+        assert_keyring_equal(got, kr);
+        assert_non_null(got_id);
+        assert_memory_equal(got_id->key_digest, id.key_digest, 32);
+        assert_memory_equal(got_id->auth, id.auth, TPM_KEY_AUTH_SIZE);
+        OPENSSL_secure_clear_free(got_id, sizeof(*got_id));
+        got_id = NULL;
+
+        /* a format-2 file without the section: no identity, same keys */
+        assert_int_equal(cache_decode_identity(without, len_without, cache_key, &got2, &got_id), 0);
+        assert_null(got_id);
+        assert_keyring_equal(got2, kr);
+        keyring_unref(got2);
+        got2 = NULL;
+        /* cache_decode_keys reads both */
+        assert_int_equal(cache_decode_keys(with, len_with, cache_key, &got2), 0);
+        assert_keyring_equal(got2, kr);
+}
+
+static void test_cache_identity_malformed(void **state) {
+        _cleanup_free_ uint8_t *file = NULL;
+        uint8_t pt[1024];
+        size_t len, n;
+
+        encode(&file, &len);
+        n = 4;
+        memcpy(pt, "\0\0\0\1", 4);
+        n += put_key(pt + n, KEY_ROLE_PRIMARY, "a", 1, kek1);
+        pt[n] = CACHE_SECTION_IDENTITY;
+        memset(pt + n + 1, 0x11, 64);
+        assert_int_equal(decode_plaintext(file, pt, n + 65), 0);
+        /* cut short, one byte too many, an unknown section tag */
+        assert_int_equal(decode_plaintext(file, pt, n + 64), -EBADMSG);
+        pt[n + 65] = 0;
+        assert_int_equal(decode_plaintext(file, pt, n + 66), -EBADMSG);
+        pt[n] = 2;
+        assert_int_equal(decode_plaintext(file, pt, n + 65), -EBADMSG);
+}
+
 static void test_cache_encode_round_trip_missing(void **state) {
         _cleanup_free_ uint8_t *buf = NULL;
         _cleanup_(keyring_unrefp) struct keyring *with = NULL, *got = NULL;
@@ -827,6 +885,8 @@ int main(void) {
                 cmocka_unit_test(test_cache_decode_header_other_version),
                 cmocka_unit_test(test_cache_decode_keys_malformed_plaintext),
                 cmocka_unit_test(test_cache_decode_header_bounds),
+                cmocka_unit_test(test_cache_identity_round_trip),
+                cmocka_unit_test(test_cache_identity_malformed),
                 cmocka_unit_test(test_cache_encode_round_trip_missing),
                 cmocka_unit_test(test_cache_decode_keys_missing_since_consistent),
                 cmocka_unit_test(test_cache_decode_keys_format_1),
