@@ -15,7 +15,6 @@
 #include "log.h"
 #include "plugin.h"
 
-#define CONTROL_ARGS_MAX 8
 /* Root's commands are few; the cap keeps a client that opens connections
  * and holds them from taking the file descriptors the KMS socket needs. */
 #define CONTROL_CONNECTIONS_MAX 16
@@ -99,32 +98,44 @@ static void control_conn_drop(struct control_conn *c, const char *why) {
         control_conn_free(c);
 }
 
-/* Returns true when the handler kept c for a deferred reply. */
-static bool control_conn_answer(struct control_conn *c) {
-        char *argv[CONTROL_ARGS_MAX + 1], *save = NULL, err[512] = "";
-        _cleanup_free_ char *body = NULL;
-        size_t body_len = 0;
-        int argc = 0, r;
-        FILE *out;
+int control_parse_line(char *line, char *argv[CONTROL_ARGS_MAX + 1], char *err, size_t err_size) {
+        char *save = NULL;
+        int argc = 0;
 
-        for (char *tok = strtok_r(c->line, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {
+        for (char *tok = strtok_r(line, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {
                 if (argc == CONTROL_ARGS_MAX) {
-                        snprintf(err, sizeof(err), "too many arguments");
-                        break;
+                        errorf(err, err_size, "too many arguments (at most %d)", CONTROL_ARGS_MAX);
+                        return -E2BIG;
+                }
+                if (!utf8_valid(tok)) {
+                        errorf(err, err_size, "argument %d is not valid UTF-8", argc);
+                        return -EINVAL;
                 }
                 argv[argc++] = tok;
         }
         argv[argc] = NULL;
+        if (argc == 0) {
+                errorf(err, err_size, "empty command");
+                return -EINVAL;
+        }
+        return argc;
+}
 
+/* Returns true when the handler kept c for a deferred reply. */
+static bool control_conn_answer(struct control_conn *c) {
+        char *argv[CONTROL_ARGS_MAX + 1], err[512] = "";
+        _cleanup_free_ char *body = NULL;
+        size_t body_len = 0;
+        int argc, r;
+        FILE *out;
+
+        argc = control_parse_line(c->line, argv, err, sizeof(err));
         out = open_memstream(&body, &body_len);
         if (!out)
                 r = -ENOMEM;
-        else if (*err)
-                r = -EINVAL;
-        else if (argc == 0) {
-                snprintf(err, sizeof(err), "empty command");
-                r = -EINVAL;
-        } else
+        else if (argc < 0)
+                r = argc;
+        else
                 r = c->server->handler(c->server->userdata, c, argc, argv, out, err, sizeof(err));
         if (out)
                 fclose(out);

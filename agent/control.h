@@ -15,9 +15,16 @@
 typedef struct sd_event sd_event;
 
 #define CONTROL_LINE_MAX 256
+#define CONTROL_ARGS_MAX 8
 #define CONTROL_TIMEOUT_USEC (30u * USEC_PER_SEC)
 
 struct control_conn;
+
+/* Split a request line (NUL-terminated, without its newline) in place into
+ * blank-separated arguments, each well-formed UTF-8. Returns argc (>= 1),
+ * or -E2BIG (more than CONTROL_ARGS_MAX) / -EINVAL (empty, not UTF-8) with a
+ * message in err. */
+int control_parse_line(char *line, char *argv[CONTROL_ARGS_MAX + 1], char *err, size_t err_size);
 
 /* Run one command. argv[0] is the command. Writes output to out. Returns 0,
  * or a negative errno with a message in err, or CONTROL_DEFERRED after taking

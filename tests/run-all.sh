@@ -21,6 +21,6 @@ run_suite() {
 run_suite release -DCMAKE_BUILD_TYPE=RelWithDebInfo
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
         run_suite sanitize -DCMAKE_BUILD_TYPE=Debug -DTPMKMS_SANITIZE=ON
-CC=clang run_suite fuzz -DCMAKE_BUILD_TYPE=Debug -DTPMKMS_FUZZ=ON -DBUILD_TESTING=ON \
+CC=clang run_suite fuzz -DCMAKE_BUILD_TYPE=Debug -DTPMKMS_FUZZ=ON -DBUILD_TESTING=ON -DTPMKMS_FUZZ_SECONDS=60 \
         -DTPMKMS_FUZZ_ONLY=ON
 echo "=== all suites passed ==="

@@ -1,7 +1,7 @@
 /* libFuzzer: the etcd snapshot audit (agent/snapshot/) on arbitrary bytes:
  * the bbolt reader, etcd's revision keys and KeyValue records, the
  * EncryptedObject decoding and both renderings of the report. The seeds in
- * tests/fuzz/corpus/snapshot are backend files from real etcd (snapshots
+ * tests/fuzz/corpus/fuzz-snapshot are backend files from real etcd (snapshots
  * without the SHA-256 trailer, which random changes would never match). */
 #include <stdint.h>
 #include <stdio.h>

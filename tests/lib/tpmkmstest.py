@@ -150,6 +150,7 @@ class World:
         self.log_path = os.path.join(self.dir, "tpmkmsd.log")
         self.pcrs = pcrs
         self.tpm_config = ""      # more lines for [tpm]
+        self.daemon_args = []     # e.g. ["--verbose"]
         self.extra_config = extra_config
         self.metrics_listen = ""  # [metrics] listen: a unix socket path or ADDR:PORT
         self.own_tpm = tpm is None
@@ -200,9 +201,10 @@ class World:
             self._log_file = open(self.log_path, "ab")
         self._log_file.flush()
         self._log_offset = os.path.getsize(self.log_path)
-        self.proc = subprocess.Popen([self.tpmkmsd, "--config", config or self.config],
+        # cwd: the test's own dir, where a core file would land (core_pattern "core")
+        self.proc = subprocess.Popen([self.tpmkmsd, "--config", config or self.config] + self.daemon_args,
                                      stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=self._log_file, env=env,
+                                     stderr=self._log_file, env=env, cwd=self.dir,
                                      preexec_fn=_die_with_parent)
         if wait_ready:
             self.wait_ready()
