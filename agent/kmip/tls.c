@@ -43,6 +43,10 @@ struct tls_context {
         char cert_file[PATH_MAX];   /* named when the server rejects it */
 };
 
+struct tls_session {
+        SSL_SESSION *session;
+};
+
 struct tls_conn {
         SSL *ssl;
         int fd;
@@ -215,11 +219,14 @@ int tls_context_new(const char *ca_file, const char *cert_file, const char *key_
         }
         /* CLEANSE_PLAINTEXT: the record buffers hold decrypted Get responses
          * (KEKs); OpenSSL wipes them before freeing. NO_RENEGOTIATION: the
-         * KMS has no reason to renegotiate, refuse it. No tickets: one
-         * connection per fetch, nothing to resume. */
+         * KMS has no reason to renegotiate, refuse it. No TLS 1.2 tickets:
+         * a session is resumed by its ID from the server's cache, which
+         * ages it out, rather than from a ticket sealed under a key the
+         * server may never rotate. The client keeps one session per
+         * endpoint itself (tls_conn_save_session), no internal cache. */
         SSL_CTX_set_options(t->ctx, SSL_OP_CLEANSE_PLAINTEXT | SSL_OP_NO_RENEGOTIATION |
                                     SSL_OP_NO_TICKET | SSL_OP_NO_COMPRESSION);
-        SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_OFF);
+        SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 
         /* Only the configured CA: the system store would let any public CA
          * vouch for a "KMS". */
@@ -468,6 +475,11 @@ static bool is_ip_literal(const char *host) {
 
 int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
                 struct tls_conn **ret, char *err, size_t err_size) {
+        return tls_connect_resume(t, host, port, timeout_usec, NULL, ret, err, err_size);
+}
+
+int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
+                       struct tls_session **resume, struct tls_conn **ret, char *err, size_t err_size) {
         _cleanup_(tls_conn_freep) struct tls_conn *c = NULL;
         char text[256];
         uint64_t deadline;
@@ -508,6 +520,11 @@ int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t
                 }
         }
         SSL_set_connect_state(c->ssl);
+        /* The server verified our certificate and we its, for this
+         * host:port, when the session was made; a server that no longer
+         * knows it makes a full handshake. */
+        if (resume && *resume && SSL_set_session(c->ssl, (*resume)->session) != 1)
+                ERR_clear_error();
 
         /* The handshake gets its own deadline: connect and handshake are
          * separate operations, each bounded by the timeout. */
@@ -576,4 +593,34 @@ void tls_conn_free(struct tls_conn *c) {
         if (c->fd >= 0)
                 close(c->fd);
         free(c);
+}
+
+bool tls_conn_resumed(const struct tls_conn *c) {
+        return SSL_session_reused(c->ssl) == 1;
+}
+
+void tls_conn_save_session(const struct tls_conn *c, struct tls_session **slot) {
+        struct tls_session *s;
+        SSL_SESSION *sess;
+
+        if (c->broken)
+                return;
+        sess = SSL_get1_session(c->ssl);
+        if (!sess)
+                return;
+        if (SSL_SESSION_is_resumable(sess) != 1 || !(s = calloc(1, sizeof(*s)))) {
+                SSL_SESSION_free(sess);
+                return;
+        }
+        s->session = sess;
+        tls_session_free(*slot);
+        *slot = s;
+}
+
+void tls_session_free(struct tls_session *s) {
+        if (!s)
+                return;
+        /* SSL_SESSION_free cleanses the master secret. */
+        SSL_SESSION_free(s->session);
+        free(s);
 }

@@ -166,7 +166,7 @@ static int fetch_fails(struct central_client *cc, char *err, size_t err_size) {
         size_t n = 0;
         int r;
 
-        r = central_fetch(cc, &keys, &n, err, err_size);
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, err_size);
         assert_true(r < 0);
         assert_null(keys);
         fprintf(stderr, "  -> %d: %s\n", r, err);
@@ -424,7 +424,7 @@ static void test_central_fetch_keys(void **state) {
         make_config(&c, "ca", "client", "client", 5 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -451,7 +451,7 @@ static void test_central_fetch_keys_by_name(void **state) {
         make_config(&c, "ca", "client", "client", 5 * SEC);
         add_endpoint(&c, "localhost", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -472,7 +472,7 @@ static void test_central_fetch_shared_with_other_host(void **state) {
         make_config(&c, "ca", "client2", "client2", 5 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -491,7 +491,7 @@ static void test_central_fetch_empty_group(void **state) {
         snprintf(c.key_group, sizeof(c.key_group), "no-such-group");
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        assert_int_equal(central_fetch(cc, &keys, &n, err, sizeof(err)), 0);
+        assert_int_equal(central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err)), 0);
         assert_int_equal(n, 0);
         central_keys_free(keys, n);
         central_client_free(cc);
@@ -513,7 +513,7 @@ static void test_central_fetch_failover_and_backoff(void **state) {
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         add_endpoint(&c, "127.0.0.1", "CENTRAL_ROGUE_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -539,7 +539,7 @@ static void test_central_fetch_failover_and_backoff(void **state) {
 
         /* the next fetch skips the endpoint in backoff */
         keys = NULL;
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         central_keys_free(keys, n);
@@ -564,7 +564,7 @@ static void test_central_fetch_failover_after_tls_failure(void **state) {
         add_endpoint(&c, "127.0.0.1", "CENTRAL_ROGUE_PORT");
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
