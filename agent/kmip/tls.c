@@ -37,6 +37,9 @@
         "ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256"
 
 #define KEY_FILE_MAX (64u * 1024u)   /* a PEM private key is a few KiB */
+/* A TLS 1.2 resumption keeps the full handshake's master secret: after this
+ * long a new ECDHE exchange makes fresh keys (forward secrecy per hour). */
+#define RESUME_MAX_AGE_SEC 3600
 
 struct tls_context {
         SSL_CTX *ctx;
@@ -219,13 +222,15 @@ int tls_context_new(const char *ca_file, const char *cert_file, const char *key_
         }
         /* CLEANSE_PLAINTEXT: the record buffers hold decrypted Get responses
          * (KEKs); OpenSSL wipes them before freeing. NO_RENEGOTIATION: the
-         * KMS has no reason to renegotiate, refuse it. No TLS 1.2 tickets:
-         * a session is resumed by its ID from the server's cache, which
-         * ages it out, rather than from a ticket sealed under a key the
-         * server may never rotate. The client keeps one session per
+         * KMS has no reason to renegotiate, refuse it. Session tickets
+         * (RFC 5077) are accepted: PyKMIP 0.10 resumes TLS 1.2 sessions
+         * only from tickets (it drops a session from its cache when a
+         * connection ends without close_notify), and a resumed session
+         * reuses its master secret, so tls_connect_resume offers none
+         * older than RESUME_MAX_AGE_SEC. The client keeps one session per
          * endpoint itself (tls_conn_save_session), no internal cache. */
         SSL_CTX_set_options(t->ctx, SSL_OP_CLEANSE_PLAINTEXT | SSL_OP_NO_RENEGOTIATION |
-                                    SSL_OP_NO_TICKET | SSL_OP_NO_COMPRESSION);
+                                    SSL_OP_NO_COMPRESSION);
         SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 
         /* Only the configured CA: the system store would let any public CA
@@ -523,7 +528,9 @@ int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, u
         /* The server verified our certificate and we its, for this
          * host:port, when the session was made; a server that no longer
          * knows it makes a full handshake. */
-        if (resume && *resume && SSL_set_session(c->ssl, (*resume)->session) != 1)
+        if (resume && *resume && (uint64_t) time(NULL) - (uint64_t) SSL_SESSION_get_time((*resume)->session) <
+                                         RESUME_MAX_AGE_SEC &&
+            SSL_set_session(c->ssl, (*resume)->session) != 1)
                 ERR_clear_error();
 
         /* The handshake gets its own deadline: connect and handshake are

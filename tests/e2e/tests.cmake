@@ -63,6 +63,7 @@ foreach(tool openssl pykmip-server)
   find_program(E2E_${tool} ${tool} REQUIRED)
 endforeach()
 e2e_test(test_fleet 420 LOAD)
+e2e_test(test_fleet_load 300 LOAD)
 add_test(NAME e2e_demo_fleet
          COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo_fleet.py ${CMAKE_BINARY_DIR})
 set_tests_properties(e2e_demo_fleet PROPERTIES

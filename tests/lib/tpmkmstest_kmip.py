@@ -626,13 +626,13 @@ class FleetWorld(t.World):
     the whole config instead (same [kms], [tpm], [state], [control], [metrics]).
     Attributes may be changed between restarts (restart_daemon rewrites the
     config): endpoints, ca, cert, key, group, sync_interval, timeout,
-    max_staleness, purge_after, max_missing_share (None: not written, the
-    daemon's default)."""
+    max_staleness, purge_after, max_missing_share, material_check (None: not
+    written, the daemon's default)."""
 
     def __init__(self, testcase, kms, cn="node-a", group="cluster-a-kek",
                  sync_interval="1s", timeout="2s", max_staleness=None,
                  endpoints=None, ca="ca", tpm=None, pcrs="sha256:7",
-                 purge_after=None, max_missing_share=None):
+                 purge_after=None, max_missing_share=None, material_check=None):
         super().__init__(testcase, tpm=tpm, pcrs=pcrs)
         self.kms = kms
         self.cn = cn
@@ -646,6 +646,7 @@ class FleetWorld(t.World):
         self.max_staleness = max_staleness
         self.purge_after = purge_after
         self.max_missing_share = max_missing_share
+        self.material_check = material_check
 
     def write_config(self, kms_sock=None, tcti=None, ctl_sock=None, state_dir=None):
         central = ("[central]\ntype = kmip\nendpoints = %s\nca_file = %s\ncert_file = %s\n"
@@ -658,6 +659,8 @@ class FleetWorld(t.World):
             central += "purge_after = %s\n" % self.purge_after
         if self.max_missing_share is not None:
             central += "max_missing_share = %s\n" % self.max_missing_share
+        if self.material_check is not None:
+            central += "material_check = %s\n" % self.material_check
         with open(self.config, "w") as f:
             f.write("[kms]\nsocket = %s\nallowed_uids = 0\n"
                     "[tpm]\ntcti = %s\npcrs = %s\n"

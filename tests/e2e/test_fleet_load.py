@@ -1,0 +1,139 @@
+#!/usr/bin/python3
+"""Fleet sync load on the central KMS, counted in PyKMIP's own log (not timed):
+a sync with no change is one KMIP request message over one TLS connection
+whatever the number of versions; versions new to a host cost one more
+message; key material is fetched once per version, and all of it again every
+[central] material_check (README, "Fleet sync load").
+
+Each test has its own PyKMIP server and host (CN=node-a, sync_interval 1h so
+that only `tpmkmsctl sync` syncs while the log is counted)."""
+import os
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import tpmkmstest_kmip as k  # noqa: E402
+
+GROUP = "cluster-a-kek"
+CN = "node-a"
+CONVERGE = 30.0
+
+PKI = None
+
+
+def setUpModule():
+    global PKI
+    PKI = k.Pki()
+
+
+def tearDownModule():
+    if PKI is not None:
+        PKI.close()
+
+
+class FleetLoadTest(unittest.TestCase):
+    def setUp(self):
+        self.kms = k.KmipServer(PKI, self)
+        self.kms.start()
+
+    def versions(self, n):
+        """n new versions in the group, the last one Active."""
+        uids = [self.kms.create_version(GROUP, distinct_second=False) for _ in range(n)]
+        self.kms.activate(uids[-1])
+        return uids
+
+    def host(self, uids, **kw):
+        w = k.FleetWorld(self, self.kms, cn=CN, group=GROUP, sync_interval="1h", **kw)
+        w.start()
+        k.wait_for(lambda: set(w.roles()) == set(uids), CONVERGE, "all %d versions synced" % len(uids))
+        return w
+
+    def counted_sync(self, w):
+        """tpmkmsctl sync; what the central KMS saw of it."""
+        off = self.kms.log_offset()
+        r = w.ctl("sync")
+        self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+        return {
+            "stdout": r.stdout,
+            "messages": self.kms.requests_from(CN, off),
+            "sessions": len(self.kms.sessions_from(CN, off)),
+            "Locate": self.kms.operations("Locate", off),
+            "GetAttributes": self.kms.operations("GetAttributes", off),
+            "Get": self.kms.operations("Get", off),
+            "DiscoverVersions": self.kms.operations("DiscoverVersions", off),
+        }
+
+    def assert_no_change_sync(self, w, n):
+        c = self.counted_sync(w)
+        self.assertIn("no change", c["stdout"].lower())
+        self.assertEqual((c["messages"], c["sessions"]), (1, 1), c)
+        self.assertEqual((c["Locate"], c["GetAttributes"], c["Get"], c["DiscoverVersions"]),
+                         (1, n, 0, 0), c)
+        return c
+
+    def no_change_syncs(self, n):
+        uids = self.versions(n)
+        w = self.host(uids)
+        for _ in range(3):
+            self.assert_no_change_sync(w, n)
+        ep = w.central()["endpoints"][0]
+        # every connection after the first resumed its TLS session
+        self.assertGreaterEqual(ep["tls_resumed"], 3, ep)
+        # new versions: one more message for all of them, their material fetched once
+        new = [self.kms.create_version(GROUP, distinct_second=False) for _ in range(3)]
+        c = self.counted_sync(w)
+        self.assertEqual((c["messages"], c["sessions"]), (2, 1), c)
+        self.assertEqual((c["GetAttributes"], c["Get"]), (n + 3, 3), c)
+        self.assertEqual(set(w.roles()), set(uids + new))
+        self.assert_no_change_sync(w, n + 3)
+
+    def test_no_change_sync_is_one_message_4_versions(self):
+        self.no_change_syncs(4)
+
+    def test_no_change_sync_is_one_message_24_versions(self):
+        self.no_change_syncs(24)
+
+    def test_destroyed_version_fails_its_item_only(self):
+        """The batch's GetAttributes of a destroyed uid fails (Item Not Found) while
+        the Locate and the other items succeed: the version goes missing, the sync
+        succeeds, nothing else changes."""
+        uids = self.versions(4)
+        w = self.host(uids)
+        self.kms.destroy(uids[0])
+        c = self.counted_sync(w)
+        self.assertEqual((c["messages"], c["sessions"], c["Get"]), (1, 1, 0), c)
+        self.assertIn("missing", c["stdout"])
+        roles = w.roles()
+        self.assertEqual(roles[uids[0]], "missing", roles)
+        self.assertEqual(roles[uids[-1]], "primary", roles)
+        self.assertEqual(w.central()["last_error"], "")
+        self.assert_no_change_sync(w, 4)
+
+    def test_material_check_fetches_all_material_again(self):
+        uids = self.versions(4)
+        w = self.host(uids, material_check="3s")
+        self.assert_no_change_sync(w, 4)
+        time.sleep(3.2)
+        c = self.counted_sync(w)
+        self.assertIn("no change", c["stdout"].lower())
+        self.assertEqual((c["sessions"], c["Locate"], c["GetAttributes"], c["Get"]), (1, 1, 4, 4), c)
+        self.assertEqual(c["messages"], 2, c)     # Locate; then GetAttributes and Get of all
+        self.assert_no_change_sync(w, 4)
+
+    def test_restart_discovers_versions_once(self):
+        """DiscoverVersions at the first connection to an endpoint, and again
+        after it failed (here: the central KMS restarted)."""
+        uids = self.versions(2)
+        off = self.kms.log_offset()
+        w = self.host(uids)
+        self.assertEqual(self.kms.operations("DiscoverVersions", off), 1)
+        self.assert_no_change_sync(w, 2)
+        self.kms.restart()
+        # the resumed session is unknown to the new server process: a full
+        # handshake; the version is kept (the connection did not fail)
+        self.assert_no_change_sync(w, 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
