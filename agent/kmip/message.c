@@ -567,6 +567,7 @@ int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_
                                 return r;
                 }
                 res[idx].answered = true;
+                res[idx].operation = ops[idx].operation;
                 res[idx].error = ke;
         }
         if (r < 0)
@@ -574,10 +575,10 @@ int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_
         return 0;
 }
 
-/* The payload of an answered, successful batch item; -EINVAL otherwise. */
-static int result_payload(const struct kmip_batch_result *res, const struct ttlv_item **ret) {
-        if (!res || !res->answered || res->error.result_status != KMIP_STATUS_SUCCESS ||
-            res->payload.type != TTLV_STRUCTURE)
+/* The payload of an answered, successful batch item for op; -EINVAL otherwise. */
+static int result_payload(const struct kmip_batch_result *res, uint32_t op, const struct ttlv_item **ret) {
+        if (!res || !res->answered || res->operation != (int32_t) op ||
+            res->error.result_status != KMIP_STATUS_SUCCESS || res->payload.type != TTLV_STRUCTURE)
                 return -EINVAL;
         *ret = &res->payload;
         return 0;
@@ -689,7 +690,7 @@ int kmip_result_locate(const struct kmip_batch_result *res, char (*ret)[KMIP_ID_
         if (!ret_n || (max > 0 && !ret))
                 return -EINVAL;
         *ret_n = 0;
-        r = result_payload(res, &payload);
+        r = result_payload(res, OP_LOCATE, &payload);
         if (r < 0)
                 return r;
         return payload_locate(payload, ret, max, ret_n);
@@ -803,7 +804,7 @@ int kmip_result_get_symmetric_key(const struct kmip_batch_result *res, char uid[
                 return -EINVAL;
         if (uid)
                 uid[0] = 0;
-        r = result_payload(res, &payload);
+        r = result_payload(res, OP_GET, &payload);
         if (r >= 0)
                 r = parse_symmetric_key(payload, uid, key);
         return key_result(r, uid, key);
@@ -949,7 +950,7 @@ int kmip_result_get_attributes(const struct kmip_batch_result *res, struct kmip_
         if (!ret)
                 return -EINVAL;
         *ret = (struct kmip_key_attributes) {};
-        r = result_payload(res, &payload);
+        r = result_payload(res, OP_GET_ATTRIBUTES, &payload);
         if (r < 0)
                 return r;
         return payload_get_attributes(payload, ret);

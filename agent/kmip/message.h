@@ -136,6 +136,7 @@ int kmip_request_batch(const struct kmip_version *version, const struct kmip_bat
  * the response buffer: valid while it lives. */
 struct kmip_batch_result {
         bool answered;              /* false: the server stopped before it */
+        int32_t operation;          /* the operation sent (when answered) */
         struct kmip_error error;    /* result_status 0: success */
         struct ttlv_item payload;   /* of a successful item */
 };
@@ -152,7 +153,8 @@ int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_
                         struct kmip_batch_result *res, struct kmip_error *err);
 
 /* The payload of a successful item of kmip_response_batch, as the one-item
- * parsers below read it; -EINVAL for an item not answered or failed. */
+ * parsers below read it; -EINVAL for an item not answered, failed or of
+ * another operation. */
 int kmip_result_locate(const struct kmip_batch_result *res, char (*ret)[KMIP_ID_MAX], size_t max,
                        size_t *ret_n);
 int kmip_result_get_symmetric_key(const struct kmip_batch_result *res, char uid[KMIP_ID_MAX],
