@@ -458,19 +458,14 @@ static int parse_result(const struct ttlv_item *bi, struct kmip_error *err) {
 /* Section 7.1 Response Message: Response Header (Protocol Version, Time
  * Stamp, Batch Count) and Batch Items (section 6.15: Operation, Unique Batch
  * Item ID, Result Status, Result Reason, Result Message, Response Payload). */
-int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_op *ops, size_t n,
-                        struct kmip_batch_result *res, struct kmip_error *err) {
+static int parse_batch(const uint8_t *buf, size_t len, const struct kmip_batch_op *ops, size_t n,
+                       struct kmip_batch_result *res, struct kmip_error *err) {
         struct ttlv_item msg, hdr, pv, bi, it;
         struct kmip_version version;
         struct ttlv_iter iter;
         int32_t batch_count;
         int items, r;
 
-        if (err)
-                *err = (struct kmip_error) {};
-        if (!buf || !ops || !res || n == 0 || n > KMIP_BATCH_MAX)
-                return -EINVAL;
-        memset(res, 0, n * sizeof(*res));
         if (len > KMIP_MESSAGE_MAX)
                 return -EBADMSG;
         r = ttlv_parse(buf, len, &msg);
@@ -573,6 +568,21 @@ int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_
         if (r < 0)
                 return r;
         return 0;
+}
+
+int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_op *ops, size_t n,
+                        struct kmip_batch_result *res, struct kmip_error *err) {
+        int r;
+
+        if (err)
+                *err = (struct kmip_error) {};
+        if (!buf || !ops || !res || n == 0 || n > KMIP_BATCH_MAX)
+                return -EINVAL;
+        memset(res, 0, n * sizeof(*res));
+        r = parse_batch(buf, len, ops, n, res, err);
+        if (r < 0)
+                memset(res, 0, n * sizeof(*res));   /* nothing from a message refused */
+        return r;
 }
 
 /* The payload of an answered, successful batch item for op; -EINVAL otherwise. */
