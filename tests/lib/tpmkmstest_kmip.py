@@ -524,10 +524,12 @@ class _BindFailed(Exception):
 class HoldingProxy:
     """A TCP forwarder 127.0.0.1:port -> 127.0.0.1:target_port that can stall
     a sync half-way: arm(n) makes it hold, on the next connection, the
-    client's n-th TLS application-data record (TLS record headers are in the
-    clear) until release(). With one KMIP request per record, holding record 3
-    stalls a sync after DiscoverVersions and Locate were answered: the sync is
-    then "in progress" with a view of the key group that is already old."""
+    server's n-th TLS application-data record (TLS record headers are in the
+    clear) until release(). A KMIP response fits one record: holding record 1
+    of a host that knows the protocol version already (it discovers it once)
+    stalls a sync whose Locate the server has answered but the host has not
+    read yet: the sync is then "in progress" with a view of the key group
+    that is already old."""
 
     def __init__(self, target_port):
         self.target_port = target_port
@@ -567,8 +569,8 @@ class HoldingProxy:
                 continue
             hold, self._arm = self._arm, None
             self._socks += [c, u]
-            threading.Thread(target=self._pump, args=(c, u, hold), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(c, u, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, hold), daemon=True).start()
 
     def _pump(self, src, dst, hold):
         buf, n_app = b"", 0
