@@ -59,6 +59,11 @@ struct central_client {
                 bool no_batch;                /* refused a batch: one operation per message */
                 struct tls_session *resume;   /* the last connection's TLS session */
         } ep[CENTRAL_ENDPOINTS_MAX];
+        /* The versions the last fetch found without material to fetch
+         * (their state has none, or they are no AES-256 keys): checked
+         * with the held ones, not fetched as new every time. */
+        char (*bare)[CENTRAL_ID_MAX];     /* CENTRAL_KEYS_MAX */
+        size_t n_bare;
 
         /* health is written by the sync thread and read by the main one */
         pthread_mutex_t lock;
@@ -137,14 +142,22 @@ int central_client_new(const struct central_options *c, struct central_client **
                 errorf(err, err_size, "out of memory");
                 return -ENOMEM;
         }
+        cc->bare = calloc(CENTRAL_KEYS_MAX, sizeof(*cc->bare));
+        if (!cc->bare) {
+                free(cc);
+                errorf(err, err_size, "out of memory");
+                return -ENOMEM;
+        }
         r = tls_context_new(c->ca_file, c->cert_file, c->key_file, &cc->tls, err, err_size);
         if (r < 0) {
+                free(cc->bare);
                 free(cc);
                 return r;
         }
         r = pthread_mutex_init(&cc->lock, NULL);
         if (r != 0) {
                 tls_context_free(cc->tls);
+                free(cc->bare);
                 free(cc);
                 errorf(err, err_size, "pthread_mutex_init: %s", strerror(r));
                 return -r;
@@ -176,6 +189,7 @@ void central_client_free(struct central_client *cc) {
                 tls_session_free(cc->ep[i].resume);
         tls_context_free(cc->tls);
         pthread_mutex_destroy(&cc->lock);
+        free(cc->bare);
         free(cc);
 }
 
@@ -599,11 +613,12 @@ static int fetch_from(struct central_client *cc, size_t i, const char (*held)[CE
         _cleanup_free_ char (*uids)[KMIP_ID_MAX] = NULL;
         _cleanup_free_ struct kmip_batch_op *ops = NULL;
         _cleanup_free_ bool *located = NULL;
+        _cleanup_free_ const char **checked = NULL;
         struct central_key *keys = NULL;
         struct endpoint_state *ep = &cc->ep[i];
         struct session s = { .cc = cc, .ep = ep, .health = &cc->health[i], .peer = cc->health[i].name };
         struct batch b = {};
-        size_t n_uids = 0, n = 0, n_new = 0;
+        size_t n_uids = 0, n = 0, n_new = 0, n_checked;
         int r;
 
         r = tls_connect_resume(cc->tls, cc->endpoints[i].host, cc->endpoints[i].port, cc->timeout_usec,
@@ -628,27 +643,36 @@ static int fetch_from(struct central_client *cc, size_t i, const char (*held)[CE
         }
         s.version = ep->version;
 
+        /* Checked in the first message: the versions held, and those the
+         * last fetch found without material (Compromised, Destroyed, not
+         * AES-256 keys): neither needs a Get unless that changed. */
+        n_checked = n_held;
         uids = calloc(KMIP_LOCATE_MAX, sizeof(*uids));
-        ops = calloc(n_held + 1, sizeof(*ops));
-        located = calloc(n_held + 1, sizeof(*located));
-        if (!uids || !ops || !located) {
+        checked = calloc(n_held + cc->n_bare + 1, sizeof(*checked));
+        ops = calloc(n_held + cc->n_bare + 1, sizeof(*ops));
+        located = calloc(n_held + cc->n_bare + 1, sizeof(*located));
+        if (!uids || !checked || !ops || !located) {
                 errorf(err, err_size, "out of memory");
                 return -ENOMEM;
         }
+        for (size_t k = 0; k < n_held; k++)
+                checked[k] = held[k];
+        for (size_t k = 0; k < cc->n_bare; k++)
+                if (find_uid(held, n_held, cc->bare[k]) < 0)
+                        checked[n_checked++] = cc->bare[k];
         /* State 0: every state, so that Compromised and Destroyed versions
          * are seen (and purged) rather than silently missing. */
         ops[0] = (struct kmip_batch_op) { .operation = KMIP_OP_LOCATE, .arg = cc->group };
-        for (size_t k = 0; k < n_held; k++)
-                ops[k + 1] = (struct kmip_batch_op) { .operation = KMIP_OP_GET_ATTRIBUTES, .arg = held[k] };
-        b = (struct batch) { .ops = ops, .n = n_held + 1 };
-        r = run_batch(&s, n_held > 0 ? "Locate and GetAttributes" : "Locate", &b, err, err_size);
+        for (size_t k = 0; k < n_checked; k++)
+                ops[k + 1] = (struct kmip_batch_op) { .operation = KMIP_OP_GET_ATTRIBUTES, .arg = checked[k] };
+        b = (struct batch) { .ops = ops, .n = n_checked + 1 };
+        r = run_batch(&s, n_checked > 0 ? "Locate and GetAttributes" : "Locate", &b, err, err_size);
         if (r < 0)
                 goto fail;
         if (!item_ok(&b.res[0])) {
                 r = item_failure(&s, cc->group, &ops[0], &b.res[0], err, err_size);
-                if (r > 0) {
+                if (r > 0)
                         r = kmip_failure(&s, "Locate", -EREMOTEIO, &b.res[0].error, err, err_size);
-                }
                 goto fail;
         }
         r = kmip_result_locate(&b.res[0], uids, KMIP_LOCATE_MAX, &n_uids);
@@ -669,36 +693,47 @@ static int fetch_from(struct central_client *cc, size_t i, const char (*held)[CE
                 r = -ENOMEM;
                 goto fail;
         }
-        /* Held and located: what the GetAttributes said; new ones are moved
-         * to the front of uids for fetch_new. */
+        /* Checked and located: what the GetAttributes said; the others
+         * (and a checked one that now has material to fetch) are moved to
+         * the front of uids for fetch_new. */
         for (size_t k = 0; k < n_uids; k++) {
-                ssize_t h = find_uid((const char (*)[CENTRAL_ID_MAX]) held, n_held, uids[k]);
+                ssize_t h = -1;
                 struct central_key *key = &keys[n];
 
-                if (h < 0) {
-                        if (n_new != k)
-                                memcpy(uids[n_new], uids[k], sizeof(uids[k]));
-                        n_new++;
-                        continue;
-                }
-                located[h] = true;
-                r = key_from_result(&s, uids[k], &ops[h + 1], &b.res[h + 1], key, err, err_size);
-                if (r < 0)
-                        goto fail;
-                if (r > 0) {
-                        log_debug("central: %s: %s vanished after Locate", s.peer, uids[k]);
+                for (size_t j = 0; j < n_checked && h < 0; j++)
+                        if (strcmp(checked[j], uids[k]) == 0)
+                                h = (ssize_t) j;
+                if (h >= 0) {
+                        located[h] = true;
+                        r = key_from_result(&s, uids[k], &ops[h + 1], &b.res[h + 1], key, err, err_size);
+                        if (r < 0)
+                                goto fail;
+                        if (r > 0) {
+                                log_debug("central: %s: %s vanished after Locate", s.peer, uids[k]);
+                                *key = (struct central_key) {};
+                                continue;
+                        }
+                        if (!central_state_has_material(key->state) || !key->is_aes256) {
+                                n++;            /* nothing to fetch */
+                                continue;
+                        }
+                        if ((size_t) h < n_held) {
+                                key->material_held = true;
+                                n++;
+                                continue;
+                        }
                         *key = (struct central_key) {};
-                        continue;
                 }
-                key->material_held = central_state_has_material(key->state) && key->is_aes256;
-                n++;
+                if (n_new != k)
+                        memcpy(uids[n_new], uids[k], sizeof(uids[k]));
+                n_new++;
         }
-        /* Held but no longer located: the caller finds them missing. Their
+        /* Checked but no longer located: the caller finds them missing. Their
          * GetAttributes may say Item Not Found or answer (moved out of the
          * group); any other failure is a partial answer and fails. */
-        for (size_t k = 0; k < n_held; k++)
+        for (size_t k = 0; k < n_checked; k++)
                 if (!located[k] && !item_ok(&b.res[k + 1])) {
-                        r = item_failure(&s, held[k], &ops[k + 1], &b.res[k + 1], err, err_size);
+                        r = item_failure(&s, checked[k], &ops[k + 1], &b.res[k + 1], err, err_size);
                         if (r < 0)
                                 goto fail;
                 }
@@ -707,6 +742,12 @@ static int fetch_from(struct central_client *cc, size_t i, const char (*held)[CE
         r = fetch_new(&s, uids, n_new, keys, &n, err, err_size);
         if (r < 0)
                 goto fail;
+
+        /* For the next fetch: the versions without material, to check. */
+        cc->n_bare = 0;
+        for (size_t k = 0; k < n; k++)
+                if (!keys[k].kek && !keys[k].material_held)
+                        snprintf(cc->bare[cc->n_bare++], CENTRAL_ID_MAX, "%s", keys[k].uid);
 
         tls_conn_save_session(conn, &ep->resume);
         *ret = keys;

@@ -439,6 +439,63 @@ static void test_central_fetch_keys(void **state) {
         central_client_free(cc);
 }
 
+/* A fetch naming the versions held: one message (Locate and GetAttributes of
+ * those and of the Compromised one seen before), their material not fetched
+ * again, the TLS session of the fetch before resumed, no DiscoverVersions. A
+ * held uid gone from the server (Item Not Found) or outside the group is not
+ * reported. */
+static void test_central_fetch_held(void **state) {
+        char held[N_SEEDED + 2][CENTRAL_ID_MAX];
+        struct central_endpoint_health h[1];
+        struct central_key *keys = NULL;
+        struct central_client *cc;
+        struct config c;
+        char err[512] = "";
+        size_t n = 0, n_held = 0;
+        uint64_t messages;
+
+        make_config(&c, "ca", "client", "client", 5 * SEC);
+        add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
+        cc = client_new(&c);
+        if (central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err)) < 0)
+                fail_msg("central_fetch: %s", err);
+        central_keys_free(keys, n);
+        assert_int_equal(central_client_health(cc, h, 1), 1);
+        /* DiscoverVersions, Locate, one batch for the N_SEEDED new ones */
+        assert_int_equal(h[0].messages, 3);
+        messages = h[0].messages;
+
+        for (size_t i = 0; i < N_SEEDED; i++)
+                if (expected[i].has_material)
+                        snprintf(held[n_held++], CENTRAL_ID_MAX, "%.127s", expected[i].uid);
+        snprintf(held[n_held++], CENTRAL_ID_MAX, "999999");
+        snprintf(held[n_held++], CENTRAL_ID_MAX, "%s", env("CENTRAL_OTHER_UID"));
+        for (int round = 0; round < 2; round++) {
+                if (central_fetch(cc, (const char (*)[CENTRAL_ID_MAX]) held, n_held, &keys, &n, err,
+                                  sizeof(err)) < 0)
+                        fail_msg("central_fetch (held): %s", err);
+                assert_int_equal(n, N_SEEDED);
+                for (size_t i = 0; i < N_SEEDED; i++) {
+                        const struct central_key *k = find(keys, n, expected[i].uid);
+
+                        assert_non_null(k);
+                        assert_int_equal(k->state, central_state_of_kmip(expected[i].state));
+                        assert_null(k->kek);
+                        assert_int_equal(k->material_held, expected[i].has_material);
+                }
+                central_keys_free(keys, n);
+                central_client_health(cc, h, 1);
+                assert_int_equal(h[0].messages, messages + 1);
+                messages = h[0].messages;
+                assert_int_equal(h[0].resumed, round + 1);
+        }
+
+        n_held = CENTRAL_KEYS_MAX + 1;
+        assert_int_equal(central_fetch(cc, (const char (*)[CENTRAL_ID_MAX]) held, n_held, &keys, &n, err,
+                                       sizeof(err)), -EINVAL);
+        central_client_free(cc);
+}
+
 static void test_central_fetch_keys_by_name(void **state) {
         struct central_key *keys = NULL;
         struct central_client *cc;
@@ -588,6 +645,7 @@ int main(void) {
                 cmocka_unit_test(test_central_fetch_handshake_timeout),
                 cmocka_unit_test(test_central_fetch_read_timeout),
                 cmocka_unit_test(test_central_fetch_keys),
+                cmocka_unit_test(test_central_fetch_held),
                 cmocka_unit_test(test_central_fetch_keys_by_name),
                 cmocka_unit_test(test_central_fetch_shared_with_other_host),
                 cmocka_unit_test(test_central_fetch_empty_group),
