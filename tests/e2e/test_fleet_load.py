@@ -13,39 +13,27 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpmkmstest_kmip as k  # noqa: E402
+import test_fleet as fleet  # noqa: E402   (its PyKMIP per test, certificates per module)
 
-GROUP = "cluster-a-kek"
+GROUP = fleet.GROUP
 CN = "node-a"
 CONVERGE = 30.0
 
-PKI = None
+setUpModule = fleet.setUpModule
+tearDownModule = fleet.tearDownModule
 
 
-def setUpModule():
-    global PKI
-    PKI = k.Pki()
-
-
-def tearDownModule():
-    if PKI is not None:
-        PKI.close()
-
-
-class FleetLoadTest(unittest.TestCase):
-    def setUp(self):
-        self.kms = k.KmipServer(PKI, self)
-        self.kms.start()
-
+class FleetLoadTest(fleet.FleetCase):
     def versions(self, n):
         """n new versions in the group, the last one Active."""
         uids = [self.kms.create_version(GROUP, distinct_second=False) for _ in range(n)]
         self.kms.activate(uids[-1])
         return uids
 
-    def host(self, uids, **kw):
-        w = k.FleetWorld(self, self.kms, cn=CN, group=GROUP, sync_interval="1h", **kw)
-        w.start()
+    def host_with(self, uids, **kw):
+        w = self.host(CN, sync_interval="1h", **kw)
         k.wait_for(lambda: set(w.roles()) == set(uids), CONVERGE, "all %d versions synced" % len(uids))
         return w
 
@@ -78,7 +66,7 @@ class FleetLoadTest(unittest.TestCase):
         # GetAttributes) but not fetched again as if it were new
         bad = self.kms.create_version(GROUP, distinct_second=False)
         self.kms.compromise(bad)
-        w = self.host(uids)
+        w = self.host_with(uids)
         for _ in range(3):
             self.assert_no_change_sync(w, n + 1)
         ep = w.central()["endpoints"][0]
@@ -103,7 +91,7 @@ class FleetLoadTest(unittest.TestCase):
         the Locate and the other items succeed: the version goes missing, the sync
         succeeds, nothing else changes."""
         uids = self.versions(4)
-        w = self.host(uids)
+        w = self.host_with(uids)
         self.kms.destroy(uids[0])
         c = self.counted_sync(w)
         self.assertEqual((c["messages"], c["sessions"], c["Get"]), (1, 1, 0), c)
@@ -116,7 +104,7 @@ class FleetLoadTest(unittest.TestCase):
 
     def test_material_check_fetches_all_material_again(self):
         uids = self.versions(4)
-        w = self.host(uids, material_check="3s")
+        w = self.host_with(uids, material_check="3s")
         self.assert_no_change_sync(w, 4)
         time.sleep(3.2)
         c = self.counted_sync(w)
@@ -130,7 +118,7 @@ class FleetLoadTest(unittest.TestCase):
         after it failed (here: the central KMS restarted)."""
         uids = self.versions(2)
         off = self.kms.log_offset()
-        w = self.host(uids)
+        w = self.host_with(uids)
         self.assertEqual(self.kms.operations("DiscoverVersions", off), 1)
         self.assert_no_change_sync(w, 2)
         self.kms.restart()

@@ -344,22 +344,27 @@ static size_t resp_end(struct ttlv_writer *w) {
         return resp_end_opts(w, &normal);
 }
 
+/* Open a KMIP 1.2 Response Message and write its header. */
+static void resp_header(struct ttlv_writer *w, uint8_t *b, int32_t batch_count) {
+        ttlv_writer_init(w, b, BUF);
+        ttlv_begin(w, T_RESPONSE_MESSAGE);
+        ttlv_begin(w, T_RESPONSE_HEADER);
+        ttlv_begin(w, T_PROTOCOL_VERSION);
+        ttlv_put_integer(w, T_PV_MAJOR, 1);
+        ttlv_put_integer(w, T_PV_MINOR, 2);
+        ttlv_end(w);
+        ttlv_put_datetime(w, T_TIME_STAMP, 1700000000);
+        ttlv_put_integer(w, T_BATCH_COUNT, batch_count);
+        ttlv_end(w);
+}
+
 /* A failed batch item: Result Status, Reason, Message (section 6.9-6.11). */
 static size_t resp_failure(uint8_t *b, uint32_t op, bool with_operation, uint32_t status,
                            uint32_t reason, const char *message, size_t message_len) {
         struct ttlv_writer w;
         size_t n;
 
-        ttlv_writer_init(&w, b, BUF);
-        ttlv_begin(&w, T_RESPONSE_MESSAGE);
-        ttlv_begin(&w, T_RESPONSE_HEADER);
-        ttlv_begin(&w, T_PROTOCOL_VERSION);
-        ttlv_put_integer(&w, T_PV_MAJOR, 1);
-        ttlv_put_integer(&w, T_PV_MINOR, 2);
-        ttlv_end(&w);
-        ttlv_put_datetime(&w, T_TIME_STAMP, 1700000000);
-        ttlv_put_integer(&w, T_BATCH_COUNT, 1);
-        ttlv_end(&w);
+        resp_header(&w, b, 1);
         ttlv_begin(&w, T_BATCH_ITEM);
         if (with_operation)
                 ttlv_put_enum(&w, T_OPERATION, op);
@@ -1068,16 +1073,7 @@ static size_t build_batch(uint8_t *b, int32_t batch_count, const struct item_spe
         struct ttlv_writer w;
         size_t len;
 
-        ttlv_writer_init(&w, b, BUF);
-        ttlv_begin(&w, T_RESPONSE_MESSAGE);
-        ttlv_begin(&w, T_RESPONSE_HEADER);
-        ttlv_begin(&w, T_PROTOCOL_VERSION);
-        ttlv_put_integer(&w, T_PV_MAJOR, 1);
-        ttlv_put_integer(&w, T_PV_MINOR, 2);
-        ttlv_end(&w);
-        ttlv_put_datetime(&w, T_TIME_STAMP, 1700000000);
-        ttlv_put_integer(&w, T_BATCH_COUNT, batch_count);
-        ttlv_end(&w);
+        resp_header(&w, b, batch_count);
         for (size_t i = 0; i < n; i++) {
                 const struct item_spec *s = &items[i];
                 uint8_t id[4] = { 0, 0, 0, (uint8_t) s->id };
