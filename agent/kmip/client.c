@@ -438,6 +438,9 @@ static int run_batch(struct session *s, const char *what, struct batch *b, char 
                         log_debug("central: %s: batch of %zu refused (%s): one operation per message",
                                   s->peer, b->n, kmip_result_reason_to_string(ke.result_reason));
                         refused = true;
+                        response_free(b->bufs[0], b->lens[0], b->secret);
+                        b->bufs[0] = NULL;
+                        b->n_bufs = 0;
                 } else if (r < 0)
                         return r == -EREMOTEIO || r == -EBADMSG ? kmip_failure(s, what, r, &ke, err, err_size) : r;
                 else

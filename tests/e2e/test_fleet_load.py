@@ -127,5 +127,36 @@ class FleetLoadTest(fleet.FleetCase):
         self.assert_no_change_sync(w, 2)
 
 
+class NoBatchTest(fleet.FleetCase):
+    """A central KMS that refuses batches as a whole: the host learns it once
+    (one refused message) and sends one operation per message from then on;
+    the syncs still need no Get for the versions it holds."""
+
+    def setUp(self):
+        self.kms = k.KmipServer(fleet.PKI, self, refuse_batches=True)
+        self.kms.start()
+
+    def refusals(self, off):
+        return self.kms.log(off).count("Batches are not supported by this test server")
+
+    def test_refused_batches_fall_back_once(self):
+        off = self.kms.log_offset()
+        uids = [self.kms.create_version(GROUP, distinct_second=False) for _ in range(4)]
+        self.kms.activate(uids[-1])
+        w = self.host(CN, sync_interval="1h")
+        k.wait_for(lambda: set(w.roles()) == set(uids), CONVERGE, "all versions synced")
+        self.assertEqual(self.refusals(off), 1, self.kms.log(off)[-3000:])
+        for _ in range(2):
+            off = self.kms.log_offset()
+            r = w.ctl("sync")
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertIn("no change", r.stdout.lower())
+            # Locate, then GetAttributes of each held version: no batch, no Get
+            self.assertEqual(self.kms.requests_from(CN, off), 1 + 4)
+            self.assertEqual(len(self.kms.sessions_from(CN, off)), 1)
+            self.assertEqual(self.kms.operations("Get", off), 0)
+            self.assertEqual(self.refusals(off), 0)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -244,10 +244,31 @@ def _stop_all():
             pass
 
 
-class KmipServer:
-    """PyKMIP 0.10 on 127.0.0.1:port, TLS 1.2, client certificates required."""
+# pykmip-server with its engine refusing any request of more than one batch
+# item as a whole (Invalid Message, one failed item without an ID), the way a
+# KMIP server without batch support answers.
+REFUSE_BATCHES = """
+import sys
+from kmip.core import exceptions
+from kmip.services.server import engine, server
+_process = engine.KmipEngine.process_request
+def process_request(self, request, credential=None):
+    if len(request.batch_items) > 1:
+        self._logger.warning("Batches are not supported by this test server.")
+        raise exceptions.InvalidMessage("Batches are not supported by this test server.")
+    return _process(self, request, credential)
+engine.KmipEngine.process_request = process_request
+sys.exit(server.main())
+"""
 
-    def __init__(self, pki, testcase=None, port=None, directory=None, log_level="INFO"):
+
+class KmipServer:
+    """PyKMIP 0.10 on 127.0.0.1:port, TLS 1.2, client certificates required.
+    refuse_batches: its engine refuses every batch of several items."""
+
+    def __init__(self, pki, testcase=None, port=None, directory=None, log_level="INFO",
+                 refuse_batches=False):
+        self.refuse_batches = refuse_batches
         self.pki = pki
         self.log_level = log_level
         self.port = port or free_port()
@@ -297,8 +318,9 @@ class KmipServer:
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         self._stdout = open(self.stdout_path, "ab")
         for attempt in range(20):
+            server = ["-c", REFUSE_BATCHES] if self.refuse_batches else [PYKMIP_SERVER]
             self.proc = subprocess.Popen(
-                [PYKMIP_PYTHON, PYKMIP_SERVER, "-f", conf, "-l", self.log_path],
+                [PYKMIP_PYTHON] + server + ["-f", conf, "-l", self.log_path],
                 stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True, preexec_fn=_sigint_with_parent)
             _running.add(self)
