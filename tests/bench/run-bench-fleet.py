@@ -61,7 +61,7 @@ def main():
     import tpmkmstest_kmip as k
 
     pki = k.Pki(minimal=True)
-    pki.make_client(CN)
+    pki.make_client(CN).make_client("kms-admin")    # the hosts; the operator
     kms = k.KmipServer(pki)
     hosts = []
     try:
