@@ -185,8 +185,6 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
         r = central_fetch(cc, (const char (*)[CENTRAL_ID_MAX]) held, n_held, &ck, &n, err, err_size);
         if (r < 0)
                 return r;
-        if (full)
-                s->last_full_usec = now;
 
         pthread_mutex_lock(s->state_lock);
         old = keyring_slot_get(s->keys);
@@ -219,6 +217,10 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
         pthread_mutex_unlock(s->state_lock);
         policy_result_done(&res);
         central_keys_free(ck, n);
+        /* A refused answer (changed material, ...) is checked in full
+         * again at the next sync, and refused again. */
+        if (r >= 0 && full)
+                s->last_full_usec = now;
         return r;
 }
 

@@ -429,6 +429,10 @@ static int run_batch(struct session *s, const char *what, struct batch *b, char 
                 errorf(err, err_size, "out of memory");
                 return -ENOMEM;
         }
+        if (atomic_load(&s->cc->cancelled)) {
+                errorf(err, err_size, "%s: fetch cancelled (stopping)", s->peer);
+                return -ECANCELED;
+        }
         if (b->n > 1 && !s->ep->no_batch) {
                 r = send_message(s, what, b->ops, b->n, b->secret, &b->bufs[0], &b->lens[0], b->res,
                                  &ke, err, err_size);
