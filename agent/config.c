@@ -546,6 +546,11 @@ static const struct config_item config_table[] = {
          * once changes nothing and fails. */
         { "central", "max_missing_share", parse_percent_item, FIELD(max_missing_percent),
           0, 100, "50%" },
+        /* Between syncs that fetch every version's material again and
+         * compare it with the cache; the others fetch only what can change
+         * (README, "Fleet sync load"). */
+        { "central", "material_check", parse_duration_item, FIELD(material_check_usec),
+          USEC_PER_SEC, 30 * 24 * USEC_PER_HOUR, "24h" },
         { "control", "socket", parse_socket_item, FIELD(control_socket), 1, 0, "/run/tpmkms/control.sock" },
         { "metrics", "listen", parse_listen_item, FIELD(metrics_listen), 0, 0, "" },
 };

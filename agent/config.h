@@ -51,6 +51,7 @@ struct config {
         uint64_t max_staleness_usec;  /* 0: off (serve from the cache however old) */
         uint64_t purge_after_usec;    /* UINT64_MAX: never (only tpmkmsctl purge) */
         unsigned max_missing_percent; /* 0..100 */
+        uint64_t material_check_usec; /* how often a sync fetches all key material again */
         /* [control] */
         char control_socket[CONFIG_SOCKET_PATH_MAX];
         /* [metrics] */

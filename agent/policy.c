@@ -193,7 +193,20 @@ int policy_apply(const char *group, const struct central_key *keys, size_t n,
                                 m++;
                         continue;
                 }
-                if (!ck->is_aes256 || !ck->kek) {
+                /* Material the fetch did not ask for again (the sync said it
+                 * holds it) is the cached one; central_fetch fetches all of
+                 * it again now and then, so a change is still seen below. */
+                const uint8_t *kek = ck->kek;
+                if (!kek && ck->material_held && ck->is_aes256) {
+                        if (!prev || !prev->kek) {
+                                errorf(err, err_size, "central key %s: material neither fetched nor "
+                                       "cached: sync refused", ck->uid);
+                                policy_result_done(&res);
+                                return -EINVAL;
+                        }
+                        kek = prev->kek;
+                }
+                if (!ck->is_aes256 || !kek) {
                         struct policy_change *c;
 
                         /* What we cached as an AES-256 KEK must not turn into
@@ -216,7 +229,7 @@ int policy_apply(const char *group, const struct central_key *keys, size_t n,
                 /* The same identifier must always mean the same key: a change
                  * would make old ciphertexts unreadable, or is an attack on
                  * the central KMS. */
-                if (prev && memcmp_ct(prev->kek, ck->kek, AES256_KEY_SIZE) != 0) {
+                if (prev && memcmp_ct(prev->kek, kek, AES256_KEY_SIZE) != 0) {
                         errorf(err, err_size, "key material of central key %s changed: sync refused "
                                "(investigate the central KMS)", ck->uid);
                         policy_result_done(&res);
@@ -225,7 +238,7 @@ int policy_apply(const char *group, const struct central_key *keys, size_t n,
                 }
                 r = policy_central_identity(group, ck->uid, identity, sizeof(identity));
                 if (r >= 0)
-                        r = key_id_make(identity, ck->kek, kv->id, sizeof(kv->id));
+                        r = key_id_make(identity, kek, kv->id, sizeof(kv->id));
                 if (r < 0) {
                         errorf(err, err_size, "central key %s: cannot make a key id: %s", ck->uid,
                                strerror(-r));
@@ -233,7 +246,7 @@ int policy_apply(const char *group, const struct central_key *keys, size_t n,
                         return -EINVAL;
                 }
                 snprintf(kv->central_id, sizeof(kv->central_id), "%s", ck->uid);
-                kv->kek = ck->kek;
+                kv->kek = (uint8_t *) kek;
                 kv->created_usec = ck->created_usec;
                 kv->first_seen_usec = prev ? prev->first_seen_usec : now_usec;
                 kv->missing_since_usec = 0;   /* seen again: back to its role */

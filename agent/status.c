@@ -48,9 +48,10 @@ static void central_json(const struct status_view *d, FILE *out) {
                 fprintf(out, "%s{\"name\": ", i ? ", " : "");
                 json_string(out, h[i].name);
                 fprintf(out, ", \"last_success\": \"%s\", \"last_failure\": \"%s\", \"consecutive_failures\": %u"
-                        ", \"latency_ms\": %.1f, \"requests\": %" PRIu64 ", \"failures\": %" PRIu64 ", \"last_error\": ",
+                        ", \"latency_ms\": %.1f, \"requests\": %" PRIu64 ", \"failures\": %" PRIu64
+                        ", \"messages\": %" PRIu64 ", \"tls_resumed\": %" PRIu64 ", \"last_error\": ",
                         t1, t2, h[i].consecutive_failures, h[i].last_latency_usec / 1000.0,
-                        h[i].requests, h[i].failures);
+                        h[i].requests, h[i].failures, h[i].messages, h[i].resumed);
                 json_string(out, h[i].last_error);
                 fputs("}", out);
         }

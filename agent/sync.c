@@ -44,6 +44,8 @@ struct sync {
         struct central_client *central;    /* NULL until it could be set up */
 
         uint64_t started_usec;             /* CLOCK_REALTIME */
+        uint64_t last_full_usec;           /* CLOCK_MONOTONIC: last sync that fetched all
+                                            * material again; 0 none yet (the sync thread) */
         _Atomic uint64_t last_success_usec;   /* read on the request path */
 };
 
@@ -91,14 +93,61 @@ static void sync_report(const struct sync *s, const struct policy_result *res, c
                 snprintf(change, size, "no change");
 }
 
+/* The central identifiers of the cached versions that have material (all
+ * of them, missing ones included), for central_fetch. */
+static int held_versions(struct sync *s, char (**ret)[CENTRAL_ID_MAX], size_t *ret_n) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        char (*held)[CENTRAL_ID_MAX];
+        size_t n = 0, size;
+
+        pthread_mutex_lock(s->state_lock);
+        kr = keyring_slot_get(s->keys);
+        pthread_mutex_unlock(s->state_lock);
+        size = kr ? keyring_size(kr) : 0;
+        held = calloc(size > 0 ? size : 1, sizeof(*held));
+        if (!held)
+                return -ENOMEM;
+        for (size_t i = 0; i < size && n < CENTRAL_KEYS_MAX; i++) {
+                const struct key_version *k = keyring_get(kr, i);
+
+                if (*k->central_id && k->kek && strlen(k->central_id) < CENTRAL_ID_MAX)
+                        snprintf(held[n++], CENTRAL_ID_MAX, "%s", k->central_id);
+        }
+        *ret = held;
+        *ret_n = n;
+        return 0;
+}
+
+/* Whether the cache holds any central version (at start). */
+static bool holds_central_versions(struct sync *s) {
+        _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
+        bool any = false;
+
+        pthread_mutex_lock(s->state_lock);
+        kr = keyring_slot_get(s->keys);
+        pthread_mutex_unlock(s->state_lock);
+        for (size_t i = 0; kr && i < keyring_size(kr) && !any; i++)
+                any = *keyring_get(kr, i)->central_id != '\0';
+        return any;
+}
+
+static uint64_t random_below(uint64_t max) {
+        uint64_t rnd = 0;
+
+        /* Jitter needs no cryptographic quality; without it, no jitter. */
+        (void) RAND_bytes((unsigned char *) &rnd, sizeof(rnd));
+        return max > 0 ? rnd % max : 0;
+}
+
 static int sync_once(struct sync *s, char *change, size_t change_size, char *err, size_t err_size) {
         struct central_key *ck = NULL;
         _cleanup_(keyring_unrefp) struct keyring *old = NULL, *kr = NULL;
         struct policy_result res = {};
         struct policy_options popt;
+        _cleanup_free_ char (*held)[CENTRAL_ID_MAX] = NULL;
         struct central_client *cc;
         bool changed = false;
-        size_t n = 0;
+        size_t n = 0, n_held = 0;
         int r;
 
         pthread_mutex_lock(&s->lock);
@@ -134,7 +183,24 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
                 pthread_mutex_unlock(&s->lock);
         }
 
-        r = central_fetch(cc, &ck, &n, err, err_size);
+        /* Material is fetched once per version: later syncs name the
+         * versions held and the central KMS answers what can change (State,
+         * dates). Every material_check, and at the first sync after start,
+         * all of it is fetched again and compared with the cache
+         * (policy_apply refuses a changed one): the one way to learn that
+         * the central KMS would answer other material under a known
+         * identifier, as PyKMIP 0.10 has no Digest attribute (README,
+         * "Fleet sync load"). */
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
+        bool full = s->last_full_usec == 0 || now - s->last_full_usec >= s->config->material_check_usec;
+        if (!full) {
+                r = held_versions(s, &held, &n_held);
+                if (r < 0) {
+                        snprintf(err, err_size, "out of memory");
+                        return r;
+                }
+        }
+        r = central_fetch(cc, (const char (*)[CENTRAL_ID_MAX]) held, n_held, &ck, &n, err, err_size);
         if (r < 0)
                 return r;
 
@@ -169,12 +235,25 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
         pthread_mutex_unlock(s->state_lock);
         policy_result_done(&res);
         central_keys_free(ck, n);
+        /* A refused answer (changed material, ...) is checked in full
+         * again at the next sync, and refused again. */
+        if (r >= 0 && full)
+                s->last_full_usec = now;
         return r;
 }
 
 static void *sync_thread(void *userdata) {
         struct sync *s = userdata;
-        uint64_t next = 0;   /* first sync right away */
+        uint64_t next = 0;   /* first sync right away, */
+
+        /* ... unless this host already has central versions to serve: then
+         * at a random point of the first interval, so that a fleet started
+         * together (a control-plane upgrade, a power cut) does not poll the
+         * central KMS in step. A host with none has nothing to serve until
+         * it syncs; tpmkmsctl sync and a Decrypt of an unknown key id still
+         * sync at once. */
+        if (holds_central_versions(s))
+                next = now_usec(CLOCK_MONOTONIC) + random_below(s->config->sync_interval_usec);
 
         pthread_mutex_lock(&s->lock);
         for (;;) {
@@ -215,11 +294,10 @@ static void *sync_thread(void *userdata) {
                         s->status.last_success_usec = s->status.last_attempt_usec;
                         atomic_store(&s->last_success_usec, s->status.last_attempt_usec);
                 }
-                /* +-10% jitter keeps a fleet from polling in lockstep. */
-                uint32_t rnd = 0;
-                (void) RAND_bytes((unsigned char *) &rnd, sizeof(rnd));
+                /* +-10% jitter keeps hosts that drifted apart from
+                 * falling back into step. */
                 uint64_t iv = s->config->sync_interval_usec;
-                next = now_usec(CLOCK_MONOTONIC) + iv - iv / 10 + (iv / 5) * (rnd % 1000) / 1000;
+                next = now_usec(CLOCK_MONOTONIC) + iv - iv / 10 + random_below(iv / 5 + 1);
                 s->gen_done = s->gen_started;
                 (void) eventfd_write(s->done_fd, 1);
         }

@@ -32,6 +32,10 @@
 #define BACKOFF_CAP_MIN_USEC (UINT64_C(300) * 1000000)
 #define DEFAULT_TIMEOUT_USEC (UINT64_C(5) * 1000000)
 #define VERSIONS_MAX 32
+/* New versions are fetched with GetAttributes and Get in batches of this
+ * many: the answer holds their material in the secure heap, bounded by
+ * SECRET_RESPONSE_MAX (a version's two answers are under 1 KiB). */
+#define NEW_PER_MESSAGE 32
 
 #define KMIP_OBJECT_SYMMETRIC_KEY 2
 #define KMIP_ALGORITHM_AES 3
@@ -47,6 +51,20 @@ struct central_client {
 
         atomic_bool cancelled;            /* central_client_cancel: stop soon */
 
+        /* What a fetch learnt about each endpoint for the next ones (the
+         * sync thread only). */
+        struct endpoint_state {
+                struct kmip_version version;  /* DiscoverVersions' answer, */
+                bool version_known;           /* until a failure that is not the server's answer */
+                bool no_batch;                /* refused a batch: one operation per message */
+                struct tls_session *resume;   /* the last connection's TLS session */
+        } ep[CENTRAL_ENDPOINTS_MAX];
+        /* The versions the last fetch found without material to fetch
+         * (their state has none, or they are no AES-256 keys): checked
+         * with the held ones, not fetched as new every time. */
+        char (*bare)[CENTRAL_ID_MAX];     /* CENTRAL_KEYS_MAX */
+        size_t n_bare;
+
         /* health is written by the sync thread and read by the main one */
         pthread_mutex_t lock;
         struct central_endpoint_health health[CENTRAL_ENDPOINTS_MAX];
@@ -54,7 +72,9 @@ struct central_client {
 
 /* One connection to one endpoint during one fetch. */
 struct session {
-        const struct central_client *cc;
+        struct central_client *cc;
+        struct endpoint_state *ep;
+        struct central_endpoint_health *health;
         struct tls_conn *conn;
         struct kmip_version version;
         const char *peer;
@@ -122,14 +142,22 @@ int central_client_new(const struct central_options *c, struct central_client **
                 errorf(err, err_size, "out of memory");
                 return -ENOMEM;
         }
+        cc->bare = calloc(CENTRAL_KEYS_MAX, sizeof(*cc->bare));
+        if (!cc->bare) {
+                free(cc);
+                errorf(err, err_size, "out of memory");
+                return -ENOMEM;
+        }
         r = tls_context_new(c->ca_file, c->cert_file, c->key_file, c->key, &cc->tls, err, err_size);
         if (r < 0) {
+                free(cc->bare);
                 free(cc);
                 return r;
         }
         r = pthread_mutex_init(&cc->lock, NULL);
         if (r != 0) {
                 tls_context_free(cc->tls);
+                free(cc->bare);
                 free(cc);
                 errorf(err, err_size, "pthread_mutex_init: %s", strerror(r));
                 return -r;
@@ -157,8 +185,11 @@ int central_client_new(const struct central_options *c, struct central_client **
 void central_client_free(struct central_client *cc) {
         if (!cc)
                 return;
+        for (size_t i = 0; i < CENTRAL_ENDPOINTS_MAX; i++)
+                tls_session_free(cc->ep[i].resume);
         tls_context_free(cc->tls);
         pthread_mutex_destroy(&cc->lock);
+        free(cc->bare);
         free(cc);
 }
 
@@ -209,7 +240,7 @@ static int kmip_failure(const struct session *s, const char *op, int r, const st
  * within one timeout. A response that holds key material (secret) is read
  * into the secure heap, bounded by SECRET_RESPONSE_MAX, and freed by the
  * caller with response_free(); on failure a partial one is wiped here. */
-#define SECRET_RESPONSE_MAX (16u * 1024)    /* a Get answer is a few hundred bytes */
+#define SECRET_RESPONSE_MAX (64u * 1024)    /* NEW_PER_MESSAGE GetAttributes and Get answers */
 
 static void response_free(uint8_t *buf, size_t len, bool secret) {
         if (secret)
@@ -226,6 +257,9 @@ static int exchange(const struct session *s, const char *op, bool secret, const 
         char e[256];
         int len, r;
 
+        pthread_mutex_lock(&s->cc->lock);
+        s->health->messages++;
+        pthread_mutex_unlock(&s->cc->lock);
         r = tls_write(s->conn, req, req_len, deadline, e, sizeof(e));
         if (r < 0)
                 goto fail;
@@ -316,92 +350,149 @@ static int discover_versions(struct session *s, char *err, size_t err_size) {
         return choose_version(s, v, n, &s->version, err, err_size);
 }
 
-static int locate(const struct session *s, char (*uids)[KMIP_ID_MAX], size_t *ret_n,
-                  char *err, size_t err_size) {
-        _cleanup_free_ uint8_t *req = NULL, *resp = NULL;
-        struct kmip_error ke = {};
-        size_t req_len, resp_len;
-        int r;
-
-        /* State 0: every state, so that Compromised and Destroyed versions
-         * are seen (and purged) rather than silently missing. */
-        r = kmip_request_locate(&s->version, s->cc->group, 0, &req, &req_len);
-        if (r < 0)
-                return kmip_failure(s, "Locate", r, &ke, err, err_size);
-        r = exchange(s, "Locate", false, req, req_len, &resp, &resp_len, err, err_size);
-        if (r < 0)
-                return r;
-        r = kmip_response_locate(resp, resp_len, uids, KMIP_LOCATE_MAX, ret_n, &ke);
-        if (r == -ENOBUFS) {
-                errorf(err, err_size, "%s: Locate: more than %d objects in group %s; "
-                       "destroy versions no longer needed", s->peer, KMIP_LOCATE_MAX, s->cc->group);
-                return -E2BIG;
-        }
-        if (r < 0)
-                return kmip_failure(s, "Locate", r, &ke, err, err_size);
-        return 0;
+/* A server that answers a batch of several items with one failed item for
+ * none of them (kmip_response_batch: -EREMOTEIO) and one of these reasons
+ * does not take batches: it gets one operation per message from then on.
+ * Any other reason (Authentication Not Successful, Permission Denied, ...)
+ * is its answer to us, not to the batch. */
+static bool refuses_batches(const struct kmip_error *ke) {
+        return ke->result_status == KMIP_STATUS_OPERATION_FAILED &&
+               (ke->result_reason == 0 || ke->result_reason == KMIP_REASON_INVALID_MESSAGE ||
+                ke->result_reason == KMIP_REASON_OPERATION_NOT_SUPPORTED ||
+                ke->result_reason == KMIP_REASON_FEATURE_NOT_SUPPORTED);
 }
 
-/* Returns 0, 1 if the object is gone (Item Not Found), or a negative errno. */
-static int get_attributes(const struct session *s, const char *uid, struct kmip_key_attributes *ret,
-                          char *err, size_t err_size) {
-        _cleanup_free_ uint8_t *req = NULL, *resp = NULL;
-        struct kmip_error ke = {};
-        size_t req_len, resp_len;
-        int r;
+/* The answers to n operations: one response buffer when they went as one
+ * batch, one per operation otherwise; res[k] describes bytes in them. */
+struct batch {
+        const struct kmip_batch_op *ops;
+        size_t n;
+        bool secret;                    /* answers hold key material (Get) */
+        struct kmip_batch_result *res;
+        uint8_t **bufs;
+        size_t *lens;
+        size_t n_bufs;
+};
 
-        r = kmip_request_get_attributes(&s->version, uid, &req, &req_len);
-        if (r < 0)
-                return kmip_failure(s, "GetAttributes", r, &ke, err, err_size);
-        r = exchange(s, "GetAttributes", false, req, req_len, &resp, &resp_len, err, err_size);
-        if (r < 0)
-                return r;
-        memset(ret, 0, sizeof(*ret));
-        r = kmip_response_get_attributes(resp, resp_len, ret, &ke);
-        if (r == -EREMOTEIO && ke.result_status == KMIP_STATUS_OPERATION_FAILED &&
-            ke.result_reason == KMIP_REASON_ITEM_NOT_FOUND)
-                return 1;
-        if (r < 0)
-                return kmip_failure(s, "GetAttributes", r, &ke, err, err_size);
-        if (ret->uid[0] == '\0')
-                snprintf(ret->uid, sizeof(ret->uid), "%s", uid);
-        else if (strcmp(ret->uid, uid) != 0) {
-                errorf(err, err_size, "%s: GetAttributes of %s answered for %s", s->peer, uid, ret->uid);
-                return -EBADMSG;
-        }
-        return 0;
+static void batch_done(struct batch *b) {
+        for (size_t k = 0; k < b->n_bufs; k++)
+                response_free(b->bufs[k], b->lens[k], b->secret);
+        free(b->bufs);
+        free(b->lens);
+        free(b->res);
+        *b = (struct batch) {};
 }
 
-/* Returns 0, 1 if the object is gone, or a negative errno. The response
- * holds the key: it lives in the secure heap and is wiped on every path. */
-static int get_key(const struct session *s, const char *uid, uint8_t kek[AES256_KEY_SIZE],
-                   char *err, size_t err_size) {
+static const char *op_name(int32_t op) {
+        switch (op) {
+        case KMIP_OP_LOCATE:
+                return "Locate";
+        case KMIP_OP_GET:
+                return "Get";
+        case KMIP_OP_GET_ATTRIBUTES:
+                return "GetAttributes";
+        default:
+                return "DiscoverVersions";
+        }
+}
+
+/* Send ops[0..n-1] as one message and parse its answer into res. */
+static int send_message(struct session *s, const char *what, const struct kmip_batch_op *ops, size_t n,
+                        bool secret, uint8_t **buf, size_t *len, struct kmip_batch_result *res,
+                        struct kmip_error *ke, char *err, size_t err_size) {
         _cleanup_free_ uint8_t *req = NULL;
-        uint8_t *resp = NULL;
-        struct kmip_error ke = {};
-        char got[KMIP_ID_MAX] = "";
-        size_t req_len, resp_len = 0;
+        size_t req_len;
         int r;
 
-        r = kmip_request_get(&s->version, uid, &req, &req_len);
+        r = kmip_request_batch(&s->version, ops, n, &req, &req_len);
         if (r < 0)
-                return kmip_failure(s, "Get", r, &ke, err, err_size);
-        r = exchange(s, "Get", true, req, req_len, &resp, &resp_len, err, err_size);
+                return kmip_failure(s, what, r, ke, err, err_size);
+        r = exchange(s, what, secret, req, req_len, buf, len, err, err_size);
         if (r < 0)
                 return r;
-        r = kmip_response_get_symmetric_key(resp, resp_len, got, kek, &ke);
-        response_free(resp, resp_len, true);
-        if (r == -EREMOTEIO && ke.result_status == KMIP_STATUS_OPERATION_FAILED &&
-            ke.result_reason == KMIP_REASON_ITEM_NOT_FOUND)
-                return 1;
-        if (r < 0)
-                return kmip_failure(s, "Get", r, &ke, err, err_size);
-        if (got[0] != '\0' && strcmp(got, uid) != 0) {
-                explicit_bzero(kek, AES256_KEY_SIZE);
-                errorf(err, err_size, "%s: Get of %s answered for %s", s->peer, uid, got);
-                return -EBADMSG;
+        return kmip_response_batch(*buf, *len, ops, n, res, ke);
+}
+
+/* Run b->ops: one message for all of them, or one per operation for a
+ * server that refuses batches (learnt here once, kept for the endpoint).
+ * Returns 0 with each item's answer in b->res (failed items included), or
+ * a negative errno with err filled. */
+static int run_batch(struct session *s, const char *what, struct batch *b, char *err, size_t err_size) {
+        struct kmip_error ke = {};
+        bool refused = false;
+        int r;
+
+        b->res = calloc(b->n, sizeof(*b->res));
+        b->bufs = calloc(b->n, sizeof(*b->bufs));
+        b->lens = calloc(b->n, sizeof(*b->lens));
+        if (!b->res || !b->bufs || !b->lens) {
+                errorf(err, err_size, "out of memory");
+                return -ENOMEM;
+        }
+        if (atomic_load(&s->cc->cancelled)) {
+                errorf(err, err_size, "%s: fetch cancelled (stopping)", s->peer);
+                return -ECANCELED;
+        }
+        if (b->n > 1 && !s->ep->no_batch) {
+                r = send_message(s, what, b->ops, b->n, b->secret, &b->bufs[0], &b->lens[0], b->res,
+                                 &ke, err, err_size);
+                if (b->bufs[0])
+                        b->n_bufs = 1;
+                if (r == -EREMOTEIO && refuses_batches(&ke)) {
+                        log_debug("central: %s: batch of %zu refused (%s): one operation per message",
+                                  s->peer, b->n, kmip_result_reason_to_string(ke.result_reason));
+                        refused = true;
+                        response_free(b->bufs[0], b->lens[0], b->secret);
+                        b->bufs[0] = NULL;
+                        b->n_bufs = 0;
+                } else if (r < 0)
+                        return r == -EREMOTEIO || r == -EBADMSG ? kmip_failure(s, what, r, &ke, err, err_size) : r;
+                else
+                        return 0;
+        }
+
+        for (size_t k = 0; k < b->n; k++) {
+                const char *op = op_name(b->ops[k].operation);
+
+                /* Between requests: a stopping daemon waits for at most
+                 * one request's timeout, not for the whole group. */
+                if (atomic_load(&s->cc->cancelled)) {
+                        errorf(err, err_size, "%s: fetch cancelled (stopping)", s->peer);
+                        return -ECANCELED;
+                }
+                r = send_message(s, op, &b->ops[k], 1, b->secret, &b->bufs[b->n_bufs], &b->lens[b->n_bufs],
+                                 &b->res[k], &ke, err, err_size);
+                if (b->bufs[b->n_bufs])
+                        b->n_bufs++;
+                if (r < 0)
+                        return r == -EREMOTEIO || r == -EBADMSG ? kmip_failure(s, op, r, &ke, err, err_size) : r;
+                if (refused) {
+                        s->ep->no_batch = true;   /* it answers single operations */
+                        refused = false;
+                }
         }
         return 0;
+}
+
+/* An item's failure: Item Not Found is 1 (the object is gone), anything else
+ * fails the fetch (nothing is purged on a partial answer). */
+static int item_failure(const struct session *s, const char *uid, const struct kmip_batch_op *op,
+                        const struct kmip_batch_result *res, char *err, size_t err_size) {
+        char what[KMIP_ID_MAX + 32];
+
+        snprintf(what, sizeof(what), "%s of %s", op_name(op->operation), uid);
+        if (!res->answered) {
+                errorf(err, err_size, "%s: %s: not answered (the server stopped the batch)", s->peer, what);
+                return -EBADMSG;
+        }
+        if (res->error.result_status == KMIP_STATUS_OPERATION_FAILED &&
+            res->error.result_reason == KMIP_REASON_ITEM_NOT_FOUND)
+                return 1;
+        return kmip_failure(s, what, -EREMOTEIO, &res->error, err, err_size);
+}
+
+static bool item_ok(const struct kmip_batch_result *res) {
+        return res->answered && res->error.result_status == KMIP_STATUS_SUCCESS;
 }
 
 /* A KEK version is a symmetric AES-256 key. Cryptographic Algorithm and
@@ -425,88 +516,252 @@ static int key_from_attributes(const struct session *s, const struct kmip_key_at
         return 0;
 }
 
-/* The whole fetch over one connection to endpoint i. */
-static int fetch_from(struct central_client *cc, size_t i, struct central_key **ret, size_t *ret_n,
-                      char *err, size_t err_size) {
-        _cleanup_(tls_conn_freep) struct tls_conn *conn = NULL;
-        _cleanup_free_ char (*uids)[KMIP_ID_MAX] = NULL;
-        struct central_key *keys = NULL;
-        struct session s = { .cc = cc, .peer = cc->health[i].name };
-        size_t n_uids = 0, n = 0;
+/* The answer to GetAttributes of uid as a key (without material). Returns
+ * 0, 1 if the object is gone (Item Not Found), or a negative errno. */
+static int key_from_result(const struct session *s, const char *uid, const struct kmip_batch_op *op,
+                           const struct kmip_batch_result *res, struct central_key *ret,
+                           char *err, size_t err_size) {
+        struct kmip_key_attributes attr;
         int r;
 
-        r = tls_connect(cc->tls, cc->endpoints[i].host, cc->endpoints[i].port, cc->timeout_usec,
-                        &conn, err, err_size);
+        if (!item_ok(res))
+                return item_failure(s, uid, op, res, err, err_size);
+        r = kmip_result_get_attributes(res, &attr);
+        if (r < 0)
+                return kmip_failure(s, "GetAttributes", r, NULL, err, err_size);
+        if (strcmp(attr.uid, uid) != 0) {
+                errorf(err, err_size, "%s: GetAttributes of %s answered for %s", s->peer, uid, attr.uid);
+                return -EBADMSG;
+        }
+        return key_from_attributes(s, &attr, ret, err, err_size);
+}
+
+/* The material of a new version from its Get answer, into the secure heap. */
+static int key_material(const struct session *s, const char *uid, const struct kmip_batch_op *op,
+                        const struct kmip_batch_result *res, struct central_key *key,
+                        char *err, size_t err_size) {
+        char got[KMIP_ID_MAX] = "";
+        int r;
+
+        if (!item_ok(res))
+                return item_failure(s, uid, op, res, err, err_size);
+        key->kek = OPENSSL_secure_malloc(AES256_KEY_SIZE);
+        if (!key->kek) {
+                errorf(err, err_size, "out of locked memory for key material");
+                return -ENOMEM;
+        }
+        r = kmip_result_get_symmetric_key(res, got, key->kek);
+        if (r < 0)
+                return kmip_failure(s, "Get", r, NULL, err, err_size);
+        if (got[0] != '\0' && strcmp(got, uid) != 0) {
+                errorf(err, err_size, "%s: Get of %s answered for %s", s->peer, uid, got);
+                return -EBADMSG;
+        }
+        return 0;
+}
+
+static ssize_t find_uid(const char (*uids)[CENTRAL_ID_MAX], size_t n, const char *uid) {
+        for (size_t k = 0; k < n; k++)
+                if (strcmp(uids[k], uid) == 0)
+                        return (ssize_t) k;
+        return -1;
+}
+
+/* New versions, NEW_PER_MESSAGE at a time: GetAttributes and Get of each in
+ * one batch (a Get for a version that turns out to have no material, or not
+ * to be an AES-256 key, fails or is ignored). Appends to keys[*n]. */
+static int fetch_new(struct session *s, char (*uids)[KMIP_ID_MAX], size_t n_uids,
+                     struct central_key *keys, size_t *n, char *err, size_t err_size) {
+        struct kmip_batch_op ops[2 * NEW_PER_MESSAGE];
+        int r = 0;
+
+        for (size_t start = 0; start < n_uids; start += NEW_PER_MESSAGE) {
+                size_t m = n_uids - start < NEW_PER_MESSAGE ? n_uids - start : NEW_PER_MESSAGE;
+                struct batch b = { .ops = ops, .n = 2 * m, .secret = true };
+
+                for (size_t k = 0; k < m; k++) {
+                        ops[2 * k] = (struct kmip_batch_op) { .operation = KMIP_OP_GET_ATTRIBUTES, .arg = uids[start + k] };
+                        ops[2 * k + 1] = (struct kmip_batch_op) { .operation = KMIP_OP_GET, .arg = uids[start + k] };
+                }
+                r = run_batch(s, "GetAttributes and Get", &b, err, err_size);
+                for (size_t k = 0; r >= 0 && k < m; k++) {
+                        struct central_key *key = &keys[*n];
+                        const char *uid = uids[start + k];
+
+                        r = key_from_result(s, uid, &ops[2 * k], &b.res[2 * k], key, err, err_size);
+                        if (r == 0 && central_state_has_material(key->state) && key->is_aes256)
+                                r = key_material(s, uid, &ops[2 * k + 1], &b.res[2 * k + 1], key, err, err_size);
+                        if (r > 0) {
+                                /* Destroyed between Locate and GetAttributes: gone. */
+                                log_debug("central: %s: %s vanished after Locate", s->peer, uid);
+                                OPENSSL_secure_clear_free(key->kek, AES256_KEY_SIZE);
+                                *key = (struct central_key) {};
+                                r = 0;
+                                continue;
+                        }
+                        if (r >= 0)
+                                (*n)++;
+                }
+                batch_done(&b);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+/* The whole fetch over one connection to endpoint i: DiscoverVersions when
+ * the endpoint's version is not known yet; one message with Locate and a
+ * GetAttributes of every held uid (what can change: State, dates; their
+ * material is not fetched again); one more per NEW_PER_MESSAGE versions new
+ * to the caller, with their GetAttributes and Get. */
+static int fetch_from(struct central_client *cc, size_t i, const char (*held)[CENTRAL_ID_MAX], size_t n_held,
+                      struct central_key **ret, size_t *ret_n, char *err, size_t err_size) {
+        _cleanup_(tls_conn_freep) struct tls_conn *conn = NULL;
+        _cleanup_free_ char (*uids)[KMIP_ID_MAX] = NULL;
+        _cleanup_free_ struct kmip_batch_op *ops = NULL;
+        _cleanup_free_ bool *located = NULL;
+        _cleanup_free_ const char **checked = NULL;
+        struct central_key *keys = NULL;
+        struct endpoint_state *ep = &cc->ep[i];
+        struct session s = { .cc = cc, .ep = ep, .health = &cc->health[i], .peer = cc->health[i].name };
+        struct batch b = {};
+        size_t n_uids = 0, n = 0, n_new = 0, n_checked;
+        int r;
+
+        r = tls_connect_resume(cc->tls, cc->endpoints[i].host, cc->endpoints[i].port, cc->timeout_usec,
+                               &ep->resume, &conn, err, err_size);
         if (r < 0)
                 return r;
         s.conn = conn;
+        if (tls_conn_resumed(conn)) {
+                pthread_mutex_lock(&cc->lock);
+                cc->health[i].resumed++;
+                pthread_mutex_unlock(&cc->lock);
+        }
 
-        r = discover_versions(&s, err, err_size);
-        if (r < 0)
-                return r;
-        log_debug("central: %s: %s %s, KMIP %d.%d", s.peer, tls_conn_version(conn),
-                  tls_conn_cipher(conn), (int) s.version.major, (int) s.version.minor);
+        if (!ep->version_known) {
+                r = discover_versions(&s, err, err_size);
+                if (r < 0)
+                        return r;
+                ep->version = s.version;
+                ep->version_known = true;
+                log_debug("central: %s: %s %s, KMIP %d.%d", s.peer, tls_conn_version(conn),
+                          tls_conn_cipher(conn), (int) s.version.major, (int) s.version.minor);
+        }
+        s.version = ep->version;
 
+        /* Checked in the first message: the versions held, and those the
+         * last fetch found without material (Compromised, Destroyed, not
+         * AES-256 keys): neither needs a Get unless that changed. */
+        n_checked = n_held;
         uids = calloc(KMIP_LOCATE_MAX, sizeof(*uids));
-        if (!uids) {
+        checked = calloc(n_held + cc->n_bare + 1, sizeof(*checked));
+        ops = calloc(n_held + cc->n_bare + 1, sizeof(*ops));
+        located = calloc(n_held + cc->n_bare + 1, sizeof(*located));
+        if (!uids || !checked || !ops || !located) {
                 errorf(err, err_size, "out of memory");
                 return -ENOMEM;
         }
-        r = locate(&s, uids, &n_uids, err, err_size);
+        for (size_t k = 0; k < n_held; k++)
+                checked[k] = held[k];
+        for (size_t k = 0; k < cc->n_bare; k++)
+                if (find_uid(held, n_held, cc->bare[k]) < 0)
+                        checked[n_checked++] = cc->bare[k];
+        /* State 0: every state, so that Compromised and Destroyed versions
+         * are seen (and purged) rather than silently missing. */
+        ops[0] = (struct kmip_batch_op) { .operation = KMIP_OP_LOCATE, .arg = cc->group };
+        for (size_t k = 0; k < n_checked; k++)
+                ops[k + 1] = (struct kmip_batch_op) { .operation = KMIP_OP_GET_ATTRIBUTES, .arg = checked[k] };
+        b = (struct batch) { .ops = ops, .n = n_checked + 1 };
+        r = run_batch(&s, n_checked > 0 ? "Locate and GetAttributes" : "Locate", &b, err, err_size);
         if (r < 0)
-                return r;
+                goto fail;
+        if (!item_ok(&b.res[0])) {
+                r = item_failure(&s, cc->group, &ops[0], &b.res[0], err, err_size);
+                if (r > 0)
+                        r = kmip_failure(&s, "Locate", -EREMOTEIO, &b.res[0].error, err, err_size);
+                goto fail;
+        }
+        r = kmip_result_locate(&b.res[0], uids, KMIP_LOCATE_MAX, &n_uids);
+        if (r == -ENOBUFS) {
+                errorf(err, err_size, "%s: Locate: more than %d objects in group %s; "
+                       "destroy versions no longer needed", s.peer, KMIP_LOCATE_MAX, cc->group);
+                r = -E2BIG;
+                goto fail;
+        }
+        if (r < 0) {
+                r = kmip_failure(&s, "Locate", r, NULL, err, err_size);
+                goto fail;
+        }
 
         keys = calloc(n_uids > 0 ? n_uids : 1, sizeof(*keys));
         if (!keys) {
                 errorf(err, err_size, "out of memory");
-                return -ENOMEM;
+                r = -ENOMEM;
+                goto fail;
         }
+        /* Checked and located: what the GetAttributes said; the others
+         * (and a checked one that now has material to fetch) are moved to
+         * the front of uids for fetch_new. */
         for (size_t k = 0; k < n_uids; k++) {
+                ssize_t h = -1;
                 struct central_key *key = &keys[n];
-                struct kmip_key_attributes attr;
 
-                /* Between requests: a stopping daemon waits for at most
-                 * one request's timeout, not for the whole group. */
-                if (atomic_load(&cc->cancelled)) {
-                        errorf(err, err_size, "%s: fetch cancelled (stopping)", s.peer);
-                        r = -ECANCELED;
-                        goto fail;
-                }
-
-                r = get_attributes(&s, uids[k], &attr, err, err_size);
-                if (r < 0)
-                        goto fail;
-                if (r > 0) {
-                        /* Destroyed between Locate and GetAttributes: gone. */
-                        log_debug("central: %s: %s vanished after Locate", s.peer, uids[k]);
-                        continue;
-                }
-                r = key_from_attributes(&s, &attr, key, err, err_size);
-                if (r < 0)
-                        goto fail;
-                if (central_state_has_material(key->state) && key->is_aes256) {
-                        key->kek = OPENSSL_secure_malloc(AES256_KEY_SIZE);
-                        if (!key->kek) {
-                                errorf(err, err_size, "out of locked memory for key material");
-                                r = -ENOMEM;
-                                goto fail;
-                        }
-                        r = get_key(&s, uids[k], key->kek, err, err_size);
+                for (size_t j = 0; j < n_checked && h < 0; j++)
+                        if (strcmp(checked[j], uids[k]) == 0)
+                                h = (ssize_t) j;
+                if (h >= 0) {
+                        located[h] = true;
+                        r = key_from_result(&s, uids[k], &ops[h + 1], &b.res[h + 1], key, err, err_size);
                         if (r < 0)
                                 goto fail;
                         if (r > 0) {
-                                OPENSSL_secure_clear_free(key->kek, AES256_KEY_SIZE);
+                                log_debug("central: %s: %s vanished after Locate", s.peer, uids[k]);
                                 *key = (struct central_key) {};
                                 continue;
                         }
+                        if (!central_state_has_material(key->state) || !key->is_aes256) {
+                                n++;            /* nothing to fetch */
+                                continue;
+                        }
+                        if ((size_t) h < n_held) {
+                                key->material_held = true;
+                                n++;
+                                continue;
+                        }
+                        *key = (struct central_key) {};
                 }
-                n++;
+                if (n_new != k)
+                        memcpy(uids[n_new], uids[k], sizeof(uids[k]));
+                n_new++;
         }
+        /* Checked but no longer located: the caller finds them missing. Their
+         * GetAttributes may say Item Not Found or answer (moved out of the
+         * group); any other failure is a partial answer and fails. */
+        for (size_t k = 0; k < n_checked; k++)
+                if (!located[k] && !item_ok(&b.res[k + 1])) {
+                        r = item_failure(&s, checked[k], &ops[k + 1], &b.res[k + 1], err, err_size);
+                        if (r < 0)
+                                goto fail;
+                }
+        batch_done(&b);
 
+        r = fetch_new(&s, uids, n_new, keys, &n, err, err_size);
+        if (r < 0)
+                goto fail;
+
+        /* For the next fetch: the versions without material, to check. */
+        cc->n_bare = 0;
+        for (size_t k = 0; k < n; k++)
+                if (!keys[k].kek && !keys[k].material_held)
+                        snprintf(cc->bare[cc->n_bare++], CENTRAL_ID_MAX, "%s", keys[k].uid);
+
+        tls_conn_save_session(conn, &ep->resume);
         *ret = keys;
         *ret_n = n;
         return 0;
 fail:
+        batch_done(&b);
         central_keys_free(keys, n_uids);
         return r;
 }
@@ -561,8 +816,8 @@ void central_client_cancel(struct central_client *cc) {
         atomic_store(&cc->cancelled, true);
 }
 
-int central_fetch(struct central_client *cc, struct central_key **ret, size_t *ret_n,
-                  char *err, size_t err_size) {
+int central_fetch(struct central_client *cc, const char (*held)[CENTRAL_ID_MAX], size_t n_held,
+                  struct central_key **ret, size_t *ret_n, char *err, size_t err_size) {
         size_t order[CENTRAL_ENDPOINTS_MAX], n_order = 0, n_tried = 0, off = 0;
         char all[1024] = "", e[512] = "";
         uint64_t now = now_usec(CLOCK_MONOTONIC);
@@ -570,6 +825,10 @@ int central_fetch(struct central_client *cc, struct central_key **ret, size_t *r
 
         *ret = NULL;
         *ret_n = 0;
+        if (n_held > CENTRAL_KEYS_MAX || (n_held > 0 && !held)) {
+                errorf(err, err_size, "central_fetch: %zu held versions (at most %d)", n_held, CENTRAL_KEYS_MAX);
+                return -EINVAL;
+        }
 
         /* Endpoints out of backoff first, in the configured order; those in
          * backoff only when none of the others answered (or all are in
@@ -590,7 +849,15 @@ int central_fetch(struct central_client *cc, struct central_key **ret, size_t *r
                 int w;
 
                 e[0] = '\0';
-                r = fetch_from(cc, i, ret, ret_n, e, sizeof(e));
+                r = fetch_from(cc, i, held, n_held, ret, ret_n, e, sizeof(e));
+                if (r < 0 && r != -EREMOTEIO) {
+                        /* Not the server's answer: the next connection
+                         * starts afresh, with a full handshake and
+                         * DiscoverVersions. */
+                        cc->ep[i].version_known = false;
+                        tls_session_free(cc->ep[i].resume);
+                        cc->ep[i].resume = NULL;
+                }
                 record_attempt(cc, i, r, start, e);
                 n_tried++;
                 if (r >= 0)

@@ -64,7 +64,11 @@ struct central_key {
         bool is_aes256;             /* a symmetric AES key of 256 bits */
         char kind[64];              /* what it is otherwise ("algorithm 4, 168 bits"), for messages */
         uint8_t *kek;               /* AES256_KEY_SIZE bytes in the secure heap, fetched when
-                                     * the state has material and the key is AES-256; else NULL */
+                                     * the state has material and the key is AES-256, unless
+                                     * material_held; else NULL */
+        bool material_held;         /* the state has material and the key is AES-256, but its
+                                     * material was not fetched: the caller said it holds it
+                                     * (kek NULL) */
 };
 
 struct central_endpoint_health {
@@ -76,6 +80,8 @@ struct central_endpoint_health {
         uint64_t next_attempt_usec;       /* backoff: not tried before (CLOCK_MONOTONIC) */
         unsigned consecutive_failures;
         uint64_t requests, failures;      /* totals (requests: fetches tried here) */
+        uint64_t messages;                /* KMIP request messages sent (total) */
+        uint64_t resumed;                 /* connections that resumed a TLS session (total) */
         char last_error[512];             /* "" when the last attempt succeeded */
         /* A failure the server answered (Permission Denied, ...) counts in
          * failures and consecutive_failures, but puts the endpoint in no
@@ -92,17 +98,30 @@ int central_client_new(const struct central_options *opt, struct central_client 
 void central_client_free(struct central_client *cc);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct central_client *, central_client_free);
 
-/* Fetch every version of the key group: Locate, GetAttributes of each, and
- * Get of those whose state has material and that are AES-256 keys. Tries
- * endpoints in order, skipping those in backoff unless all are; one
- * connection per fetch. On success *ret is an array of *ret_n keys (free with
- * central_keys_free, which wipes). Returns 0, or a negative errno with what
- * failed in err (the server's reason and message when it answered with a
- * failure): -EREMOTEIO the server refused, -E2BIG more than CENTRAL_KEYS_MAX
- * versions in the group, -ECANCELED cancelled, another negative errno for a
- * transport or protocol failure. */
-int central_fetch(struct central_client *cc, struct central_key **ret, size_t *ret_n,
-                  char *err, size_t err_size);
+/* Fetch every version of the key group: the identifiers in the group, the
+ * state and attributes of each, and the material of those whose state has
+ * material and that are AES-256 keys, except for the n_held identifiers in
+ * held (at most CENTRAL_KEYS_MAX): the caller holds their material, they are
+ * returned with material_held and no kek. Pass none to fetch all material
+ * again (and so compare it with what the caller holds).
+ *
+ * Tries endpoints in order, skipping those in backoff unless all are; one
+ * connection per fetch, resuming the last TLS session with that endpoint;
+ * KMIP DiscoverVersions once per endpoint (again after a transport or
+ * protocol failure); the operations batched in one request message (KMIP
+ * 1.2 section 7.1), a second one for versions new to the caller, one
+ * operation per message to a server that refuses batches. A version that
+ * vanished (Item Not Found) between its listing and its attributes is left
+ * out; any other failed operation fails the fetch.
+ *
+ * On success *ret is an array of *ret_n keys (free with central_keys_free,
+ * which wipes). Returns 0, or a negative errno with what failed in err (the
+ * server's reason and message when it answered with a failure): -EREMOTEIO
+ * the server refused, -E2BIG more than CENTRAL_KEYS_MAX versions in the
+ * group, -ECANCELED cancelled, -EINVAL more than CENTRAL_KEYS_MAX held,
+ * another negative errno for a transport or protocol failure. */
+int central_fetch(struct central_client *cc, const char (*held)[CENTRAL_ID_MAX], size_t n_held,
+                  struct central_key **ret, size_t *ret_n, char *err, size_t err_size);
 void central_keys_free(struct central_key *keys, size_t n);
 
 /* From another thread: make a running central_fetch end after its current

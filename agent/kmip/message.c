@@ -1,5 +1,5 @@
 /* KMIP 1.2 request builders and response parsers for DiscoverVersions,
- * Locate, Get and GetAttributes, on the TTLV codec of ttlv.c. Bytes in,
+ * Locate, Get and GetAttributes, alone or batched, on the TTLV codec of ttlv.c. Bytes in,
  * bytes out: the TLS transport lives in tls.c. See message.h. */
 #include "message.h"
 
@@ -20,6 +20,7 @@ enum {
         TAG_ATTRIBUTE_NAME = 0x42000A,
         TAG_ATTRIBUTE_VALUE = 0x42000B,
         TAG_BATCH_COUNT = 0x42000D,
+        TAG_BATCH_ERROR_CONTINUATION_OPTION = 0x42000E,
         TAG_BATCH_ITEM = 0x42000F,
         TAG_CRYPTOGRAPHIC_ALGORITHM = 0x420028,
         TAG_CRYPTOGRAPHIC_LENGTH = 0x42002A,
@@ -49,16 +50,20 @@ enum {
         TAG_RESULT_STATUS = 0x42007F,
         TAG_SYMMETRIC_KEY = 0x42008F,
         TAG_TIME_STAMP = 0x420092,
+        TAG_UNIQUE_BATCH_ITEM_ID = 0x420093,
         TAG_UNIQUE_IDENTIFIER = 0x420094,
 };
 
-/* Section 9.1.3.2.27 Operation */
+/* Section 9.1.3.2.27 Operation (message.h) */
 enum {
-        OP_LOCATE = 0x08,
-        OP_GET = 0x0A,
-        OP_GET_ATTRIBUTES = 0x0B,
-        OP_DISCOVER_VERSIONS = 0x1E,
+        OP_LOCATE = KMIP_OP_LOCATE,
+        OP_GET = KMIP_OP_GET,
+        OP_GET_ATTRIBUTES = KMIP_OP_GET_ATTRIBUTES,
+        OP_DISCOVER_VERSIONS = KMIP_OP_DISCOVER_VERSIONS,
 };
+
+/* Section 9.1.3.2.30 Batch Error Continuation Option */
+#define BATCH_ERROR_CONTINUE 0x01
 
 /* Section 9.1.3.2.12 Object Type, 9.1.3.2.13 Cryptographic Algorithm,
  * 9.1.3.2.3 Key Format Type */
@@ -79,7 +84,12 @@ enum {
 #define ATTR_STATE "State"
 #define ATTR_INITIAL_DATE "Initial Date"
 
-#define REQUEST_MAX 4096            /* our requests are a few hundred bytes */
+#define REQUEST_MAX 4096            /* a one-item request is a few hundred bytes */
+/* A batch item we build: a Get or GetAttributes of a uid of up to
+ * KMIP_ID_MAX - 1 bytes with its Attribute Names, or a Locate of a group of up
+ * to KMIP_GROUP_MAX bytes, fits in this (checked: -ENOBUFS otherwise). */
+#define REQUEST_ITEM_MAX 640
+#define BATCH_ID_SIZE 4             /* Unique Batch Item ID: the item's index, big endian */
 
 const char *kmip_state_to_string(int state) {
         switch (state) {
@@ -177,41 +187,6 @@ static int check_text(const char *s, size_t max) {
         return 0;
 }
 
-/* Section 7.1 Request Message: Request Header (Protocol Version, Batch Count
- * = 1, section 6.14) and one Batch Item (Operation, Request Payload). Opens
- * the message, batch item and payload; request_end() closes them. */
-static void request_begin(struct ttlv_writer *w, const struct kmip_version *v, uint32_t op) {
-        ttlv_begin(w, TAG_REQUEST_MESSAGE);
-        ttlv_begin(w, TAG_REQUEST_HEADER);
-        ttlv_begin(w, TAG_PROTOCOL_VERSION);
-        ttlv_put_integer(w, TAG_PROTOCOL_VERSION_MAJOR, v->major);
-        ttlv_put_integer(w, TAG_PROTOCOL_VERSION_MINOR, v->minor);
-        ttlv_end(w);
-        ttlv_put_integer(w, TAG_BATCH_COUNT, 1);
-        ttlv_end(w);
-        ttlv_begin(w, TAG_BATCH_ITEM);
-        ttlv_put_enum(w, TAG_OPERATION, op);
-        ttlv_begin(w, TAG_REQUEST_PAYLOAD);
-}
-
-static int request_end(struct ttlv_writer *w, uint8_t **buf, uint8_t **ret, size_t *ret_len) {
-        size_t n;
-        int r;
-
-        ttlv_end(w);                /* payload */
-        ttlv_end(w);                /* batch item */
-        ttlv_end(w);                /* message */
-        r = ttlv_writer_finish(w, &n);
-        if (r < 0)
-                return r;
-        uint8_t *shrunk = realloc(*buf, n);
-        if (shrunk)
-                *buf = shrunk;
-        *ret = TAKE_PTR(*buf);
-        *ret_len = n;
-        return 0;
-}
-
 /* Section 2.1.1 Attribute: Attribute Name (Text String) and Attribute Value. */
 static void put_attribute_text(struct ttlv_writer *w, const char *name, const char *value) {
         ttlv_begin(w, TAG_ATTRIBUTE);
@@ -227,123 +202,162 @@ static void put_attribute_enum(struct ttlv_writer *w, const char *name, uint32_t
         ttlv_end(w);
 }
 
-/* Check the version, allocate the buffer and open the message for op. */
-static int request_start(const struct kmip_version *version, uint32_t op, struct ttlv_writer *w,
-                         uint8_t **buf) {
-        struct kmip_version v;
-        int r;
-
-        r = check_version(version, &v);
-        if (r < 0)
-                return r;
-        *buf = malloc(REQUEST_MAX);
-        if (!*buf)
-                return -ENOMEM;
-        ttlv_writer_init(w, *buf, REQUEST_MAX);
-        request_begin(w, &v, op);
-        return 0;
+static void put_version(struct ttlv_writer *w, const struct kmip_version *v) {
+        ttlv_begin(w, TAG_PROTOCOL_VERSION);
+        ttlv_put_integer(w, TAG_PROTOCOL_VERSION_MAJOR, v->major);
+        ttlv_put_integer(w, TAG_PROTOCOL_VERSION_MINOR, v->minor);
+        ttlv_end(w);
 }
 
-/* Get and GetAttributes name one object by its Unique Identifier first. */
-static int request_start_uid(const struct kmip_version *version, uint32_t op, const char *uid,
-                             struct ttlv_writer *w, uint8_t **buf) {
-        int r = check_text(uid, KMIP_ID_MAX - 1);
+/* Ours, highest preference first (section 4.26): the server answers with
+ * those it supports too. */
+static const struct kmip_version our_versions[KMIP_VERSIONS_MAX] = { { 1, 2 }, { 1, 1 }, { 1, 0 } };
 
-        if (r < 0)
-                return r;
-        r = request_start(version, op, w, buf);
-        if (r < 0)
-                return r;
-        ttlv_put_text(w, TAG_UNIQUE_IDENTIFIER, uid, strlen(uid));
-        return 0;
-}
-
-int kmip_request_discover_versions(uint8_t **ret, size_t *ret_len) {
-        /* Ours, highest preference first (section 4.26): the server answers
-         * with those it supports too. */
-        static const struct kmip_version ours[KMIP_VERSIONS_MAX] = { { 1, 2 }, { 1, 1 }, { 1, 0 } };
-        _cleanup_free_ uint8_t *buf = NULL;
-        struct ttlv_writer w;
-        int r;
-
-        if (!ret || !ret_len)
+static int check_op(const struct kmip_batch_op *op) {
+        switch (op->operation) {
+        case KMIP_OP_DISCOVER_VERSIONS:
+                return 0;
+        case KMIP_OP_LOCATE:
+                if (op->state < 0 || op->state > KMIP_STATE_DESTROYED_COMPROMISED)
+                        return -EINVAL;
+                return check_text(op->arg, KMIP_GROUP_MAX);
+        case KMIP_OP_GET:
+        case KMIP_OP_GET_ATTRIBUTES:
+                return check_text(op->arg, KMIP_ID_MAX - 1);
+        default:
                 return -EINVAL;
-        r = request_start(&ours[0], OP_DISCOVER_VERSIONS, &w, &buf);
-        if (r < 0)
-                return r;
-        for (size_t i = 0; i < ARRAY_SIZE(ours); i++) {
-                ttlv_begin(&w, TAG_PROTOCOL_VERSION);
-                ttlv_put_integer(&w, TAG_PROTOCOL_VERSION_MAJOR, ours[i].major);
-                ttlv_put_integer(&w, TAG_PROTOCOL_VERSION_MINOR, ours[i].minor);
-                ttlv_end(&w);
         }
-        return request_end(&w, &buf, ret, ret_len);
 }
 
-int kmip_request_locate(const struct kmip_version *version, const char *group, int32_t state,
-                        uint8_t **ret, size_t *ret_len) {
-        _cleanup_free_ uint8_t *buf = NULL;
-        struct ttlv_writer w;
-        int r;
-
-        if (!ret || !ret_len)
-                return -EINVAL;
-        r = check_text(group, KMIP_GROUP_MAX);
-        if (r < 0)
-                return r;
-        if (state < 0 || state > KMIP_STATE_DESTROYED_COMPROMISED)
-                return -EINVAL;
-        r = request_start(version, OP_LOCATE, &w, &buf);
-        if (r < 0)
-                return r;
-        /* Section 4.9 Locate: Maximum Items, then the Attributes an object must
-         * all match. */
-        /* One more than we accept: a full answer then proves the group is
-         * larger than KMIP_LOCATE_MAX (-ENOBUFS) instead of being cut short
-         * silently, which would purge the versions left out. */
-        ttlv_put_integer(&w, TAG_MAXIMUM_ITEMS, KMIP_LOCATE_MAX + 1);
-        put_attribute_enum(&w, ATTR_OBJECT_TYPE, OBJECT_TYPE_SYMMETRIC_KEY);
-        put_attribute_text(&w, ATTR_OBJECT_GROUP, group);
-        if (state != 0)
-                put_attribute_enum(&w, ATTR_STATE, (uint32_t) state);
-        return request_end(&w, &buf, ret, ret_len);
-}
-
-int kmip_request_get(const struct kmip_version *version, const char *uid,
-                     uint8_t **ret, size_t *ret_len) {
-        _cleanup_free_ uint8_t *buf = NULL;
-        struct ttlv_writer w;
-        int r;
-
-        if (!ret || !ret_len)
-                return -EINVAL;
-        r = request_start_uid(version, OP_GET, uid, &w, &buf);
-        if (r < 0)
-                return r;
-        /* Section 4.11 Get: ask for the key in Raw format, unwrapped. */
-        ttlv_put_enum(&w, TAG_KEY_FORMAT_TYPE, KEY_FORMAT_RAW);
-        return request_end(&w, &buf, ret, ret_len);
-}
-
-int kmip_request_get_attributes(const struct kmip_version *version, const char *uid,
-                                uint8_t **ret, size_t *ret_len) {
+/* The Request Payload of one operation. */
+static void put_payload(struct ttlv_writer *w, const struct kmip_batch_op *op) {
         static const char *const names[] = {
                 ATTR_UNIQUE_IDENTIFIER, ATTR_OBJECT_TYPE, ATTR_STATE, ATTR_INITIAL_DATE,
                 ATTR_ALGORITHM, ATTR_LENGTH, ATTR_NAME,
         };
+
+        switch (op->operation) {
+        case KMIP_OP_DISCOVER_VERSIONS:
+                for (size_t i = 0; i < ARRAY_SIZE(our_versions); i++)
+                        put_version(w, &our_versions[i]);
+                break;
+        case KMIP_OP_LOCATE:
+                /* Section 4.9 Locate: Maximum Items, then the Attributes an
+                 * object must all match. One more than we accept: a full
+                 * answer then proves the group is larger than
+                 * KMIP_LOCATE_MAX (-ENOBUFS) instead of being cut short
+                 * silently, which would purge the versions left out. */
+                ttlv_put_integer(w, TAG_MAXIMUM_ITEMS, KMIP_LOCATE_MAX + 1);
+                put_attribute_enum(w, ATTR_OBJECT_TYPE, OBJECT_TYPE_SYMMETRIC_KEY);
+                put_attribute_text(w, ATTR_OBJECT_GROUP, op->arg);
+                if (op->state != 0)
+                        put_attribute_enum(w, ATTR_STATE, (uint32_t) op->state);
+                break;
+        case KMIP_OP_GET:
+                /* Section 4.11 Get: ask for the key in Raw format, unwrapped. */
+                ttlv_put_text(w, TAG_UNIQUE_IDENTIFIER, op->arg, strlen(op->arg));
+                ttlv_put_enum(w, TAG_KEY_FORMAT_TYPE, KEY_FORMAT_RAW);
+                break;
+        case KMIP_OP_GET_ATTRIBUTES:
+                /* Section 4.12 Get Attributes: Unique Identifier, Attribute Names. */
+                ttlv_put_text(w, TAG_UNIQUE_IDENTIFIER, op->arg, strlen(op->arg));
+                for (size_t i = 0; i < ARRAY_SIZE(names); i++)
+                        ttlv_put_text(w, TAG_ATTRIBUTE_NAME, names[i], strlen(names[i]));
+                break;
+        }
+}
+
+/* Section 7.1 Request Message: a Request Header (Protocol Version, then
+ * with several items the Batch Error Continuation Option Continue, section
+ * 6.13, so that one failed item does not stop the others; Batch Count,
+ * section 6.14) and the Batch Items (section 6.15: Operation, Unique Batch
+ * Item ID, section 6.4, when there are several; Request Payload). No Batch
+ * Order Option (section 6.12): our items never depend on each other (no ID
+ * Placeholder), the server may run them in any order. */
+int kmip_request_batch(const struct kmip_version *version, const struct kmip_batch_op *ops, size_t n,
+                       uint8_t **ret, size_t *ret_len) {
         _cleanup_free_ uint8_t *buf = NULL;
         struct ttlv_writer w;
+        struct kmip_version v;
+        size_t cap, len;
         int r;
 
-        if (!ret || !ret_len)
+        if (!ret || !ret_len || !ops || n == 0 || n > KMIP_BATCH_MAX)
                 return -EINVAL;
-        /* Section 4.12 Get Attributes: Unique Identifier, Attribute Names. */
-        r = request_start_uid(version, OP_GET_ATTRIBUTES, uid, &w, &buf);
+        r = check_version(version, &v);
         if (r < 0)
                 return r;
-        for (size_t i = 0; i < ARRAY_SIZE(names); i++)
-                ttlv_put_text(&w, TAG_ATTRIBUTE_NAME, names[i], strlen(names[i]));
-        return request_end(&w, &buf, ret, ret_len);
+        for (size_t i = 0; i < n; i++) {
+                r = check_op(&ops[i]);
+                if (r < 0)
+                        return r;
+        }
+        cap = n == 1 ? REQUEST_MAX : REQUEST_MAX + n * REQUEST_ITEM_MAX;
+        buf = malloc(cap);
+        if (!buf)
+                return -ENOMEM;
+        ttlv_writer_init(&w, buf, cap);
+
+        ttlv_begin(&w, TAG_REQUEST_MESSAGE);
+        ttlv_begin(&w, TAG_REQUEST_HEADER);
+        put_version(&w, &v);
+        if (n > 1)
+                ttlv_put_enum(&w, TAG_BATCH_ERROR_CONTINUATION_OPTION, BATCH_ERROR_CONTINUE);
+        ttlv_put_integer(&w, TAG_BATCH_COUNT, (int32_t) n);
+        ttlv_end(&w);
+        for (size_t i = 0; i < n; i++) {
+                uint8_t id[BATCH_ID_SIZE] = { (uint8_t) (i >> 24), (uint8_t) (i >> 16),
+                                              (uint8_t) (i >> 8), (uint8_t) i };
+
+                ttlv_begin(&w, TAG_BATCH_ITEM);
+                ttlv_put_enum(&w, TAG_OPERATION, (uint32_t) ops[i].operation);
+                if (n > 1)
+                        ttlv_put_bytes(&w, TAG_UNIQUE_BATCH_ITEM_ID, id, sizeof(id));
+                ttlv_begin(&w, TAG_REQUEST_PAYLOAD);
+                put_payload(&w, &ops[i]);
+                ttlv_end(&w);
+                ttlv_end(&w);
+        }
+        ttlv_end(&w);
+        r = ttlv_writer_finish(&w, &len);
+        if (r < 0)
+                return r;
+        uint8_t *shrunk = realloc(buf, len);
+        if (shrunk)
+                buf = shrunk;
+        *ret = TAKE_PTR(buf);
+        *ret_len = len;
+        return 0;
+}
+
+static int request_one(const struct kmip_version *version, const struct kmip_batch_op *op,
+                       uint8_t **ret, size_t *ret_len) {
+        return kmip_request_batch(version, op, 1, ret, ret_len);
+}
+
+int kmip_request_discover_versions(uint8_t **ret, size_t *ret_len) {
+        /* Sent as a 1.2 message: the version we would rather speak. */
+        return request_one(&our_versions[0], &(struct kmip_batch_op) { .operation = KMIP_OP_DISCOVER_VERSIONS },
+                           ret, ret_len);
+}
+
+int kmip_request_locate(const struct kmip_version *version, const char *group, int32_t state,
+                        uint8_t **ret, size_t *ret_len) {
+        return request_one(version, &(struct kmip_batch_op) { .operation = KMIP_OP_LOCATE, .arg = group,
+                                                              .state = state },
+                           ret, ret_len);
+}
+
+int kmip_request_get(const struct kmip_version *version, const char *uid,
+                     uint8_t **ret, size_t *ret_len) {
+        return request_one(version, &(struct kmip_batch_op) { .operation = KMIP_OP_GET, .arg = uid },
+                           ret, ret_len);
+}
+
+int kmip_request_get_attributes(const struct kmip_version *version, const char *uid,
+                                uint8_t **ret, size_t *ret_len) {
+        return request_one(version, &(struct kmip_batch_op) { .operation = KMIP_OP_GET_ATTRIBUTES, .arg = uid },
+                           ret, ret_len);
 }
 
 /* ---- responses -------------------------------------------------------- */
@@ -400,24 +414,58 @@ static int parse_version(const struct ttlv_item *pv, struct kmip_version *ret) {
         return need_integer(pv, TAG_PROTOCOL_VERSION_MINOR, &ret->minor);
 }
 
-/* Section 7.1 Response Message: Response Header (Protocol Version, Time Stamp,
- * Batch Count) and, as we send one batch item, exactly one Batch Item
- * (section 6.15: Operation, Result Status, Result Reason, Result Message,
- * Response Payload). Returns the payload of a successful `op`, -EREMOTEIO
- * with err filled for a failed one, -EBADMSG for anything unexpected. */
-static int parse_response(const uint8_t *buf, size_t len, uint32_t op,
-                          struct ttlv_item *ret_payload, struct kmip_error *err) {
-        struct ttlv_item msg, hdr, pv, bi, it;
-        struct kmip_version version;
-        uint32_t operation = 0, status, reason;
-        bool has_operation;
-        int32_t batch_count;
+/* Section 6.4 Unique Batch Item ID: ours are the item's index in
+ * BATCH_ID_SIZE bytes, big endian. Returns the index, or -EBADMSG for an
+ * ID we did not send. */
+static int batch_item_index(const struct ttlv_item *id, size_t n) {
+        const uint8_t *p;
+        size_t len;
+        uint32_t v = 0;
+
+        if (ttlv_get_bytes(id, &p, &len) < 0 || len != BATCH_ID_SIZE)
+                return -EBADMSG;
+        for (size_t i = 0; i < BATCH_ID_SIZE; i++)
+                v = v << 8 | p[i];
+        return v < n ? (int) v : -EBADMSG;
+}
+
+/* Section 6.9-6.11: Result Status, Result Reason and Result Message of a
+ * batch item into err. Returns 0 or -EBADMSG. */
+static int parse_result(const struct ttlv_item *bi, struct kmip_error *err) {
+        struct ttlv_item it;
+        uint32_t status, reason = 0;
         int r;
 
-        if (err)
-                *err = (struct kmip_error) {};
-        if (!buf)
-                return -EINVAL;
+        *err = (struct kmip_error) {};
+        r = need_enum(bi, TAG_RESULT_STATUS, &status);
+        if (r < 0)
+                return r;
+        if (status == KMIP_STATUS_SUCCESS)
+                return 0;
+        r = ttlv_find(bi, TAG_RESULT_REASON, TTLV_ENUMERATION, &it);
+        if (r == 0)
+                r = ttlv_get_enum(&it, &reason);
+        if (r < 0 && r != -ENOENT)
+                return r;
+        /* A status that does not fit would be read as success. */
+        err->result_status = status > INT32_MAX ? INT32_MAX : (int32_t) status;
+        err->result_reason = (int32_t) reason;
+        if (ttlv_find(bi, TAG_RESULT_MESSAGE, TTLV_TEXT_STRING, &it) == 0)
+                copy_message(&it, err->message, sizeof(err->message));
+        return 0;
+}
+
+/* Section 7.1 Response Message: Response Header (Protocol Version, Time
+ * Stamp, Batch Count) and Batch Items (section 6.15: Operation, Unique Batch
+ * Item ID, Result Status, Result Reason, Result Message, Response Payload). */
+static int parse_batch(const uint8_t *buf, size_t len, const struct kmip_batch_op *ops, size_t n,
+                       struct kmip_batch_result *res, struct kmip_error *err) {
+        struct ttlv_item msg, hdr, pv, bi, it;
+        struct kmip_version version;
+        struct ttlv_iter iter;
+        int32_t batch_count;
+        int items, r;
+
         if (len > KMIP_MESSAGE_MAX)
                 return -EBADMSG;
         r = ttlv_parse(buf, len, &msg);
@@ -442,59 +490,129 @@ static int parse_response(const uint8_t *buf, size_t len, uint32_t op,
         r = ttlv_find(&hdr, TAG_TIME_STAMP, TTLV_DATE_TIME, NULL);
         if (r < 0 && r != -ENOENT)
                 return r;
+        /* Batch Count (section 6.14) says how many items follow; a server
+         * that stopped after a failed item answers fewer than we sent, never
+         * more. */
         r = need_integer(&hdr, TAG_BATCH_COUNT, &batch_count);
         if (r < 0)
                 return r;
-        if (batch_count != 1)
+        items = ttlv_count(&msg, TAG_BATCH_ITEM);
+        if (items < 0)
+                return items;
+        if (batch_count < 1 || (size_t) batch_count > n || items != batch_count)
                 return -EBADMSG;
-        r = ttlv_count(&msg, TAG_BATCH_ITEM);
-        if (r < 0)
-                return r;
-        if (r != 1)
-                return -EBADMSG;
-        r = need(&msg, TAG_BATCH_ITEM, TTLV_STRUCTURE, &bi);
-        if (r < 0)
-                return r;
 
-        /* Operation is in every answer to a batch item that named one, but a
-         * server that could not parse the request at all answers without it
-         * (PyKMIP does): accept its absence on failure only. */
-        r = ttlv_find(&bi, TAG_OPERATION, TTLV_ENUMERATION, &it);
-        if (r < 0 && r != -ENOENT)
+        r = ttlv_iter_init(&iter, &msg);
+        if (r < 0)
                 return r;
-        has_operation = r == 0;
-        if (has_operation) {
-                r = ttlv_get_enum(&it, &operation);
+        while ((r = ttlv_iter_next(&iter, &bi)) > 0) {
+                struct kmip_error ke;
+                uint32_t operation;
+                bool has_operation;
+                int idx;
+
+                if (bi.tag != TAG_BATCH_ITEM)
+                        continue;
+                if (bi.type != TTLV_STRUCTURE)
+                        return -EBADMSG;
+                r = parse_result(&bi, &ke);
                 if (r < 0)
                         return r;
-                if (operation != op)
-                        return -EBADMSG;
-        }
 
-        r = need_enum(&bi, TAG_RESULT_STATUS, &status);
-        if (r < 0)
-                return r;
-        if (status != KMIP_STATUS_SUCCESS) {
-                reason = 0;
-                r = ttlv_find(&bi, TAG_RESULT_REASON, TTLV_ENUMERATION, &it);
-                if (r == 0)
-                        r = ttlv_get_enum(&it, &reason);
+                r = ttlv_find(&bi, TAG_UNIQUE_BATCH_ITEM_ID, TTLV_BYTE_STRING, &it);
                 if (r < 0 && r != -ENOENT)
                         return r;
-                if (err) {
-                        err->result_status = (int32_t) status;
-                        err->result_reason = (int32_t) reason;
-                        r = ttlv_find(&bi, TAG_RESULT_MESSAGE, TTLV_TEXT_STRING, &it);
-                        if (r == 0)
-                                copy_message(&it, err->message, sizeof(err->message));
+                if (n == 1)
+                        idx = 0;        /* we sent no ID */
+                else if (r == 0)
+                        idx = batch_item_index(&it, n);
+                else if (items == 1 && ke.result_status != KMIP_STATUS_SUCCESS) {
+                        /* One failed item for no item of ours: the server
+                         * refused the message as a whole (it could not
+                         * parse it, or does not take batches). */
+                        if (err)
+                                *err = ke;
+                        return -EREMOTEIO;
+                } else
+                        idx = -EBADMSG;
+                if (idx < 0)
+                        return idx;
+                if (res[idx].answered)
+                        return -EBADMSG;        /* the same item twice */
+
+                /* Operation is in every answer to a batch item that named one,
+                 * but a server that could not parse the request at all answers
+                 * without it (PyKMIP does): accept its absence on failure only. */
+                r = ttlv_find(&bi, TAG_OPERATION, TTLV_ENUMERATION, &it);
+                if (r < 0 && r != -ENOENT)
+                        return r;
+                has_operation = r == 0;
+                if (has_operation) {
+                        r = ttlv_get_enum(&it, &operation);
+                        if (r < 0)
+                                return r;
+                        if (operation != (uint32_t) ops[idx].operation)
+                                return -EBADMSG;
                 }
-                return -EREMOTEIO;
+                if (ke.result_status == KMIP_STATUS_SUCCESS) {
+                        if (!has_operation)
+                                return -EBADMSG;
+                        r = need(&bi, TAG_RESPONSE_PAYLOAD, TTLV_STRUCTURE, &res[idx].payload);
+                        if (r < 0)
+                                return r;
+                }
+                res[idx].answered = true;
+                res[idx].operation = ops[idx].operation;
+                res[idx].error = ke;
         }
-        if (!has_operation)
-                return -EBADMSG;
-        return need(&bi, TAG_RESPONSE_PAYLOAD, TTLV_STRUCTURE, ret_payload);
+        if (r < 0)
+                return r;
+        return 0;
 }
 
+int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_op *ops, size_t n,
+                        struct kmip_batch_result *res, struct kmip_error *err) {
+        int r;
+
+        if (err)
+                *err = (struct kmip_error) {};
+        if (!buf || !ops || !res || n == 0 || n > KMIP_BATCH_MAX)
+                return -EINVAL;
+        memset(res, 0, n * sizeof(*res));
+        r = parse_batch(buf, len, ops, n, res, err);
+        if (r < 0)
+                memset(res, 0, n * sizeof(*res));   /* nothing from a message refused */
+        return r;
+}
+
+/* The payload of an answered, successful batch item for op; -EINVAL otherwise. */
+static int result_payload(const struct kmip_batch_result *res, uint32_t op, const struct ttlv_item **ret) {
+        if (!res || !res->answered || res->operation != (int32_t) op ||
+            res->error.result_status != KMIP_STATUS_SUCCESS || res->payload.type != TTLV_STRUCTURE)
+                return -EINVAL;
+        *ret = &res->payload;
+        return 0;
+}
+
+/* One whole response to a one-item request for op: its payload, -EREMOTEIO
+ * with err filled for a failed item, -EBADMSG for anything unexpected. */
+static int parse_response(const uint8_t *buf, size_t len, uint32_t op,
+                          struct ttlv_item *ret_payload, struct kmip_error *err) {
+        struct kmip_batch_op o = { .operation = (int32_t) op };
+        struct kmip_batch_result res;
+        int r;
+
+        r = kmip_response_batch(buf, len, &o, 1, &res, err);
+        if (r < 0)
+                return r;
+        if (res.error.result_status != KMIP_STATUS_SUCCESS) {
+                if (err)
+                        *err = res.error;
+                return -EREMOTEIO;
+        }
+        *ret_payload = res.payload;
+        return 0;
+}
 int kmip_response_discover_versions(const uint8_t *buf, size_t len, struct kmip_version *ret,
                                     size_t max, size_t *ret_n, struct kmip_error *err) {
         struct ttlv_item payload, child;
@@ -532,23 +650,16 @@ int kmip_response_discover_versions(const uint8_t *buf, size_t len, struct kmip_
         return 0;
 }
 
-int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX],
-                         size_t max, size_t *ret_n, struct kmip_error *err) {
-        struct ttlv_item payload, child;
+/* Section 4.9: zero or more Unique Identifiers (1.3 adds Located Items,
+ * which is skipped like anything else we do not know). */
+static int payload_locate(const struct ttlv_item *payload, char (*ret)[KMIP_ID_MAX], size_t max,
+                          size_t *ret_n) {
+        struct ttlv_item child;
         struct ttlv_iter iter;
         size_t n = 0;
         int r;
 
-        if (!ret_n || (max > 0 && !ret))
-                return -EINVAL;
-        *ret_n = 0;
-        r = parse_response(buf, len, OP_LOCATE, &payload, err);
-        if (r < 0)
-                return r;
-
-        /* Section 4.9: zero or more Unique Identifiers (1.3 adds Located
-         * Items, which is skipped like anything else we do not know). */
-        r = ttlv_iter_init(&iter, &payload);
+        r = ttlv_iter_init(&iter, payload);
         if (r < 0)
                 return r;
         while ((r = ttlv_iter_next(&iter, &child)) > 0) {
@@ -565,6 +676,34 @@ int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX
                 return r;
         *ret_n = n;
         return 0;
+}
+
+int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX],
+                         size_t max, size_t *ret_n, struct kmip_error *err) {
+        struct ttlv_item payload;
+        int r;
+
+        if (!ret_n || (max > 0 && !ret))
+                return -EINVAL;
+        *ret_n = 0;
+        r = parse_response(buf, len, OP_LOCATE, &payload, err);
+        if (r < 0)
+                return r;
+        return payload_locate(&payload, ret, max, ret_n);
+}
+
+int kmip_result_locate(const struct kmip_batch_result *res, char (*ret)[KMIP_ID_MAX], size_t max,
+                       size_t *ret_n) {
+        const struct ttlv_item *payload;
+        int r;
+
+        if (!ret_n || (max > 0 && !ret))
+                return -EINVAL;
+        *ret_n = 0;
+        r = result_payload(res, OP_LOCATE, &payload);
+        if (r < 0)
+                return r;
+        return payload_locate(payload, ret, max, ret_n);
 }
 
 /* Section 2.1.3 Key Block of a Symmetric Key, unwrapped and uncompressed:
@@ -642,6 +781,15 @@ static int parse_symmetric_key(const struct ttlv_item *payload, char uid[KMIP_ID
         return 0;
 }
 
+static int key_result(int r, char uid[KMIP_ID_MAX], uint8_t key[AES256_KEY_SIZE]) {
+        if (r < 0) {
+                explicit_bzero(key, AES256_KEY_SIZE);
+                if (uid)
+                        uid[0] = 0;
+        }
+        return r;
+}
+
 int kmip_response_get_symmetric_key(const uint8_t *buf, size_t len, char uid[KMIP_ID_MAX],
                                     uint8_t key[AES256_KEY_SIZE], struct kmip_error *err) {
         struct ttlv_item payload;
@@ -654,12 +802,22 @@ int kmip_response_get_symmetric_key(const uint8_t *buf, size_t len, char uid[KMI
         r = parse_response(buf, len, OP_GET, &payload, err);
         if (r >= 0)
                 r = parse_symmetric_key(&payload, uid, key);
-        if (r < 0) {
-                explicit_bzero(key, AES256_KEY_SIZE);
-                if (uid)
-                        uid[0] = 0;
-        }
-        return r;
+        return key_result(r, uid, key);
+}
+
+int kmip_result_get_symmetric_key(const struct kmip_batch_result *res, char uid[KMIP_ID_MAX],
+                                  uint8_t key[AES256_KEY_SIZE]) {
+        const struct ttlv_item *payload;
+        int r;
+
+        if (!key)
+                return -EINVAL;
+        if (uid)
+                uid[0] = 0;
+        r = result_payload(res, OP_GET, &payload);
+        if (r >= 0)
+                r = parse_symmetric_key(payload, uid, key);
+        return key_result(r, uid, key);
 }
 
 enum {
@@ -753,27 +911,19 @@ static int parse_attribute(const struct ttlv_item *attr, struct kmip_key_attribu
         return r < 0 ? -EBADMSG : 0;
 }
 
-int kmip_response_get_attributes(const uint8_t *buf, size_t len, struct kmip_key_attributes *ret,
-                                 struct kmip_error *err) {
-        struct ttlv_item payload, it;
+/* Section 4.12 Get Attributes response: Unique Identifier, then the
+ * Attributes the object has among those asked for. */
+static int payload_get_attributes(const struct ttlv_item *payload, struct kmip_key_attributes *ret) {
+        struct ttlv_item it;
         struct ttlv_iter iter;
         unsigned seen = 0;
         int r;
 
-        if (!ret)
-                return -EINVAL;
-        *ret = (struct kmip_key_attributes) {};
-        r = parse_response(buf, len, OP_GET_ATTRIBUTES, &payload, err);
-        if (r < 0)
-                return r;
-
-        /* Section 4.12 Get Attributes response: Unique Identifier, then the
-         * Attributes the object has among those asked for. */
-        r = need(&payload, TAG_UNIQUE_IDENTIFIER, TTLV_TEXT_STRING, &it);
+        r = need(payload, TAG_UNIQUE_IDENTIFIER, TTLV_TEXT_STRING, &it);
         if (r >= 0)
                 r = copy_text(&it, ret->uid, sizeof(ret->uid), false);
         if (r >= 0)
-                r = ttlv_iter_init(&iter, &payload);
+                r = ttlv_iter_init(&iter, payload);
         while (r >= 0 && (r = ttlv_iter_next(&iter, &it)) > 0) {
                 if (it.tag != TAG_ATTRIBUTE)
                         continue;
@@ -787,4 +937,31 @@ int kmip_response_get_attributes(const uint8_t *buf, size_t len, struct kmip_key
                 return r;
         }
         return 0;
+}
+
+int kmip_response_get_attributes(const uint8_t *buf, size_t len, struct kmip_key_attributes *ret,
+                                 struct kmip_error *err) {
+        struct ttlv_item payload;
+        int r;
+
+        if (!ret)
+                return -EINVAL;
+        *ret = (struct kmip_key_attributes) {};
+        r = parse_response(buf, len, OP_GET_ATTRIBUTES, &payload, err);
+        if (r < 0)
+                return r;
+        return payload_get_attributes(&payload, ret);
+}
+
+int kmip_result_get_attributes(const struct kmip_batch_result *res, struct kmip_key_attributes *ret) {
+        const struct ttlv_item *payload;
+        int r;
+
+        if (!ret)
+                return -EINVAL;
+        *ret = (struct kmip_key_attributes) {};
+        r = result_payload(res, OP_GET_ATTRIBUTES, &payload);
+        if (r < 0)
+                return r;
+        return payload_get_attributes(payload, ret);
 }

@@ -1,6 +1,7 @@
 /* KMIP 1.2 messages (OASIS KMIP Specification v1.2, section 9.1 TTLV encoding;
  * KMIP Profiles for the operations used) for the four requests tpmkms makes:
- * DiscoverVersions, Locate, Get and GetAttributes. Builds request messages and
+ * DiscoverVersions, Locate, Get and GetAttributes, one per message or several
+ * in one batch (section 6.14, 6.15, 7.1). Builds request messages and
  * parses response messages as bytes: it knows nothing of sockets or keyrings.
  * The TTLV codec underneath (ttlv.h) is bounded: every length is
  * checked, nesting is limited, and nothing is read past the buffer.
@@ -15,6 +16,7 @@
 #include <stdint.h>
 
 #include "kmip.h"
+#include "ttlv.h"
 
 #define KMIP_HEADER_SIZE 8          /* tag(3) type(1) length(4) of the outer structure */
 #define KMIP_MESSAGE_MAX (1u << 20) /* refuse longer responses */
@@ -22,6 +24,16 @@
 #define KMIP_LOCATE_MAX CENTRAL_KEYS_MAX    /* Maximum Items we ask for and accept */
 #define KMIP_GROUP_MAX CENTRAL_GROUP_MAX    /* Object Group (text) we send in a Locate */
 #define KMIP_VERSIONS_MAX 3         /* versions we offer in DiscoverVersions: 1.2, 1.1, 1.0 */
+#define KMIP_BATCH_MAX (CENTRAL_KEYS_MAX + 1)   /* items in one request: a Locate and a
+                                                 * GetAttributes of every version */
+
+/* KMIP 1.2 section 9.1.3.2.27 Operation (those tpmkms sends) */
+enum kmip_operation {
+        KMIP_OP_LOCATE = 0x08,
+        KMIP_OP_GET = 0x0A,
+        KMIP_OP_GET_ATTRIBUTES = 0x0B,
+        KMIP_OP_DISCOVER_VERSIONS = 0x1E,
+};
 
 /* KMIP 1.2 section 9.1.3.2.17 State */
 enum kmip_state {
@@ -52,6 +64,7 @@ enum kmip_result_reason {
         KMIP_REASON_AUTHENTICATION_NOT_SUCCESSFUL = 0x03,
         KMIP_REASON_INVALID_MESSAGE = 0x04,
         KMIP_REASON_OPERATION_NOT_SUPPORTED = 0x05,
+        KMIP_REASON_FEATURE_NOT_SUPPORTED = 0x08,
         KMIP_REASON_PERMISSION_DENIED = 0x0C,
         KMIP_REASON_KEY_FORMAT_TYPE_NOT_SUPPORTED = 0x10,
         KMIP_REASON_GENERAL_FAILURE = 0x100,
@@ -100,6 +113,53 @@ int kmip_request_get(const struct kmip_version *version, const char *uid,
                      uint8_t **ret, size_t *ret_len);
 int kmip_request_get_attributes(const struct kmip_version *version, const char *uid,
                                 uint8_t **ret, size_t *ret_len);
+
+/* One operation of a batch: Locate of the Object Group arg (Object Type
+ * Symmetric Key; state 0 = any State, else that State only), Get (Raw) or
+ * GetAttributes (the attributes of struct kmip_key_attributes) of the Unique
+ * Identifier arg, or DiscoverVersions (arg unused). */
+struct kmip_batch_op {
+        int32_t operation;          /* enum kmip_operation */
+        const char *arg;
+        int32_t state;
+};
+
+/* A Request Message with the n (1..KMIP_BATCH_MAX) operations ops. With more
+ * than one, each Batch Item carries a Unique Batch Item ID (its index) and
+ * the header asks the server to Continue after a failed item (KMIP 1.2
+ * section 6.13); a batch of one is exactly the one-item request below.
+ * Returns 0 with *ret malloc'ed, or -EINVAL (see below), -ENOBUFS, -ENOMEM. */
+int kmip_request_batch(const struct kmip_version *version, const struct kmip_batch_op *ops, size_t n,
+                       uint8_t **ret, size_t *ret_len);
+
+/* What the server answered to one batch item. payload describes bytes of
+ * the response buffer: valid while it lives. */
+struct kmip_batch_result {
+        bool answered;              /* false: the server stopped before it */
+        int32_t operation;          /* the operation sent (when answered) */
+        struct kmip_error error;    /* result_status 0: success */
+        struct ttlv_item payload;   /* of a successful item */
+};
+
+/* Parse the response to the n operations ops into res[0..n-1], each item
+ * matched by its Unique Batch Item ID (for n = 1: the one item) and checked
+ * against its operation. Returns 0 whatever each item's Result Status;
+ * -EREMOTEIO with err filled when a batch of several got one failed item
+ * without an ID (the server refused the message as a whole); -EBADMSG
+ * malformed, a Batch Count other than the items present or more than n, an
+ * ID we did not send, the same ID twice, an operation that is not the one
+ * sent; -EINVAL bad arguments. */
+int kmip_response_batch(const uint8_t *buf, size_t len, const struct kmip_batch_op *ops, size_t n,
+                        struct kmip_batch_result *res, struct kmip_error *err);
+
+/* The payload of a successful item of kmip_response_batch, as the one-item
+ * parsers below read it; -EINVAL for an item not answered, failed or of
+ * another operation. */
+int kmip_result_locate(const struct kmip_batch_result *res, char (*ret)[KMIP_ID_MAX], size_t max,
+                       size_t *ret_n);
+int kmip_result_get_symmetric_key(const struct kmip_batch_result *res, char uid[KMIP_ID_MAX],
+                                  uint8_t key[AES256_KEY_SIZE]);
+int kmip_result_get_attributes(const struct kmip_batch_result *res, struct kmip_key_attributes *ret);
 
 /* Response parsers: buf is one whole Response Message (len = what
  * kmip_message_length() said). They check the response header (protocol

@@ -46,10 +46,17 @@
         "RSA+SHA256:RSA+SHA384:RSA+SHA512"
 
 #define KEY_FILE_MAX (64u * 1024u)   /* a PEM private key is a few KiB */
+/* A TLS 1.2 resumption keeps the full handshake's master secret: after this
+ * long a new ECDHE exchange makes fresh keys (forward secrecy per hour). */
+#define RESUME_MAX_AGE_SEC 3600
 
 struct tls_context {
         SSL_CTX *ctx;
         char cert_file[PATH_MAX];   /* named when the server rejects it */
+};
+
+struct tls_session {
+        SSL_SESSION *session;
 };
 
 struct tls_conn {
@@ -229,11 +236,16 @@ int tls_context_new(const char *ca_file, const char *cert_file, const char *key_
         }
         /* CLEANSE_PLAINTEXT: the record buffers hold decrypted Get responses
          * (KEKs); OpenSSL wipes them before freeing. NO_RENEGOTIATION: the
-         * KMS has no reason to renegotiate, refuse it. No tickets: one
-         * connection per fetch, nothing to resume. */
+         * KMS has no reason to renegotiate, refuse it. Session tickets
+         * (RFC 5077) are accepted: PyKMIP 0.10 resumes TLS 1.2 sessions
+         * only from tickets (it drops a session from its cache when a
+         * connection ends without close_notify), and a resumed session
+         * reuses its master secret, so tls_connect_resume offers none
+         * older than RESUME_MAX_AGE_SEC. The client keeps one session per
+         * endpoint itself (tls_conn_save_session), no internal cache. */
         SSL_CTX_set_options(t->ctx, SSL_OP_CLEANSE_PLAINTEXT | SSL_OP_NO_RENEGOTIATION |
-                                    SSL_OP_NO_TICKET | SSL_OP_NO_COMPRESSION);
-        SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_OFF);
+                                    SSL_OP_NO_COMPRESSION);
+        SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 
         /* Only the configured CA: the system store would let any public CA
          * vouch for a "KMS". */
@@ -490,6 +502,11 @@ static bool is_ip_literal(const char *host) {
 
 int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
                 struct tls_conn **ret, char *err, size_t err_size) {
+        return tls_connect_resume(t, host, port, timeout_usec, NULL, ret, err, err_size);
+}
+
+int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
+                       struct tls_session **resume, struct tls_conn **ret, char *err, size_t err_size) {
         _cleanup_(tls_conn_freep) struct tls_conn *c = NULL;
         char text[256];
         uint64_t deadline;
@@ -530,6 +547,13 @@ int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t
                 }
         }
         SSL_set_connect_state(c->ssl);
+        /* The server verified our certificate and we its, for this
+         * host:port, when the session was made; a server that no longer
+         * knows it makes a full handshake. */
+        if (resume && *resume && (uint64_t) time(NULL) - (uint64_t) SSL_SESSION_get_time((*resume)->session) <
+                                         RESUME_MAX_AGE_SEC &&
+            SSL_set_session(c->ssl, (*resume)->session) != 1)
+                ERR_clear_error();
 
         /* The handshake gets its own deadline: connect and handshake are
          * separate operations, each bounded by the timeout. */
@@ -624,4 +648,34 @@ int central_certificate_not_after(const char *path, uint64_t *ret_usec) {
         *ret_usec = asn1_time_usec(X509_get0_notAfter(x));
         X509_free(x);
         return *ret_usec ? 0 : -EBADMSG;
+}
+
+bool tls_conn_resumed(const struct tls_conn *c) {
+        return SSL_session_reused(c->ssl) == 1;
+}
+
+void tls_conn_save_session(const struct tls_conn *c, struct tls_session **slot) {
+        struct tls_session *s;
+        SSL_SESSION *sess;
+
+        if (c->broken)
+                return;
+        sess = SSL_get1_session(c->ssl);
+        if (!sess)
+                return;
+        if (SSL_SESSION_is_resumable(sess) != 1 || !(s = calloc(1, sizeof(*s)))) {
+                SSL_SESSION_free(sess);
+                return;
+        }
+        s->session = sess;
+        tls_session_free(*slot);
+        *slot = s;
+}
+
+void tls_session_free(struct tls_session *s) {
+        if (!s)
+                return;
+        /* SSL_SESSION_free cleanses the master secret. */
+        SSL_SESSION_free(s->session);
+        free(s);
 }

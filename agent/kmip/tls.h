@@ -16,6 +16,7 @@
  * SIGPIPE (tpmkmsd does, at start). */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -24,6 +25,7 @@
 struct tls_context;
 struct tls_conn;
 typedef struct evp_pkey_st EVP_PKEY;
+struct tls_session;
 
 /* Load the CA file (the only trust anchors: no system store), our certificate
  * chain and our key. The key file must be a regular file that neither group
@@ -43,6 +45,20 @@ void tls_context_free(struct tls_context *t);
  * and *ret, or a negative errno (see above). */
 int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
                 struct tls_conn **ret, char *err, size_t err_size);
+
+/* tls_connect, offering to resume *resume (the TLS session of an earlier
+ * connection to the same host:port, or NULL): an abbreviated handshake when
+ * the server still knows it, a full one otherwise. *resume is not changed;
+ * see tls_conn_save_session. */
+int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
+                       struct tls_session **resume, struct tls_conn **ret, char *err, size_t err_size);
+/* Whether c resumed a session. */
+bool tls_conn_resumed(const struct tls_conn *c);
+/* After the last read on c: keep its session in *slot (freeing the one
+ * there) if it is resumable and c had no error; else leave *slot. */
+void tls_conn_save_session(const struct tls_conn *c, struct tls_session **slot);
+/* Accepts NULL. The session holds its master secret: wiped when freed. */
+void tls_session_free(struct tls_session *s);
 
 /* Write all len bytes, or read exactly len bytes, before deadline_usec
  * (now_usec(CLOCK_MONOTONIC), common/util.h). Returns 0 or a negative errno. */

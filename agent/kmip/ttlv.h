@@ -21,7 +21,8 @@
 
 #define TTLV_HEADER_SIZE 8
 #define TTLV_DEPTH_MAX 16           /* nesting, the outer structure is depth 1 */
-#define TTLV_ITEMS_MAX 16384        /* items in one message */
+#define TTLV_ITEMS_MAX 65536        /* items in one message: a GetAttributes answer of
+                                     * every version (CENTRAL_KEYS_MAX) is ~25 each */
 
 /* KMIP 1.2 section 9.1.1.2 Item Type */
 enum ttlv_type {

@@ -244,10 +244,31 @@ def _stop_all():
             pass
 
 
-class KmipServer:
-    """PyKMIP 0.10 on 127.0.0.1:port, TLS 1.2, client certificates required."""
+# pykmip-server with its engine refusing any request of more than one batch
+# item as a whole (Invalid Message, one failed item without an ID), the way a
+# KMIP server without batch support answers.
+REFUSE_BATCHES = """
+import sys
+from kmip.core import exceptions
+from kmip.services.server import engine, server
+_process = engine.KmipEngine.process_request
+def process_request(self, request, credential=None):
+    if len(request.batch_items) > 1:
+        self._logger.warning("Batches are not supported by this test server.")
+        raise exceptions.InvalidMessage("Batches are not supported by this test server.")
+    return _process(self, request, credential)
+engine.KmipEngine.process_request = process_request
+sys.exit(server.main())
+"""
 
-    def __init__(self, pki, testcase=None, port=None, directory=None, log_level="INFO"):
+
+class KmipServer:
+    """PyKMIP 0.10 on 127.0.0.1:port, TLS 1.2, client certificates required.
+    refuse_batches: its engine refuses every batch of several items."""
+
+    def __init__(self, pki, testcase=None, port=None, directory=None, log_level="INFO",
+                 refuse_batches=False):
+        self.refuse_batches = refuse_batches
         self.pki = pki
         self.log_level = log_level
         self.port = port or free_port()
@@ -297,8 +318,9 @@ class KmipServer:
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         self._stdout = open(self.stdout_path, "ab")
         for attempt in range(20):
+            server = ["-c", REFUSE_BATCHES] if self.refuse_batches else [PYKMIP_SERVER]
             self.proc = subprocess.Popen(
-                [PYKMIP_PYTHON, PYKMIP_SERVER, "-f", conf, "-l", self.log_path],
+                [PYKMIP_PYTHON] + server + ["-f", conf, "-l", self.log_path],
                 stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True, preexec_fn=_sigint_with_parent)
             _running.add(self)
@@ -524,10 +546,12 @@ class _BindFailed(Exception):
 class HoldingProxy:
     """A TCP forwarder 127.0.0.1:port -> 127.0.0.1:target_port that can stall
     a sync half-way: arm(n) makes it hold, on the next connection, the
-    client's n-th TLS application-data record (TLS record headers are in the
-    clear) until release(). With one KMIP request per record, holding record 3
-    stalls a sync after DiscoverVersions and Locate were answered: the sync is
-    then "in progress" with a view of the key group that is already old."""
+    server's n-th TLS application-data record (TLS record headers are in the
+    clear) until release(). A KMIP response fits one record: holding record 1
+    of a host that knows the protocol version already (it discovers it once)
+    stalls a sync whose Locate the server has answered but the host has not
+    read yet: the sync is then "in progress" with a view of the key group
+    that is already old."""
 
     def __init__(self, target_port):
         self.target_port = target_port
@@ -567,8 +591,8 @@ class HoldingProxy:
                 continue
             hold, self._arm = self._arm, None
             self._socks += [c, u]
-            threading.Thread(target=self._pump, args=(c, u, hold), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(c, u, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, hold), daemon=True).start()
 
     def _pump(self, src, dst, hold):
         buf, n_app = b"", 0
@@ -626,13 +650,13 @@ class FleetWorld(t.World):
     the whole config instead (same [kms], [tpm], [state], [control], [metrics]).
     Attributes may be changed between restarts (restart_daemon rewrites the
     config): endpoints, ca, cert, key, group, sync_interval, timeout,
-    max_staleness, purge_after, max_missing_share (None: not written, the
-    daemon's default)."""
+    max_staleness, purge_after, max_missing_share, material_check (None: not
+    written, the daemon's default)."""
 
     def __init__(self, testcase, kms, cn="node-a", group="cluster-a-kek",
                  sync_interval="1s", timeout="2s", max_staleness=None,
                  endpoints=None, ca="ca", tpm=None, pcrs="sha256:7",
-                 purge_after=None, max_missing_share=None):
+                 purge_after=None, max_missing_share=None, material_check=None):
         super().__init__(testcase, tpm=tpm, pcrs=pcrs)
         self.kms = kms
         self.cn = cn
@@ -646,6 +670,7 @@ class FleetWorld(t.World):
         self.max_staleness = max_staleness
         self.purge_after = purge_after
         self.max_missing_share = max_missing_share
+        self.material_check = material_check
 
     def write_config(self, kms_sock=None, tcti=None, ctl_sock=None, state_dir=None):
         central = ("[central]\ntype = kmip\nendpoints = %s\nca_file = %s\ncert_file = %s\n"
@@ -658,6 +683,8 @@ class FleetWorld(t.World):
             central += "purge_after = %s\n" % self.purge_after
         if self.max_missing_share is not None:
             central += "max_missing_share = %s\n" % self.max_missing_share
+        if self.material_check is not None:
+            central += "material_check = %s\n" % self.material_check
         with open(self.config, "w") as f:
             f.write("[kms]\nsocket = %s\nallowed_uids = 0\n"
                     "[tpm]\ntcti = %s\npcrs = %s\n"

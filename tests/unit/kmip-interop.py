@@ -132,6 +132,22 @@ def run(exe, d):
         r = helper("get", k_cur, version="1.0")
         check(r["rc"] == 0 and r.get("key") == [values[k_cur]], "Get as KMIP 1.0")
 
+        # One batch (KMIP 1.2 section 7.1): Locate, then GetAttributes and Get
+        # of each uid; the nonexistent one fails its two items only (Batch
+        # Error Continuation Option Continue), the others still answer.
+        r = helper("batch", GROUP, k_cur, "999999", k_new)
+        check(r["rc"] == 0, "batch: parsed (got %s)" % r)
+        check(sorted(r.get("locate_uid", [])) == sorted([k_old, k_cur, k_new, k_bad]),
+              "batch: Locate item finds the group (got %s)" % r.get("locate_uid"))
+        check(r.get("attrs") == ["%s 2" % k_cur, "%s 1" % k_new],
+              "batch: GetAttributes items of the existing uids (got %s)" % r.get("attrs"))
+        check(r.get("key") == ["%s %s" % (k_cur, values[k_cur]), "%s %s" % (k_new, values[k_new])],
+              "batch: Get items return the bytes PyKMIP's client gets")
+        check(r.get("failed") == ["3 1", "4 1"],
+              "batch: both items of the nonexistent uid fail with Item Not Found (got %s)" % r.get("failed"))
+        r = helper("batch", GROUP, k_old, version="1.0")
+        check(r["rc"] == 0 and r.get("attrs") == ["%s 3" % k_old], "batch as KMIP 1.0")
+
         for op in ("get", "attrs"):
             r = helper(op, "999999")
             check(r["rc"] == -EREMOTEIO and r.get("reason") == ["1"]

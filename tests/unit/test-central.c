@@ -166,7 +166,7 @@ static int fetch_fails(struct central_client *cc, char *err, size_t err_size) {
         size_t n = 0;
         int r;
 
-        r = central_fetch(cc, &keys, &n, err, err_size);
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, err_size);
         assert_true(r < 0);
         assert_null(keys);
         fprintf(stderr, "  -> %d: %s\n", r, err);
@@ -424,7 +424,7 @@ static void test_central_fetch_keys(void **state) {
         make_config(&c, "ca", "client", "client", 5 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -436,6 +436,63 @@ static void test_central_fetch_keys(void **state) {
         assert_true(h[0].last_success_usec > 0);
         assert_true(h[0].last_latency_usec > 0);
         assert_string_equal(h[0].last_error, "");
+        central_client_free(cc);
+}
+
+/* A fetch naming the versions held: one message (Locate and GetAttributes of
+ * those and of the Compromised one seen before), their material not fetched
+ * again, the TLS session of the fetch before resumed, no DiscoverVersions. A
+ * held uid gone from the server (Item Not Found) or outside the group is not
+ * reported. */
+static void test_central_fetch_held(void **state) {
+        char held[N_SEEDED + 2][CENTRAL_ID_MAX];
+        struct central_endpoint_health h[1];
+        struct central_key *keys = NULL;
+        struct central_client *cc;
+        struct config c;
+        char err[512] = "";
+        size_t n = 0, n_held = 0;
+        uint64_t messages;
+
+        make_config(&c, "ca", "client", "client", 5 * SEC);
+        add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
+        cc = client_new(&c);
+        if (central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err)) < 0)
+                fail_msg("central_fetch: %s", err);
+        central_keys_free(keys, n);
+        assert_int_equal(central_client_health(cc, h, 1), 1);
+        /* DiscoverVersions, Locate, one batch for the N_SEEDED new ones */
+        assert_int_equal(h[0].messages, 3);
+        messages = h[0].messages;
+
+        for (size_t i = 0; i < N_SEEDED; i++)
+                if (expected[i].has_material)
+                        snprintf(held[n_held++], CENTRAL_ID_MAX, "%.127s", expected[i].uid);
+        snprintf(held[n_held++], CENTRAL_ID_MAX, "999999");
+        snprintf(held[n_held++], CENTRAL_ID_MAX, "%s", env("CENTRAL_OTHER_UID"));
+        for (int round = 0; round < 2; round++) {
+                if (central_fetch(cc, (const char (*)[CENTRAL_ID_MAX]) held, n_held, &keys, &n, err,
+                                  sizeof(err)) < 0)
+                        fail_msg("central_fetch (held): %s", err);
+                assert_int_equal(n, N_SEEDED);
+                for (size_t i = 0; i < N_SEEDED; i++) {
+                        const struct central_key *k = find(keys, n, expected[i].uid);
+
+                        assert_non_null(k);
+                        assert_int_equal(k->state, central_state_of_kmip(expected[i].state));
+                        assert_null(k->kek);
+                        assert_int_equal(k->material_held, expected[i].has_material);
+                }
+                central_keys_free(keys, n);
+                central_client_health(cc, h, 1);
+                assert_int_equal(h[0].messages, messages + 1);
+                messages = h[0].messages;
+                assert_int_equal(h[0].resumed, round + 1);
+        }
+
+        n_held = CENTRAL_KEYS_MAX + 1;
+        assert_int_equal(central_fetch(cc, (const char (*)[CENTRAL_ID_MAX]) held, n_held, &keys, &n, err,
+                                       sizeof(err)), -EINVAL);
         central_client_free(cc);
 }
 
@@ -451,7 +508,7 @@ static void test_central_fetch_keys_by_name(void **state) {
         make_config(&c, "ca", "client", "client", 5 * SEC);
         add_endpoint(&c, "localhost", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -472,7 +529,7 @@ static void test_central_fetch_shared_with_other_host(void **state) {
         make_config(&c, "ca", "client2", "client2", 5 * SEC);
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -491,7 +548,7 @@ static void test_central_fetch_empty_group(void **state) {
         snprintf(c.key_group, sizeof(c.key_group), "no-such-group");
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        assert_int_equal(central_fetch(cc, &keys, &n, err, sizeof(err)), 0);
+        assert_int_equal(central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err)), 0);
         assert_int_equal(n, 0);
         central_keys_free(keys, n);
         central_client_free(cc);
@@ -513,7 +570,7 @@ static void test_central_fetch_failover_and_backoff(void **state) {
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         add_endpoint(&c, "127.0.0.1", "CENTRAL_ROGUE_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -539,7 +596,7 @@ static void test_central_fetch_failover_and_backoff(void **state) {
 
         /* the next fetch skips the endpoint in backoff */
         keys = NULL;
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         central_keys_free(keys, n);
@@ -564,7 +621,7 @@ static void test_central_fetch_failover_after_tls_failure(void **state) {
         add_endpoint(&c, "127.0.0.1", "CENTRAL_ROGUE_PORT");
         add_endpoint(&c, "127.0.0.1", "CENTRAL_KMIP_PORT");
         cc = client_new(&c);
-        r = central_fetch(cc, &keys, &n, err, sizeof(err));
+        r = central_fetch(cc, NULL, 0, &keys, &n, err, sizeof(err));
         if (r < 0)
                 fail_msg("central_fetch: %d %s", r, err);
         assert_seeded_keys(keys, n);
@@ -588,6 +645,7 @@ int main(void) {
                 cmocka_unit_test(test_central_fetch_handshake_timeout),
                 cmocka_unit_test(test_central_fetch_read_timeout),
                 cmocka_unit_test(test_central_fetch_keys),
+                cmocka_unit_test(test_central_fetch_held),
                 cmocka_unit_test(test_central_fetch_keys_by_name),
                 cmocka_unit_test(test_central_fetch_shared_with_other_host),
                 cmocka_unit_test(test_central_fetch_empty_group),

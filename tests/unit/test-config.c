@@ -90,6 +90,7 @@ static void test_config_defaults_values(void **state) {
         assert_int_equal(c.central_timeout_usec, 5 * 1000000ull);
         assert_int_equal(c.purge_after_usec, 7 * 24 * 3600 * 1000000ull);
         assert_int_equal(c.max_missing_percent, 50);
+        assert_int_equal(c.material_check_usec, 24 * 3600 * 1000000ull);
         assert_string_equal(c.control_socket, "/run/tpmkms/control.sock");
         assert_string_equal(c.metrics_listen, "");   /* no metrics served yet: off */
 }
@@ -332,6 +333,8 @@ static void test_config_load_bad_values(void **state) {
                 { "[central]\nsync_interval = 500ms\n", 2, "must be between 1s and 24h" },
                 { "[central]\nsync_interval = 25h\n", 2, "must be between 1s and 24h" },
                 { "[central]\nsync_interval = soon\n", 2, "not a duration" },
+                { "[central]\nmaterial_check = 0\n", 2, "must be between 1s and 30d" },
+                { "[central]\nmaterial_check = 31d\n", 2, "must be between 1s and 30d" },
                 { "[central]\ntimeout = 0s\n", 2, "must be between 10ms and 10min" },
                 { "[central]\ntimeout = -5s\n", 2, "not a duration" },
                 { "[central]\ntimeout = 5 s\n", 2, "not a duration" },

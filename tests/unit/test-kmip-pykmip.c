@@ -6,6 +6,9 @@
  *
  *   test-kmip-pykmip [-v MAJOR.MINOR] [-o RESPONSE_FILE] HOST PORT CA CERT KEY OP [ARG [STATE]]
  *   OP: discover | locate GROUP [STATE] | get UID | attrs UID
+ *       | batch GROUP UID... (one message: Locate GROUP, then GetAttributes
+ *         and Get of each UID; one line per item: "locate_uid U", "attrs U
+ *         STATE", "key U HEX", "failed INDEX REASON")
  *
  * Exit status 0 when the exchange happened (whatever rc says), 1 otherwise. */
 #include <errno.h>
@@ -108,6 +111,8 @@ int main(int argc, char **argv) {
         const char *host = argv[0], *port = argv[1], *ca = argv[2], *cert = argv[3], *key = argv[4];
         const char *op = argv[5], *arg = argc > 6 ? argv[6] : NULL;
         int32_t state = argc > 7 ? atoi(argv[7]) : 0;
+        struct kmip_batch_op ops[1 + 2 * 16];
+        size_t n_ops = 0;
 
         if (strcmp(op, "discover") == 0)
                 r = kmip_request_discover_versions(&req, &req_len);
@@ -117,7 +122,14 @@ int main(int argc, char **argv) {
                 r = kmip_request_get(&version, arg, &req, &req_len);
         else if (strcmp(op, "attrs") == 0)
                 r = kmip_request_get_attributes(&version, arg, &req, &req_len);
-        else
+        else if (strcmp(op, "batch") == 0 && arg && argc - 7 <= 16) {
+                ops[n_ops++] = (struct kmip_batch_op) { .operation = KMIP_OP_LOCATE, .arg = arg };
+                for (int i = 7; i < argc; i++) {
+                        ops[n_ops++] = (struct kmip_batch_op) { .operation = KMIP_OP_GET_ATTRIBUTES, .arg = argv[i] };
+                        ops[n_ops++] = (struct kmip_batch_op) { .operation = KMIP_OP_GET, .arg = argv[i] };
+                }
+                r = kmip_request_batch(&version, ops, n_ops, &req, &req_len);
+        } else
                 return die("unknown operation");
         if (r < 0) {
                 printf("rc %d\n", r);
@@ -182,7 +194,44 @@ int main(int argc, char **argv) {
                 }
         }
 
-        if (strcmp(op, "discover") == 0) {
+        if (strcmp(op, "batch") == 0) {
+                struct kmip_batch_result res[ARRAY_SIZE(ops)];
+                char (*ids)[KMIP_ID_MAX] = calloc(KMIP_LOCATE_MAX, KMIP_ID_MAX);
+                size_t n = 0;
+                if (!ids) {
+                        ret = die("malloc");
+                        goto out;
+                }
+                r = kmip_response_batch(resp, resp_len, ops, n_ops, res, &err);
+                for (size_t i = 0; r >= 0 && i < n_ops; i++) {
+                        struct kmip_key_attributes a;
+                        _cleanup_erase_key_ uint8_t k[AES256_KEY_SIZE];
+                        char uid[KMIP_ID_MAX];
+
+                        if (!res[i].answered || res[i].error.result_status != 0) {
+                                printf("failed %zu %d\n", i, res[i].answered ? res[i].error.result_reason : -1);
+                                continue;
+                        }
+                        if (ops[i].operation == KMIP_OP_LOCATE) {
+                                r = kmip_result_locate(&res[i], ids, KMIP_LOCATE_MAX, &n);
+                                for (size_t j = 0; r >= 0 && j < n; j++)
+                                        printf("locate_uid %s\n", ids[j]);
+                        } else if (ops[i].operation == KMIP_OP_GET_ATTRIBUTES) {
+                                r = kmip_result_get_attributes(&res[i], &a);
+                                if (r >= 0)
+                                        printf("attrs %s %d\n", a.uid, a.state);
+                        } else {
+                                r = kmip_result_get_symmetric_key(&res[i], uid, k);
+                                if (r >= 0) {
+                                        printf("key %s ", uid);
+                                        for (size_t j = 0; j < sizeof(k); j++)
+                                                printf("%02x", k[j]);       /* a test key */
+                                        printf("\n");
+                                }
+                        }
+                }
+                free(ids);
+        } else if (strcmp(op, "discover") == 0) {
                 struct kmip_version v[8];
                 size_t n = 0;
                 r = kmip_response_discover_versions(resp, resp_len, v, ARRAY_SIZE(v), &n, &err);

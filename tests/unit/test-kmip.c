@@ -344,22 +344,27 @@ static size_t resp_end(struct ttlv_writer *w) {
         return resp_end_opts(w, &normal);
 }
 
+/* Open a KMIP 1.2 Response Message and write its header. */
+static void resp_header(struct ttlv_writer *w, uint8_t *b, int32_t batch_count) {
+        ttlv_writer_init(w, b, BUF);
+        ttlv_begin(w, T_RESPONSE_MESSAGE);
+        ttlv_begin(w, T_RESPONSE_HEADER);
+        ttlv_begin(w, T_PROTOCOL_VERSION);
+        ttlv_put_integer(w, T_PV_MAJOR, 1);
+        ttlv_put_integer(w, T_PV_MINOR, 2);
+        ttlv_end(w);
+        ttlv_put_datetime(w, T_TIME_STAMP, 1700000000);
+        ttlv_put_integer(w, T_BATCH_COUNT, batch_count);
+        ttlv_end(w);
+}
+
 /* A failed batch item: Result Status, Reason, Message (section 6.9-6.11). */
 static size_t resp_failure(uint8_t *b, uint32_t op, bool with_operation, uint32_t status,
                            uint32_t reason, const char *message, size_t message_len) {
         struct ttlv_writer w;
         size_t n;
 
-        ttlv_writer_init(&w, b, BUF);
-        ttlv_begin(&w, T_RESPONSE_MESSAGE);
-        ttlv_begin(&w, T_RESPONSE_HEADER);
-        ttlv_begin(&w, T_PROTOCOL_VERSION);
-        ttlv_put_integer(&w, T_PV_MAJOR, 1);
-        ttlv_put_integer(&w, T_PV_MINOR, 2);
-        ttlv_end(&w);
-        ttlv_put_datetime(&w, T_TIME_STAMP, 1700000000);
-        ttlv_put_integer(&w, T_BATCH_COUNT, 1);
-        ttlv_end(&w);
+        resp_header(&w, b, 1);
         ttlv_begin(&w, T_BATCH_ITEM);
         if (with_operation)
                 ttlv_put_enum(&w, T_OPERATION, op);
@@ -950,6 +955,295 @@ static void test_kmip_response_get_attributes_malformed(void **state) {
         free(b);
 }
 
+/* ---- batches ---------------------------------------------------------- */
+
+#define T_BATCH_ERROR_CONT 0x42000E
+#define T_UNIQUE_BATCH_ITEM_ID 0x420093
+
+static void test_kmip_request_batch_fields(void **state) {
+        const struct kmip_batch_op ops[] = {
+                { .operation = OP_LOCATE, .arg = "grp" },
+                { .operation = OP_GET_ATTRIBUTES, .arg = "1" },
+                { .operation = OP_GET, .arg = "2" },
+        };
+        struct ttlv_item msg, hdr, bi, it, payload;
+        struct ttlv_iter iter;
+        uint8_t *req = NULL, *one = NULL;
+        size_t len, one_len, k = 0;
+        const uint8_t *id;
+        size_t id_len;
+        int32_t v;
+        uint32_t e;
+
+        assert_int_equal(kmip_request_batch(NULL, ops, 3, &req, &len), 0);
+        assert_int_equal(ttlv_parse(req, len, &msg), 0);
+        assert_int_equal(ttlv_find(&msg, T_REQUEST_HEADER, TTLV_STRUCTURE, &hdr), 0);
+        assert_int_equal(ttlv_find(&hdr, T_BATCH_COUNT, TTLV_INTEGER, &it), 0);
+        assert_int_equal(ttlv_get_integer(&it, &v), 0);
+        assert_int_equal(v, 3);
+        /* section 9.1.3.2.30: Continue = 1 */
+        assert_int_equal(ttlv_find(&hdr, T_BATCH_ERROR_CONT, TTLV_ENUMERATION, &it), 0);
+        assert_int_equal(ttlv_get_enum(&it, &e), 0);
+        assert_int_equal(e, 1);
+        assert_int_equal(ttlv_count(&msg, T_BATCH_ITEM), 3);
+        assert_int_equal(ttlv_iter_init(&iter, &msg), 0);
+        while (ttlv_iter_next(&iter, &bi) > 0) {
+                if (bi.tag != T_BATCH_ITEM)
+                        continue;
+                assert_int_equal(ttlv_find(&bi, T_OPERATION, TTLV_ENUMERATION, &it), 0);
+                assert_int_equal(ttlv_get_enum(&it, &e), 0);
+                assert_int_equal(e, (uint32_t) ops[k].operation);
+                /* distinct IDs: the index, 4 bytes big endian */
+                assert_int_equal(ttlv_find(&bi, T_UNIQUE_BATCH_ITEM_ID, TTLV_BYTE_STRING, &it), 0);
+                assert_int_equal(ttlv_get_bytes(&it, &id, &id_len), 0);
+                assert_int_equal(id_len, 4);
+                assert_int_equal(id[0] | id[1] | id[2], 0);
+                assert_int_equal(id[3], k);
+                assert_int_equal(ttlv_find(&bi, T_REQUEST_PAYLOAD, TTLV_STRUCTURE, &payload), 0);
+                assert_int_equal(ttlv_find(&payload, k == 0 ? T_ATTRIBUTE : T_UNIQUE_IDENTIFIER, 0, &it), 0);
+                k++;
+        }
+        assert_int_equal(k, 3);
+        free(req);
+
+        /* a batch of one is the one-item request: no ID, no option */
+        assert_int_equal(kmip_request_batch(NULL, &ops[2], 1, &req, &len), 0);
+        assert_int_equal(kmip_request_get(NULL, "2", &one, &one_len), 0);
+        assert_int_equal(len, one_len);
+        assert_memory_equal(req, one, len);
+        check_request(req, len, 1, 2, OP_GET, &payload);
+        assert_int_equal(ttlv_parse(req, len, &msg), 0);
+        assert_int_equal(ttlv_find(&msg, T_REQUEST_HEADER, TTLV_STRUCTURE, &hdr), 0);
+        assert_int_equal(ttlv_find(&hdr, T_BATCH_ERROR_CONT, 0, NULL), -ENOENT);
+        free(req);
+        free(one);
+}
+
+static void test_kmip_request_batch_bounds(void **state) {
+        struct kmip_batch_op *ops = calloc(KMIP_BATCH_MAX + 1, sizeof(*ops));
+        char uid[KMIP_ID_MAX], group[KMIP_GROUP_MAX + 1];
+        struct ttlv_item msg;
+        uint8_t *req = NULL;
+        size_t len;
+
+        assert_non_null(ops);
+        memset(uid, 'u', sizeof(uid) - 1);
+        uid[sizeof(uid) - 1] = 0;
+        memset(group, 'g', sizeof(group) - 1);
+        group[sizeof(group) - 1] = 0;
+        /* the largest batch we send: a Locate and KMIP_BATCH_MAX - 1
+         * GetAttributes, every argument as long as allowed */
+        ops[0] = (struct kmip_batch_op) { .operation = OP_LOCATE, .arg = group, .state = 6 };
+        for (size_t i = 1; i <= KMIP_BATCH_MAX; i++)
+                ops[i] = (struct kmip_batch_op) { .operation = i % 2 ? OP_GET_ATTRIBUTES : OP_GET, .arg = uid };
+        assert_int_equal(kmip_request_batch(NULL, ops, KMIP_BATCH_MAX, &req, &len), 0);
+        assert_int_equal(ttlv_parse(req, len, &msg), 0);
+        assert_int_equal(ttlv_count(&msg, T_BATCH_ITEM), KMIP_BATCH_MAX);
+        assert_true(len <= KMIP_MESSAGE_MAX);
+        free(req);
+
+        assert_int_equal(kmip_request_batch(NULL, ops, KMIP_BATCH_MAX + 1, &req, &len), -EINVAL);
+        assert_int_equal(kmip_request_batch(NULL, ops, 0, &req, &len), -EINVAL);
+        assert_int_equal(kmip_request_batch(NULL, NULL, 1, &req, &len), -EINVAL);
+        ops[1].arg = NULL;
+        assert_int_equal(kmip_request_batch(NULL, ops, 2, &req, &len), -EINVAL);
+        ops[1] = (struct kmip_batch_op) { .operation = 0x42, .arg = "1" };
+        assert_int_equal(kmip_request_batch(NULL, ops, 2, &req, &len), -EINVAL);
+        ops[1] = (struct kmip_batch_op) { .operation = OP_GET, .arg = "" };
+        assert_int_equal(kmip_request_batch(NULL, ops, 2, &req, &len), -EINVAL);
+        ops[0].state = 7;
+        ops[1].arg = "1";
+        assert_int_equal(kmip_request_batch(NULL, ops, 2, &req, &len), -EINVAL);
+        assert_int_equal(kmip_request_batch(&(struct kmip_version) { 2, 0 }, &ops[1], 1, &req, &len), -EINVAL);
+        free(ops);
+}
+
+/* One Batch Item of a response: id -1 none, -2 one of 3 bytes, else that
+ * index; status 0 with the payload of `op` (Locate: uids "1" "2"; Get: the
+ * test key as uid; GetAttributes of uid), else that status and reason. */
+struct item_spec {
+        int id;
+        uint32_t op;
+        uint32_t status, reason;
+        const char *uid;
+        bool no_operation;
+};
+
+static size_t build_batch(uint8_t *b, int32_t batch_count, const struct item_spec *items, size_t n) {
+        struct ttlv_writer w;
+        size_t len;
+
+        resp_header(&w, b, batch_count);
+        for (size_t i = 0; i < n; i++) {
+                const struct item_spec *s = &items[i];
+                uint8_t id[4] = { 0, 0, 0, (uint8_t) s->id };
+
+                ttlv_begin(&w, T_BATCH_ITEM);
+                if (!s->no_operation)
+                        ttlv_put_enum(&w, T_OPERATION, s->op);
+                if (s->id != -1)
+                        ttlv_put_bytes(&w, T_UNIQUE_BATCH_ITEM_ID, s->id == -2 ? id + 1 : id, s->id == -2 ? 3 : 4);
+                ttlv_put_enum(&w, T_RESULT_STATUS, s->status);
+                if (s->status != 0) {
+                        ttlv_put_enum(&w, T_RESULT_REASON, s->reason);
+                        ttlv_put_text(&w, T_RESULT_MESSAGE, "failed", 6);
+                        ttlv_end(&w);
+                        continue;
+                }
+                ttlv_begin(&w, T_RESPONSE_PAYLOAD);
+                if (s->op == OP_LOCATE) {
+                        ttlv_put_text(&w, T_UNIQUE_IDENTIFIER, "1", 1);
+                        ttlv_put_text(&w, T_UNIQUE_IDENTIFIER, "2", 1);
+                } else if (s->op == OP_GET) {
+                        ttlv_put_enum(&w, T_OBJECT_TYPE, 2);
+                        ttlv_put_text(&w, T_UNIQUE_IDENTIFIER, s->uid, strlen(s->uid));
+                        ttlv_begin(&w, T_SYMMETRIC_KEY);
+                        ttlv_begin(&w, T_KEY_BLOCK);
+                        ttlv_put_enum(&w, T_KEY_FORMAT_TYPE, 1);
+                        ttlv_begin(&w, T_KEY_VALUE);
+                        ttlv_put_bytes(&w, T_KEY_MATERIAL, test_key, AES256_KEY_SIZE);
+                        ttlv_end(&w);
+                        ttlv_put_enum(&w, T_CRYPTO_ALG, 3);
+                        ttlv_put_integer(&w, T_CRYPTO_LEN, 256);
+                        ttlv_end(&w);
+                        ttlv_end(&w);
+                } else
+                        put_pykmip_attributes(&w, s->uid);
+                ttlv_end(&w);
+                ttlv_end(&w);
+        }
+        ttlv_end(&w);
+        assert_int_equal(ttlv_writer_finish(&w, &len), 0);
+        return len;
+}
+
+static const struct kmip_batch_op three_ops[] = {
+        { .operation = OP_LOCATE, .arg = "grp" },
+        { .operation = OP_GET_ATTRIBUTES, .arg = "1" },
+        { .operation = OP_GET, .arg = "2" },
+};
+
+/* The answer a sync gets when one object was destroyed: the Locate and the
+ * Get succeed, the GetAttributes fails; items in another order than sent. */
+static void test_kmip_response_batch_one_failed_item(void **state) {
+        const struct item_spec items[] = {
+                { .id = 2, .op = OP_GET, .uid = "2" },
+                { .id = 1, .op = OP_GET_ATTRIBUTES, .status = 1, .reason = 1 },
+                { .id = 0, .op = OP_LOCATE },
+        };
+        uint8_t *b = malloc(BUF);
+        struct kmip_batch_result res[3];
+        struct kmip_key_attributes a;
+        char uids[4][KMIP_ID_MAX], uid[KMIP_ID_MAX];
+        uint8_t key[AES256_KEY_SIZE];
+        size_t n, count;
+
+        assert_non_null(b);
+        n = build_batch(b, 3, items, 3);
+        assert_int_equal(kmip_response_batch(b, n, three_ops, 3, res, NULL), 0);
+        for (size_t i = 0; i < 3; i++)
+                assert_true(res[i].answered);
+        assert_int_equal(kmip_result_locate(&res[0], uids, 4, &count), 0);
+        assert_int_equal(count, 2);
+        assert_string_equal(uids[1], "2");
+        assert_int_equal(res[1].error.result_status, 1);
+        assert_int_equal(res[1].error.result_reason, KMIP_REASON_ITEM_NOT_FOUND);
+        assert_string_equal(res[1].error.message, "failed");
+        assert_int_equal(kmip_result_get_attributes(&res[1], &a), -EINVAL);
+        assert_int_equal(kmip_result_get_symmetric_key(&res[2], uid, key), 0);
+        assert_string_equal(uid, "2");
+        assert_memory_equal(key, test_key, AES256_KEY_SIZE);
+        /* a payload parser for another operation refuses the item */
+        assert_int_equal(kmip_result_get_attributes(&res[2], &a), -EINVAL);
+        assert_int_equal(kmip_result_locate(&res[1], uids, 4, &count), -EINVAL);
+        assert_int_equal(count, 0);
+
+        /* a server that stopped after the failure (Stop): fewer items, the
+         * rest not answered */
+        n = build_batch(b, 2, items + 1, 2);
+        assert_int_equal(kmip_response_batch(b, n, three_ops, 3, res, NULL), 0);
+        assert_false(res[2].answered);
+        assert_true(res[0].answered && res[1].answered);
+        assert_int_equal(kmip_result_get_symmetric_key(&res[2], uid, key), -EINVAL);
+
+        /* GetAttributes answered */
+        const struct item_spec ga[] = { { .id = 1, .op = OP_GET_ATTRIBUTES, .uid = "1" } };
+        n = build_batch(b, 1, ga, 1);
+        assert_int_equal(kmip_response_batch(b, n, three_ops, 3, res, NULL), 0);
+        assert_int_equal(kmip_result_get_attributes(&res[1], &a), 0);
+        assert_string_equal(a.uid, "1");
+        assert_int_equal(a.state, KMIP_STATE_PRE_ACTIVE);
+        explicit_bzero(b, BUF);
+        free(b);
+}
+
+static void test_kmip_response_batch_refused_whole(void **state) {
+        /* one failed item for none of ours: PyKMIP's answer to a message it
+         * could not parse (no Operation, no ID) */
+        const struct item_spec refused = { .id = -1, .status = 1, .reason = 4, .no_operation = true };
+        uint8_t *b = malloc(BUF);
+        struct kmip_batch_result res[3];
+        struct kmip_error err;
+        size_t n;
+
+        assert_non_null(b);
+        n = build_batch(b, 1, &refused, 1);
+        assert_int_equal(kmip_response_batch(b, n, three_ops, 3, res, &err), -EREMOTEIO);
+        assert_int_equal(err.result_reason, KMIP_REASON_INVALID_MESSAGE);
+        /* to a one-item request it is that item's failure */
+        assert_int_equal(kmip_response_batch(b, n, three_ops, 1, res, &err), 0);
+        assert_true(res[0].answered);
+        assert_int_equal(res[0].error.result_reason, KMIP_REASON_INVALID_MESSAGE);
+        free(b);
+}
+
+static void test_kmip_response_batch_malformed(void **state) {
+        static const struct {
+                int32_t batch_count;
+                struct item_spec items[3];
+                size_t n;
+        } bad[] = {
+                /* the same ID twice */
+                { 2, { { .id = 0, .op = OP_LOCATE }, { .id = 0, .op = OP_LOCATE } }, 2 },
+                /* an ID we did not send */
+                { 1, { { .id = 3, .op = OP_LOCATE } }, 1 },
+                /* an ID of another size */
+                { 1, { { .id = -2, .op = OP_LOCATE } }, 1 },
+                /* no ID on a success, in a batch of several */
+                { 1, { { .id = -1, .op = OP_LOCATE } }, 1 },
+                /* no ID on one failure of two */
+                { 2, { { .id = 0, .op = OP_LOCATE }, { .id = -1, .op = OP_GET, .status = 1, .reason = 1 } }, 2 },
+                /* the operation of another item */
+                { 1, { { .id = 1, .op = OP_GET, .uid = "1" } }, 1 },
+                /* Batch Count and items disagree; more than sent */
+                { 3, { { .id = 0, .op = OP_LOCATE }, { .id = 1, .op = OP_GET_ATTRIBUTES, .uid = "1" } }, 2 },
+                { 1, { { .id = 0, .op = OP_LOCATE }, { .id = 1, .op = OP_GET_ATTRIBUTES, .uid = "1" } }, 2 },
+                { 0, { { .id = 0, .op = OP_LOCATE } }, 1 },
+                /* a success without an Operation */
+                { 1, { { .id = 0, .op = OP_LOCATE, .no_operation = true } }, 1 },
+        };
+        uint8_t *b = malloc(BUF);
+        struct kmip_batch_result res[3];
+        size_t n;
+
+        assert_non_null(b);
+        for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+                n = build_batch(b, bad[i].batch_count, bad[i].items, bad[i].n);
+                if (kmip_response_batch(b, n, three_ops, 3, res, NULL) != -EBADMSG)
+                        fail_msg("case %zu accepted", i);
+        }
+        /* more items than sent, each well-formed */
+        const struct item_spec four[] = {
+                { .id = 0, .op = OP_LOCATE }, { .id = 1, .op = OP_GET_ATTRIBUTES, .uid = "1" },
+                { .id = 2, .op = OP_GET, .uid = "2" }, { .id = 3, .op = OP_GET, .uid = "2" },
+        };
+        n = build_batch(b, 4, four, 4);
+        assert_int_equal(kmip_response_batch(b, n, three_ops, 3, res, NULL), -EBADMSG);
+        assert_int_equal(kmip_response_batch(b, n, three_ops, 0, res, NULL), -EINVAL);
+        assert_int_equal(kmip_response_batch(NULL, n, three_ops, 3, res, NULL), -EINVAL);
+        free(b);
+}
+
 static void test_kmip_state_to_string_all(void **state) {
         assert_string_equal(kmip_state_to_string(KMIP_STATE_ACTIVE), "Active");
         assert_string_equal(kmip_state_to_string(KMIP_STATE_DEACTIVATED), "Deactivated");
@@ -978,6 +1272,11 @@ int main(void) {
                 cmocka_unit_test(test_kmip_response_get_symmetric_key_wrong),
                 cmocka_unit_test(test_kmip_response_get_attributes_success),
                 cmocka_unit_test(test_kmip_response_get_attributes_malformed),
+                cmocka_unit_test(test_kmip_request_batch_fields),
+                cmocka_unit_test(test_kmip_request_batch_bounds),
+                cmocka_unit_test(test_kmip_response_batch_one_failed_item),
+                cmocka_unit_test(test_kmip_response_batch_refused_whole),
+                cmocka_unit_test(test_kmip_response_batch_malformed),
                 cmocka_unit_test(test_kmip_state_to_string_all),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);

@@ -420,6 +420,44 @@ static void test_policy_apply_material_changed_refused(void **state) {
         assert_int_equal(res.n_versions, 0);
 }
 
+/* A version whose material the fetch did not ask for again (material_held)
+ * keeps the cached material and key id; one not cached cannot be held. */
+static void test_policy_apply_material_held(void **state) {
+        static const struct cached cached[MAX_ROWS] = { { "u1", KEY_ROLE_STAGED, 1, NULL, 0 } };
+        uint8_t keks[MAX_ROWS][AES256_KEY_SIZE];
+        _cleanup_(keyring_unrefp) struct keyring *old = make_cached(cached, keks);
+        struct central_key key = { .uid = "u1", .state = CENTRAL_STATE_ACTIVE, .created_usec = 10,
+                                   .is_aes256 = true, .material_held = true };
+        struct policy_result res;
+        char err[256] = "";
+
+        assert_int_equal(policy_apply(GROUP, &key, 1, old, NOW, &default_options, &res, err, sizeof(err)), 0);
+        assert_int_equal(res.n_versions, 1);
+        assert_int_equal(res.versions[0].role, KEY_ROLE_PRIMARY);
+        assert_ptr_equal(res.versions[0].kek, keyring_get(old, 0)->kek);
+        assert_string_equal(res.versions[0].id, keyring_get(old, 0)->id);
+        assert_true(res.changed);
+        policy_result_done(&res);
+
+        /* the same answer with the material fetched again and equal: the same */
+        uint8_t again[AES256_KEY_SIZE];
+        memcpy(again, keyring_get(old, 0)->kek, sizeof(again));
+        key.material_held = false;
+        key.kek = again;
+        assert_int_equal(policy_apply(GROUP, &key, 1, old, NOW, &default_options, &res, err, sizeof(err)), 0);
+        assert_string_equal(res.versions[0].id, keyring_get(old, 0)->id);
+        policy_result_done(&res);
+
+        key = (struct central_key) { .uid = "u9", .state = CENTRAL_STATE_ACTIVE, .created_usec = 10,
+                                     .is_aes256 = true, .material_held = true };
+        struct central_key both[2] = { { .uid = "u1", .state = CENTRAL_STATE_ACTIVE, .created_usec = 10,
+                                         .is_aes256 = true, .material_held = true }, key };
+        assert_int_equal(policy_apply(GROUP, both, 2, old, NOW, &default_options, &res, err, sizeof(err)),
+                         -EINVAL);
+        assert_non_null(strstr(err, "u9"));
+        assert_null(res.versions);
+}
+
 static void test_policy_apply_too_many_versions(void **state) {
         size_t n = KEYRING_MAX_KEYS + 1;
         struct central_key *keys = calloc(n, sizeof(*keys));
@@ -521,6 +559,7 @@ int main(void) {
                 cmocka_unit_test(test_policy_apply_table),
                 cmocka_unit_test(test_policy_apply_change_events),
                 cmocka_unit_test(test_policy_apply_material_changed_refused),
+                cmocka_unit_test(test_policy_apply_material_held),
                 cmocka_unit_test(test_policy_apply_too_many_versions),
                 cmocka_unit_test(test_policy_purge_missing),
                 cmocka_unit_test(test_policy_purge_refused),
