@@ -1103,6 +1103,54 @@ int tpm_seal(struct tpm *t, const struct tpm_pcr_selection *sel,
         return r;
 }
 
+/* ---- policy sessions -------------------------------------------------- */
+
+/* Start a salted policy session whose response is encrypted (the secret the
+ * command returns is its first response parameter), satisfy sel's policy
+ * (PolicyPCR over the PCRs as they are now, Part 3, 23.7; or, with no PCRs,
+ * PolicyCommandCode(cc)), and compare its digest with the object's
+ * authPolicy before the command (Part 3, 23.19 TPM2_PolicyGetDigest), so a
+ * mismatch is reported as one: -EPERM, with the current PCR values in
+ * current (may be NULL). */
+static int policy_session_satisfy(struct tpm *t, const struct tpm_pcr_selection *sel, TPM2_CC cc,
+                                  TPMI_ALG_HASH name_alg, const TPM2B_DIGEST *auth_policy,
+                                  struct tpm_pcr_values *current, struct tpm_handle *session) {
+        _cleanup_esys_free_ TPM2B_DIGEST *digest = NULL;
+        TSS2_RC rc;
+        int r;
+
+        r = start_session_hash(t, TPM2_SE_POLICY, TPMA_SESSION_ENCRYPT, name_alg, session);
+        if (r < 0)
+                return r;
+        if (tpm_pcr_selection_is_empty(sel)) {
+                TPM_RETRY(rc, Esys_PolicyCommandCode(t->esys, session->tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                                     ESYS_TR_NONE, cc));
+                r = tpm_rc_to_errno(rc, -EIO, "PolicyCommandCode");
+        } else {
+                static const TPM2B_DIGEST empty = {};
+                TPML_PCR_SELECTION l = pcr_selection_to_tpml(sel);
+
+                TPM_RETRY(rc, Esys_PolicyPCR(t->esys, session->tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                             ESYS_TR_NONE, &empty, &l));
+                r = tpm_rc_to_errno(rc, -EIO, "PolicyPCR");
+        }
+        if (r < 0)
+                return r;
+        TPM_RETRY(rc, Esys_PolicyGetDigest(t->esys, session->tr, ESYS_TR_NONE, ESYS_TR_NONE,
+                                           ESYS_TR_NONE, &digest));
+        r = tpm_rc_to_errno(rc, -EIO, "PolicyGetDigest");
+        if (r < 0)
+                return r;
+        if (digest->size != auth_policy->size || memcmp(digest->buffer, auth_policy->buffer, digest->size) != 0) {
+                log_debug("policy digest differs from the object's authPolicy: the PCRs changed since it "
+                          "was made");
+                if (current)
+                        (void) tpm_pcr_read(t, sel, current);
+                return -EPERM;
+        }
+        return 0;
+}
+
 /* ---- unseal ------------------------------------------------------------- */
 
 /* One attempt: a fresh policy session, the policy, the digest check, Unseal.
@@ -1112,50 +1160,13 @@ static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selec
                        struct tpm_pcr_values *current, TSS2_RC *ret_rc) {
         struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
         _cleanup_(sensitive_data_erase_and_freep) TPM2B_SENSITIVE_DATA *out = NULL;
-        _cleanup_esys_free_ TPM2B_DIGEST *digest = NULL;
         TSS2_RC rc;
         int r;
 
         *ret_rc = TSS2_RC_SUCCESS;
-
-        /* outData is the first response parameter: TPMA_SESSION_ENCRYPT
-         * keeps the secret off the bus. */
-        r = start_session(t, TPM2_SE_POLICY, TPMA_SESSION_ENCRYPT, &session);
+        r = policy_session_satisfy(t, sel, TPM2_CC_Unseal, POLICY_ALG, auth_policy, current, &session);
         if (r < 0)
                 return r;
-
-        if (tpm_pcr_selection_is_empty(sel)) {
-                TPM_RETRY(rc, Esys_PolicyCommandCode(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
-                                                     ESYS_TR_NONE, TPM2_CC_Unseal));
-                r = tpm_rc_to_errno(rc, -EIO, "PolicyCommandCode");
-        } else {
-                /* An empty pcrDigest: the TPM uses the PCR values as they are
-                 * now (Part 3, 23.7 TPM2_PolicyPCR). */
-                static const TPM2B_DIGEST empty = {};
-                TPML_PCR_SELECTION l = pcr_selection_to_tpml(sel);
-
-                TPM_RETRY(rc, Esys_PolicyPCR(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
-                                             ESYS_TR_NONE, &empty, &l));
-                r = tpm_rc_to_errno(rc, -EIO, "PolicyPCR");
-        }
-        if (r < 0)
-                return r;
-
-        /* Compare before Unseal (Part 3, 23.19 TPM2_PolicyGetDigest) so a
-         * mismatch is reported as such, with the PCR values that differ. */
-        TPM_RETRY(rc, Esys_PolicyGetDigest(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
-                                           ESYS_TR_NONE, &digest));
-        r = tpm_rc_to_errno(rc, -EIO, "PolicyGetDigest");
-        if (r < 0)
-                return r;
-        if (digest->size != auth_policy->size ||
-            memcmp(digest->buffer, auth_policy->buffer, digest->size) != 0) {
-                log_debug("policy digest differs from the sealed object's authPolicy: "
-                          "the PCRs changed since sealing");
-                if (current)
-                        (void) tpm_pcr_read(t, sel, current);
-                return -EPERM;
-        }
 
         rc = Esys_Unseal(t->esys, object, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &out);
         esys_secrets_wipe(t);
@@ -1447,48 +1458,15 @@ static int hmac_once(struct tpm *t, ESYS_TR object, const TPMT_PUBLIC *pub, cons
                      uint8_t key[AES256_KEY_SIZE], struct tpm_pcr_values *current, TSS2_RC *ret_rc) {
         struct tpm_handle session _cleanup_flush_ = TPM_HANDLE_NULL(t);
         _cleanup_(digest_erase_and_freep) TPM2B_DIGEST *out = NULL;
-        _cleanup_esys_free_ TPM2B_DIGEST *digest = NULL;
         TPM2B_MAX_BUFFER label = { .size = sizeof(CACHE_KEY_LABEL) - 1 };
         TSS2_RC rc;
         int r;
 
         *ret_rc = TSS2_RC_SUCCESS;
         memcpy(label.buffer, CACHE_KEY_LABEL, label.size);
-
-        /* outHMAC is the first response parameter: TPMA_SESSION_ENCRYPT
-         * keeps the derived key off the bus. */
-        r = start_session_hash(t, TPM2_SE_POLICY, TPMA_SESSION_ENCRYPT, pub->nameAlg, &session);
+        r = policy_session_satisfy(t, sel, TPM2_CC_HMAC, pub->nameAlg, &pub->authPolicy, current, &session);
         if (r < 0)
                 return r;
-
-        if (tpm_pcr_selection_is_empty(sel)) {
-                TPM_RETRY(rc, Esys_PolicyCommandCode(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
-                                                     ESYS_TR_NONE, TPM2_CC_HMAC));
-                r = tpm_rc_to_errno(rc, -EIO, "PolicyCommandCode");
-        } else {
-                static const TPM2B_DIGEST empty = {};
-                TPML_PCR_SELECTION l = pcr_selection_to_tpml(sel);
-
-                TPM_RETRY(rc, Esys_PolicyPCR(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
-                                             ESYS_TR_NONE, &empty, &l));
-                r = tpm_rc_to_errno(rc, -EIO, "PolicyPCR");
-        }
-        if (r < 0)
-                return r;
-
-        TPM_RETRY(rc, Esys_PolicyGetDigest(t->esys, session.tr, ESYS_TR_NONE, ESYS_TR_NONE,
-                                           ESYS_TR_NONE, &digest));
-        r = tpm_rc_to_errno(rc, -EIO, "PolicyGetDigest");
-        if (r < 0)
-                return r;
-        if (digest->size != pub->authPolicy.size ||
-            memcmp(digest->buffer, pub->authPolicy.buffer, digest->size) != 0) {
-                log_debug("policy digest differs from the cache key object's authPolicy: "
-                          "the PCRs changed since it was created");
-                if (current)
-                        (void) tpm_pcr_read(t, sel, current);
-                return -EPERM;
-        }
 
         rc = Esys_HMAC(t->esys, object, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &label, TPM2_ALG_SHA256, &out);
         esys_secrets_wipe(t);
