@@ -19,7 +19,7 @@ import tpmkmstest as t  # noqa: E402
 import tpmkmstest_apiserver as a  # noqa: E402
 
 NAME = "tpmkms"                 # the provider name (tpmkmsctl encryption-config --name)
-CHECK = "kms-provider-0"        # the apiserver's health check for the first KMS provider
+CHECK = "kms-providers"         # the apiserver's health check over its KMS providers
 HEALTH_TTL = 20                 # the apiserver caches a healthy Status answer this long
 DOWN_TIMEOUT = 60               # seconds for the apiserver to notice the plugin's state
 BULK = int(os.environ.get("TPMKMS_APISERVER_BULK", "2000"))
