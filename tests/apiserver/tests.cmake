@@ -50,3 +50,6 @@ apiserver_test(test_apiserver TestPluginDown 400)
 apiserver_test(test_apiserver TestMeasuredBoot 400)
 apiserver_test(test_apiserver TestFailClosed 400)
 apiserver_test(test_apiserver TestRestartMany 900)
+# Two hosts in fleet mode (PyKMIP, see tests/e2e/tests.cmake) behind two
+# apiservers sharing one etcd.
+apiserver_test(test_apiserver_fleet FleetRotation 600)
