@@ -17,3 +17,51 @@ apt-get install -y -qq --no-install-recommends \
         python3 python3-grpcio python3-grpc-tools python3-pykmip python3-yaml python3-cryptography \
         systemd rpm dpkg-dev lintian file procps iproute2 util-linux openssl \
         man-db tpm-udev libtss2-tcti-device0 init-system-helpers passwd >/dev/null
+
+# Go for the kube-apiserver tests (tests/apiserver/build.sh builds kube-apiserver,
+# kubectl and etcd from Go modules): at least the go line of tests/apiserver/go.mod.
+# An upstream toolchain in /usr/local/go or a go on PATH is used when new enough;
+# else Debian's golang-go from bookworm-backports (same mirror as bookworm) when
+# that is new enough; else stop here, saying so.
+src=$(cd "$(dirname "$0")/.." && pwd)
+go_need=$(sed -n 's/^go \([0-9][0-9.]*\)$/\1/p' "$src/tests/apiserver/go.mod")
+version_ok() {          # $1 >= go_need
+        [ "$(printf '%s\n%s\n' "$go_need" "$1" | sort -V | head -n1)" = "$go_need" ]
+}
+find_go() {
+        for g in /usr/local/go/bin/go $(command -v go || true); do
+                v=$("$g" env GOVERSION 2>/dev/null) || continue
+                if version_ok "${v#go}"; then
+                        echo "$g"
+                        return 0
+                fi
+        done
+        return 1
+}
+if ! find_go >/dev/null; then
+        bp=/etc/apt/sources.list.d/tpmkms-bookworm-backports.sources
+        mirror=$(awk '/^URIs:/ { u = $2 } /^Suites:.*bookworm( |$)/ { print u; exit }' \
+                /etc/apt/sources.list.d/*.sources 2>/dev/null)
+        [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }' \
+                /etc/apt/sources.list 2>/dev/null)
+        if [ -n "$mirror" ] && [ ! -e "$bp" ]; then
+                printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\n%s\n' \
+                        "$mirror" "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" >"$bp"
+                apt-get update -qq
+        fi
+        cand=$(apt-cache policy golang-go 2>/dev/null | sed -n 's/^ *Candidate: [0-9]*:\{0,1\}\([0-9.]*\).*/\1/p')
+        bpver=$(apt-cache madison golang-go 2>/dev/null | awk -F'|' '/backports/ { gsub(/ /, "", $2); print $2; exit }')
+        bpver=${bpver#*:}
+        bpver=${bpver%%[~-]*}       # golang-go's version is Go's major.minor
+        if [ -n "$bpver" ] && version_ok "$bpver.99"; then
+                apt-get install -y -qq --no-install-recommends -t bookworm-backports golang-go >/dev/null
+        fi
+        if ! find_go >/dev/null; then
+                echo "build-deps.sh: the kube-apiserver tests need Go >= $go_need" \
+                     "(tests/apiserver/go.mod); found none, and bookworm-backports offers" \
+                     "golang-go ${bpver:-nothing} (Debian: ${cand:-nothing}). Install Go >= $go_need in" \
+                     "/usr/local/go, or configure with -DTPMKMS_APISERVER_TESTS=OFF." >&2
+                exit 1
+        fi
+fi
+echo "build-deps.sh: Go for tests/apiserver: $(find_go)"
