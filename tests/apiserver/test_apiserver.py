@@ -288,7 +288,7 @@ class TestRestartMany(unittest.TestCase):
     """An apiserver restart with BULK Secrets, KMS v2 (tpmkmsd) beside the
     identity provider on the same etcd (another --etcd-prefix), same run."""
 
-    def restart_and_read(self, api, etcd_prefix):
+    def restart_and_read(self, api):
         ready = api.restart()
         readable = a.wait_for(lambda: read_all(api, BULK), 120, "all Secrets readable")
         self.assertTrue(readable)
@@ -325,10 +325,10 @@ class TestRestartMany(unittest.TestCase):
         plain.stop()
 
         before = len(w.log())
-        kms_ready, kms_read = self.restart_and_read(kms, "/registry")
+        kms_ready, kms_read = self.restart_and_read(kms)
         decrypts = a.decrypt_calls(w.log()[before:])
         kms.stop()
-        id_ready, id_read = self.restart_and_read(plain, "/identity")
+        id_ready, id_read = self.restart_and_read(plain)
 
         # KMS v2: one Decrypt per stored seed (the apiserver caches seeds), not per object
         self.assertGreaterEqual(decrypts, 1)

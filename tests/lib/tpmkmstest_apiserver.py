@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpmkmstest as t  # noqa: E402
-from tpmkmstest_kmip import Pki  # noqa: E402
+from tpmkmstest_kmip import Pki, free_port  # noqa: E402,F401  (free_port: any parity)
 
 START_TIMEOUT = 180      # seconds for an apiserver to become ready (2 shared cores)
 STOP_TIMEOUT = 30
@@ -44,13 +43,6 @@ def bin_path(name):
     if not os.access(p, os.X_OK):
         raise RuntimeError("%s missing: build it with tests/apiserver/build.sh (cmake does)" % p)
     return p
-
-
-def free_port():
-    """A free loopback port (any parity: nothing here needs P+1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _popen(argv, log_path, **kw):
