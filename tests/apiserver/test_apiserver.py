@@ -25,11 +25,6 @@ DOWN_TIMEOUT = 60               # seconds for the apiserver to notice the plugin
 BULK = int(os.environ.get("TPMKMS_APISERVER_BULK", "2000"))
 
 
-def figure(text):
-    sys.stderr.write("FIGURE %s\n" % text)
-    sys.stderr.flush()
-
-
 def secret_body(name, value):
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
             "data": {"value": base64.b64encode(value.encode()).decode()}}
@@ -108,7 +103,7 @@ class TestStorage(ApiserverCase):
         code, body = self.api.get("/readyz?verbose")
         self.assertEqual(code, 200, body)
         self.assertIn("[+]%s ok" % CHECK, body)
-        figure("readyz?verbose healthy:\n" + body)
+        a.figure("readyz?verbose healthy:\n" + body)
 
 
 class TestConfiguredConfigMaps(ApiserverCase):
@@ -148,7 +143,7 @@ class TestRotation(ApiserverCase):
             return self.stored_key_id("probe-%d" % n[0]) == new
         a.wait_for(probe, 90, "a write under the new key id %s" % new, interval=2)
         took = time.monotonic() - t0
-        figure("rotation: new writes under the new key id %.0f s after tpmkmsctl rotate "
+        a.figure("rotation: new writes under the new key id %.0f s after tpmkmsctl rotate "
                "(probe writes: %d)" % (took, n[0]))
 
         # old objects still read, and are still stored under the old key id;
@@ -162,7 +157,7 @@ class TestRotation(ApiserverCase):
             self.assertEqual(self.read_secret("old-%d" % i), "old-value-%d" % i)
         self.assertIn("audit op=decrypt key_id=%s " % old, self.w.log()[mark:])
 
-        # storage migration, as the Kubernetes docs have it
+        # storage migration, as the README's fleet rotation (step 4) has it
         listing = self.api.kubectl("get", "secrets", "-A", "-o", "json").stdout
         self.assertEqual(len(json.loads(listing)["items"]), 5 + n[0])
         self.api.kubectl("replace", "-f", "-", input=listing)
@@ -189,12 +184,12 @@ class TestPluginDown(ApiserverCase):
         code, body = self.wait_check(healthy=False)
         self.assertEqual(code, 500)
         self.assertIn("kms", body.lower())
-        figure("/readyz/%s with tpmkmsd stopped: %d %s" % (CHECK, code, body.strip()))
+        a.figure("/readyz/%s with tpmkmsd stopped: %d %s" % (CHECK, code, body.strip()))
         code, verbose = self.api.get("/readyz?verbose")
         self.assertEqual(code, 500)
         self.assertIn("[-]%s failed: reason withheld" % CHECK, verbose)
         self.assertIn("[+]etcd ok", verbose)
-        figure("readyz?verbose with tpmkmsd stopped:\n" + verbose)
+        a.figure("readyz?verbose with tpmkmsd stopped:\n" + verbose)
 
         self.w.start_daemon()
         self.wait_check(healthy=True)
@@ -217,7 +212,7 @@ class TestMeasuredBoot(ApiserverCase):
         code, body = self.wait_check(healthy=False)
         self.assertEqual(code, 500)
         self.assertIn("got unexpected healthz status: " + reason, body)
-        figure("/readyz/%s after a PCR 7 change: %d %s" % (CHECK, code, body.strip()))
+        a.figure("/readyz/%s after a PCR 7 change: %d %s" % (CHECK, code, body.strip()))
 
         self.w.reboot()                     # PCRs back to the sealed values
         self.wait_check(healthy=True)
@@ -235,10 +230,10 @@ class TestFailClosed(ApiserverCase):
         r = self.create_secret("during", "refused", check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIsNone(self.stored("secrets", "during"))
-        figure("kubectl create secret, tpmkmsd down: " + r.stderr.strip())
+        a.figure("kubectl create secret, tpmkmsd down: " + r.stderr.strip())
         r = self.api.kubectl("get", "secret", "before", check=False)
         self.assertNotEqual(r.returncode, 0)
-        figure("kubectl get secret, tpmkmsd down: " + r.stderr.strip())
+        a.figure("kubectl get secret, tpmkmsd down: " + r.stderr.strip())
         self.api.kubectl("create", "configmap", "during", "--from-literal=value=fine")
         self.assertTrue(self.stored("configmaps", "during").startswith(a.PLAIN_PREFIX))
 
@@ -311,7 +306,7 @@ class TestRestartMany(unittest.TestCase):
         kms.start()
         t0 = time.monotonic()
         bulk_create(kms, BULK)
-        figure("created %d Secrets through KMS v2 in %.1f s" % (BULK, time.monotonic() - t0))
+        a.figure("created %d Secrets through KMS v2 in %.1f s" % (BULK, time.monotonic() - t0))
         stored = etcd.get_prefix("/registry/secrets/default/bulk-")
         self.assertEqual(len(stored), BULK)
         seeds = {a.kms_envelope(v, NAME)["encrypted_dek_source"] for v in stored.values()}
@@ -333,11 +328,11 @@ class TestRestartMany(unittest.TestCase):
         # KMS v2: one Decrypt per stored seed (the apiserver caches seeds), not per object
         self.assertGreaterEqual(decrypts, 1)
         self.assertLess(decrypts, BULK)
-        figure("restart with %d Secrets: Decrypt calls served by tpmkmsd: %d "
+        a.figure("restart with %d Secrets: Decrypt calls served by tpmkmsd: %d "
                "(distinct seeds stored: %d)" % (BULK, decrypts, len(seeds)))
-        figure("time to /readyz: kms %.1f s, identity %.1f s, ratio %.2f"
+        a.figure("time to /readyz: kms %.1f s, identity %.1f s, ratio %.2f"
                % (kms_ready, id_ready, kms_ready / id_ready))
-        figure("time to all %d readable: kms %.1f s, identity %.1f s, ratio %.2f"
+        a.figure("time to all %d readable: kms %.1f s, identity %.1f s, ratio %.2f"
                % (BULK, kms_read, id_read, kms_read / id_read))
 
 

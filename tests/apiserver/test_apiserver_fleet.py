@@ -1,6 +1,6 @@
 """A two-phase fleet rotation behind real kube-apiservers: two hosts, each a
 kube-apiserver with its own tpmkmsd (own swtpm) in fleet mode, both syncing
-from one PyKMIP server and sharing one etcd (DESIGN.md, "Key lifecycle").
+from one PyKMIP server and sharing one etcd (docs/key-lifecycle.md).
 
 Phase 1 stages the new version on every host (Pre-Active); phase 2 activates
 it, and each apiserver moves its writes to it at its next Status call while
@@ -22,11 +22,6 @@ NAME = "tpmkms"
 GROUP = "cluster-a-kek"
 CONVERGE = 10.0          # seconds: a few 1 s sync intervals
 ROTATE = 90              # an apiserver's next Status call (health check or minute poll)
-
-
-def figure(text):
-    sys.stderr.write("FIGURE %s\n" % text)
-    sys.stderr.flush()
 
 
 class FleetRotation(unittest.TestCase):
@@ -111,7 +106,7 @@ class FleetRotation(unittest.TestCase):
             self.assertEqual(w.roles(), {v1: "retired", v2: "primary"})
         took_a = self.wait_writes_under(api_a, kid2, "a", api_b)
         took_b = self.wait_writes_under(api_b, kid2, "b", api_a)
-        figure("fleet rotation: apiserver a writes under v2 %.0f s after the hosts "
+        a.figure("fleet rotation: apiserver a writes under v2 %.0f s after the hosts "
                "switched, apiserver b %.0f s after a" % (took_a, took_b))
 
         # old objects still read on both; a migration through one apiserver

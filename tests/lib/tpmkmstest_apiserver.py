@@ -404,6 +404,12 @@ def encryption_config(world, path, *args):
     return path
 
 
+def figure(text):
+    """A measured figure on stderr ("FIGURE ..."; ctest -V shows it)."""
+    sys.stderr.write("FIGURE %s\n" % text)
+    sys.stderr.flush()
+
+
 def decrypt_calls(log_text):
     """Decrypt calls tpmkmsd served, from its audit lines (common/log.c)."""
     return sum(1 for ln in log_text.splitlines() if "audit op=decrypt" in ln)
