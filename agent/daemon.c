@@ -184,7 +184,8 @@ static int cmd_rotate_locked(struct daemon *d, FILE *out, char *err, size_t err_
          * survive a crash. */
         r = vault_store(&d->vault, kr);
         if (r < 0) {
-                snprintf(err, err_size, "cannot persist the new key: %s (see the journal)", strerror(-r));
+                snprintf(err, err_size, "cannot persist the new key: %s",
+                         *d->vault.error ? d->vault.error : strerror(-r));
                 return r;
         }
         keyring_slot_publish(&d->keys, kr);
@@ -208,8 +209,8 @@ static int cmd_reseal_locked(struct daemon *d, const struct tpm_pcr_selection *s
         }
         r = vault_reseal(&d->vault, kr, sel);
         if (r < 0) {
-                snprintf(err, err_size, "re-seal failed, the previous cache stays in force: %s (see the journal)",
-                         strerror(-r));
+                snprintf(err, err_size, "re-seal failed, the previous cache stays in force: %s",
+                         *d->vault.error ? d->vault.error : strerror(-r));
                 return r;
         }
         (void) tpm_pcr_selection_format(vault_sealed_pcrs(&d->vault), pcrs, sizeof(pcrs));

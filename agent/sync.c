@@ -227,8 +227,8 @@ static int sync_once(struct sync *s, char *change, size_t change_size, char *err
                 /* Persist first: a key the apiserver gets must survive a crash. */
                 r = vault_store(s->vault, kr);
                 if (r < 0)
-                        snprintf(err, err_size, "cannot persist the synced keys: %s (see the journal)",
-                                 strerror(-r));
+                        snprintf(err, err_size, "cannot persist the synced keys: %s",
+                                 *s->vault->error ? s->vault->error : strerror(-r));
                 else
                         keyring_slot_publish(s->keys, kr);
         }

@@ -185,6 +185,7 @@ struct vault {
         bool refused;
         bool created;                 /* vault_open made a new cache (first start) */
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
+        char error[256];              /* what the last failed vault_* call said (logged too) */
         _Atomic uint64_t tpm_since_usec; /* CLOCK_MONOTONIC: the TPM is in use since; 0 idle */
         const char *refusal_cause;    /* with refused, one word for metrics: rollback, format,
                                          state_dir, vanished,

@@ -34,10 +34,23 @@ static const char *tpm_error_hint(int r) {
 }
 
 
+/* Log a failure and keep its message in v->error, so that a caller that
+ * answers someone (tpmkmsctl) can pass the cause on, not only an errno. */
+static int vault_fail(struct vault *v, int error, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int vault_fail(struct vault *v, int error, const char *fmt, ...) {
+        va_list ap;
+
+        errno = abs(error);   /* for %m */
+        va_start(ap, fmt);
+        vsnprintf(v->error, sizeof(v->error), fmt, ap);
+        va_end(ap);
+        return log_error_errno(error, "%s", v->error);
+}
+
 /* The owner authorisation from its file (one line; "" when no file is
  * configured): needed only to create the SRK and to define the counter, so
  * read only then. */
-static int read_owner_auth(const char *path, char *buf, size_t size) {
+static int read_owner_auth(struct vault *v, const char *path, char *buf, size_t size) {
         uint8_t *data = NULL;
         size_t len = 0, n;
         int r;
@@ -47,7 +60,7 @@ static int read_owner_auth(const char *path, char *buf, size_t size) {
                 return 0;
         r = read_file_bounded(AT_FDCWD, path, size - 2, true, &data, &len);
         if (r < 0)
-                return log_error_errno(r, "Cannot read the owner authorisation file %s (a regular file of at "
+                return vault_fail(v, r, "Cannot read the owner authorisation file %s (a regular file of at "
                                        "most %zu bytes): %m", path, size - 2);
         n = strcspn((const char *) data, "\n");
         memcpy(buf, data, n);
@@ -81,7 +94,7 @@ static int vault_tpm_open(struct vault *v, struct vault_tpm *ret) {
         atomic_store(&v->tpm_since_usec, now_usec(CLOCK_MONOTONIC));
         r = tpm_open(o->tcti, NULL, &ret->t);
         if (r == -EACCES && *o->owner_auth_file) {
-                r = read_owner_auth(o->owner_auth_file, auth, sizeof(auth));
+                r = read_owner_auth(v, o->owner_auth_file, auth, sizeof(auth));
                 if (r >= 0) {
                         r = tpm_open(o->tcti, auth, &ret->t);
                         explicit_bzero(auth, sizeof(auth));
@@ -89,7 +102,7 @@ static int vault_tpm_open(struct vault *v, struct vault_tpm *ret) {
         }
         if (r < 0) {
                 atomic_store(&v->tpm_since_usec, 0);
-                return log_error_errno(r, "Cannot open the TPM at '%s': %s (%m)", o->tcti, tpm_error_hint(r));
+                return vault_fail(v, r, "Cannot open the TPM at '%s': %s (%m)", o->tcti, tpm_error_hint(r));
         }
         return 0;
 }
@@ -158,7 +171,7 @@ static int counter_get(struct vault *v, struct tpm *t, uint64_t *ret) {
         if (r == -ENOENT) {
                 char auth[130];
 
-                r = read_owner_auth(v->options.owner_auth_file, auth, sizeof(auth));
+                r = read_owner_auth(v, v->options.owner_auth_file, auth, sizeof(auth));
                 if (r < 0)
                         return r;
                 r = tpm_counter_define(t, index, auth, ret);
@@ -168,10 +181,10 @@ static int counter_get(struct vault *v, struct tpm *t, uint64_t *ret) {
                                  " (value %" PRIu64 ")", index, *ret);
         }
         if (r == -ENOTUNIQ)
-                return log_error_errno(r, "TPM NV index 0x%08" PRIx32 " holds an object that is not "
+                return vault_fail(v, r, "TPM NV index 0x%08" PRIx32 " holds an object that is not "
                                        "tpmkms's rollback counter; choose another [tpm] counter_index", index);
         if (r < 0)
-                return log_error_errno(r, "Cannot read the rollback counter at TPM NV index 0x%08" PRIx32
+                return vault_fail(v, r, "Cannot read the rollback counter at TPM NV index 0x%08" PRIx32
                                        ": %s (%m)", index, tpm_error_hint(r));
         return 0;
 }
@@ -201,17 +214,17 @@ static int write_cache(struct vault *v, const struct tpm_sealed *sealed, const u
         if (v->header && v->header->counter == value + 1) {
                 r = tpm_counter_increment(t.t, v->options.counter_index, &value);
                 if (r < 0)
-                        return log_error_errno(r, "Cannot advance the rollback counter: %s (%m)",
+                        return vault_fail(v, r, "Cannot advance the rollback counter: %s (%m)",
                                                tpm_error_hint(r));
         }
         h.counter = value + 1;
 
         r = cache_encode_identity(&h, cache_key, kr, identity, &buf, &len);
         if (r < 0)
-                return log_error_errno(r, "Cannot encode the key cache: %m");
+                return vault_fail(v, r, "Cannot encode the key cache: %m");
         r = cache_write_file(v->options.state_dir, buf, len);
         if (r < 0)
-                return log_error_errno(r, "Cannot write the key cache to %s/%s: %m",
+                return vault_fail(v, r, "Cannot write the key cache to %s/%s: %m",
                                        v->options.state_dir, CACHE_FILE_NAME);
         *ret_header = h;
         r = tpm_counter_increment(t.t, v->options.counter_index, &after);
@@ -233,7 +246,7 @@ static int vault_rekey(struct vault *v, const struct tpm_pcr_selection *sel, con
 
         key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
         if (!key)
-                return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
+                return vault_fail(v, ENOMEM, "Cannot allocate locked memory for the cache key");
         {
                 _cleanup_vault_tpm_ struct vault_tpm t = { .v = v };
 
@@ -245,7 +258,7 @@ static int vault_rekey(struct vault *v, const struct tpm_pcr_selection *sel, con
                                 break;
                 }
                 if (r < 0)
-                        log_error_errno(r, "Cannot make the cache key in the TPM: %s (%m)", tpm_error_hint(r));
+                        vault_fail(v, r, "Cannot make the cache key in the TPM: %s (%m)", tpm_error_hint(r));
         }
         if (r >= 0)
                 r = write_cache(v, &sealed, key, kr, v->identity, &h);
@@ -269,12 +282,12 @@ static int vault_create(struct vault *v, bool make_first_key, struct keyring **r
         if (make_first_key) {
                 r = vault_new_local_version(&first, kek);
                 if (r < 0)
-                        return log_error_errno(r, "Cannot make the first key: %m");
+                        return vault_fail(v, r, "Cannot make the first key: %m");
                 r = keyring_new(&first, 1, &kr);
         } else
                 r = keyring_new(NULL, 0, &kr);
         if (r < 0)
-                return log_error_errno(r, "Cannot build the keyring: %m");
+                return vault_fail(v, r, "Cannot build the keyring: %m");
         r = vault_rekey(v, &v->options.pcrs, kr);
         if (r < 0)
                 return r;
@@ -307,7 +320,7 @@ static int vault_check_counter(struct vault *v, const struct keyring *kr) {
                 /* Written, then stopped before the increment: complete it. */
                 r = tpm_counter_increment(t.t, v->options.counter_index, &value);
                 if (r < 0)
-                        return log_error_errno(r, "Cannot advance the rollback counter: %s (%m)",
+                        return vault_fail(v, r, "Cannot advance the rollback counter: %s (%m)",
                                                tpm_error_hint(r));
                 log_info("Completed an interrupted cache write (rollback counter now %" PRIu64 ")", value);
                 return 0;
@@ -365,7 +378,7 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                         r = tpm_counter_read(t.t, v->options.counter_index, &value);
                         if (r != -ENOENT)
                                 return r < 0 && r != -ENOTUNIQ
-                                               ? log_error_errno(r, "Cannot read the rollback counter: %s (%m)",
+                                               ? vault_fail(v, r, "Cannot read the rollback counter: %s (%m)",
                                                                  tpm_error_hint(r))
                                                : vault_refuse(v, "policy", "sealed cache: a format-1 cache on a host that "
                                                               "already uses format 2: an old copy put back; "
@@ -392,12 +405,12 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                 /* -ENODEV, -ENOLCK, -EIO, -ENOMEM: the TPM, not the cache;
                  * exit and let systemd restart us rather than refuse for
                  * the whole run. */
-                return log_error_errno(r, "Cannot derive the cache key: %s (%m)", tpm_error_hint(r));
+                return vault_fail(v, r, "Cannot derive the cache key: %s (%m)", tpm_error_hint(r));
         }
 
         r = cache_decode_identity(buf, len, v->cache_key, &kr, &v->identity);
         if (r == -ENOMEM)
-                return log_error_errno(r, "Cannot load the keyring: %m");
+                return vault_fail(v, r, "Cannot load the keyring: %m");
         if (r < 0)
                 return vault_refuse(v, "tampered", "sealed cache: contents fail authentication (tampered or truncated)");
 
@@ -425,7 +438,7 @@ static int check_state_dir(struct vault *v) {
         struct stat st;
 
         if (lstat(v->options.state_dir, &st) < 0)
-                return log_error_errno(errno, "Cannot inspect the state dir %s: %m", v->options.state_dir);
+                return vault_fail(v, errno, "Cannot inspect the state dir %s: %m", v->options.state_dir);
         if (!S_ISDIR(st.st_mode))
                 return vault_refuse(v, "state_dir", "state dir: %s is not a directory (a symlink?)", v->options.state_dir);
         if (st.st_uid != geteuid())
@@ -455,7 +468,7 @@ static int check_vanished(struct vault *v, bool standalone) {
         if (r == -ENOENT)
                 return 0;   /* a first start on this TPM */
         if (r < 0 && r != -ENOTUNIQ)
-                return log_error_errno(r, "Cannot read the rollback counter: %s (%m)", tpm_error_hint(r));
+                return vault_fail(v, r, "Cannot read the rollback counter: %s (%m)", tpm_error_hint(r));
         if (r == -ENOTUNIQ)
                 return 0;   /* not ours: counter_get says so when it is used */
         log_error("The key cache in %s is gone, but this TPM's rollback counter (value %" PRIu64 ") shows one "
@@ -477,7 +490,7 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
         *ret_keys = NULL;
 
         if (mkdir(v->options.state_dir, 0700) < 0 && errno != EEXIST)
-                return log_error_errno(errno, "Cannot create the state dir %s: %m", v->options.state_dir);
+                return vault_fail(v, errno, "Cannot create the state dir %s: %m", v->options.state_dir);
         r = check_state_dir(v);
         if (r < 0 || v->refused)
                 return r;
@@ -485,7 +498,7 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
         v->header = calloc(1, sizeof(*v->header));
         v->cache_key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
         if (!v->header || !v->cache_key)
-                return log_error_errno(ENOMEM, "Cannot allocate locked memory for the cache key");
+                return vault_fail(v, ENOMEM, "Cannot allocate locked memory for the cache key");
 
         r = cache_remove_stray(v->options.state_dir, &n_stray);
         if (n_stray > 0)
@@ -496,7 +509,7 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
 
         r = cache_read_file(v->options.state_dir, &buf, &len);
         if (r == -ENOENT && v->options.accept_restore)
-                return log_error_errno(r, "No key cache in %s to accept: put the restored %s back first",
+                return vault_fail(v, r, "No key cache in %s to accept: put the restored %s back first",
                                        v->options.state_dir, CACHE_FILE_NAME);
         if (r == -ENOENT) {
                 r = check_vanished(v, make_first_key);
@@ -510,18 +523,20 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
                 return vault_refuse(v, "tampered", "sealed cache: %s is a symlink or not a regular file; "
                                     "move it away (keep it for forensics)", CACHE_FILE_NAME);
         if (r < 0)
-                return log_error_errno(r, "Cannot read the key cache %s/%s: %m", v->options.state_dir,
+                return vault_fail(v, r, "Cannot read the key cache %s/%s: %m", v->options.state_dir,
                                        CACHE_FILE_NAME);
         return vault_unseal(v, buf, len, ret_keys);
 }
 
 int vault_store(struct vault *v, const struct keyring *kr) {
+        v->error[0] = '\0';
         if (v->refused)
                 return -EPERM;
         return write_cache(v, &v->header->sealed, v->cache_key, kr, v->identity, v->header);
 }
 
 int vault_set_identity(struct vault *v, const struct keyring *kr, const struct vault_identity *identity) {
+        v->error[0] = '\0';
         struct vault_identity *copy = NULL;
         int r;
 
@@ -530,7 +545,7 @@ int vault_set_identity(struct vault *v, const struct keyring *kr, const struct v
         if (identity) {
                 copy = OPENSSL_secure_malloc(sizeof(*copy));
                 if (!copy)
-                        return log_error_errno(ENOMEM, "Cannot allocate locked memory for the client key's secret");
+                        return vault_fail(v, ENOMEM, "Cannot allocate locked memory for the client key's secret");
                 memcpy(copy, identity, sizeof(*copy));
         }
         r = write_cache(v, &v->header->sealed, v->cache_key, kr, copy, v->header);
@@ -544,6 +559,7 @@ int vault_set_identity(struct vault *v, const struct keyring *kr, const struct v
 }
 
 int vault_reseal(struct vault *v, const struct keyring *kr, const struct tpm_pcr_selection *sel) {
+        v->error[0] = '\0';
         char pcrs[64];
         int r;
 

@@ -63,6 +63,14 @@ class HungTpmTest(unittest.TestCase):
         self.w.start_daemon()
         self.assert_serving_fast()
 
+    def test_reseal_with_the_tpm_gone_says_why(self):
+        self.w.tpm.stop()
+        r = self.w.ctl("reseal")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("re-seal failed, the previous cache stays in force: ", r.stderr)
+        self.assertIn("no TPM answers on the configured tcti", r.stderr)
+        self.assert_serving_fast()              # from memory
+
     def test_start_on_a_hung_tpm_exits_within_the_timeout(self):
         self.assertEqual(self.w.stop_daemon(), 0)
         self.hang_tpm()
