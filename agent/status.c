@@ -20,6 +20,14 @@ static void format_time(uint64_t usec, char *buf, size_t size) {
                 snprintf(buf, size, "%s", "");
 }
 
+/* How long an endpoint in backoff waits before it is tried again (0: not in
+ * backoff). next_attempt_usec is CLOCK_MONOTONIC. */
+static uint64_t backoff_usec(const struct central_endpoint_health *h) {
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
+
+        return h->next_attempt_usec > now ? h->next_attempt_usec - now : 0;
+}
+
 static void central_json(const struct status_view *d, FILE *out) {
         struct central_endpoint_health h[CENTRAL_ENDPOINTS_MAX];
         size_t n = sync_endpoint_health(d->sync, h, ARRAY_SIZE(h));
@@ -48,10 +56,12 @@ static void central_json(const struct status_view *d, FILE *out) {
                 fprintf(out, "%s{\"name\": ", i ? ", " : "");
                 json_string(out, h[i].name);
                 fprintf(out, ", \"last_success\": \"%s\", \"last_failure\": \"%s\", \"consecutive_failures\": %u"
-                        ", \"latency_ms\": %.1f, \"requests\": %" PRIu64 ", \"failures\": %" PRIu64
-                        ", \"messages\": %" PRIu64 ", \"tls_resumed\": %" PRIu64 ", \"last_error\": ",
-                        t1, t2, h[i].consecutive_failures, h[i].last_latency_usec / 1000.0,
-                        h[i].requests, h[i].failures, h[i].messages, h[i].resumed);
+                        ", \"backoff_seconds\": %.1f, \"latency_ms\": %.1f, \"requests\": %" PRIu64
+                        ", \"failures\": %" PRIu64 ", \"messages\": %" PRIu64 ", \"tls_resumed\": %" PRIu64
+                        ", \"last_error\": ",
+                        t1, t2, h[i].consecutive_failures, backoff_usec(&h[i]) / 1e6,
+                        h[i].last_latency_usec / 1000.0, h[i].requests, h[i].failures, h[i].messages,
+                        h[i].resumed);
                 json_string(out, h[i].last_error);
                 fputs("}", out);
         }
@@ -77,10 +87,16 @@ static void central_text(const struct status_view *d, FILE *out) {
         fprintf(out, "syncs:         %" PRIu64 " ok, %" PRIu64 " failed, %" PRIu64 " on demand\n",
                 st.syncs_ok, st.syncs_failed, st.on_demand);
         for (size_t i = 0; i < n; i++) {
+                uint64_t wait = backoff_usec(&h[i]);
+                char backoff[48] = "";
+
+                if (wait)
+                        snprintf(backoff, sizeof(backoff), ", not tried again for %.0f s (backoff)", wait / 1e6);
                 format_time(h[i].last_success_usec, t1, sizeof(t1));
-                fprintf(out, "  endpoint %s: %s, last success %s, %.1f ms%s%s\n", h[i].name,
+                fprintf(out, "  endpoint %s: %s, last success %s, %.1f ms%s%s%s\n", h[i].name,
                         h[i].consecutive_failures ? "FAILING" : "ok", *t1 ? t1 : "never",
-                        h[i].last_latency_usec / 1000.0, *h[i].last_error ? ", error: " : "", h[i].last_error);
+                        h[i].last_latency_usec / 1000.0, backoff, *h[i].last_error ? ", error: " : "",
+                        h[i].last_error);
         }
 }
 

@@ -280,6 +280,10 @@ class OutageTest(FleetCase):
                 "%s: the endpoint's failure in status --json" % w.cn)
             self.assertGreaterEqual(ep["consecutive_failures"], 1, ep)
             self.assertRegex(ep["last_success"], RFC3339, ep)
+            # the backoff is visible: in --json, and in words
+            self.assertIn("backoff_seconds", ep)
+            k.wait_for(lambda w=w: "(backoff)" in w.ctl("status", check=True).stdout, CONVERGE,
+                       "%s: status names the endpoint's backoff" % w.cn)
         for w in (a, b):
             c = w.central()
             self.assertRegex(c["last_sync"], RFC3339, c)
