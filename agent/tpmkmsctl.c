@@ -17,6 +17,7 @@
 #include "util.h"
 #include "config.h"
 #include "control.h"
+#include "doctor.h"
 #include "identity.h"
 #include "keystore.h"
 #include "log.h"
@@ -28,6 +29,9 @@ static void usage(FILE *f) {
                 "Usage: tpmkmsctl [--config FILE] COMMAND\n"
                 "Commands:\n"
                 "  status [--json]  keys and their roles, seal state, PCR policy\n"
+                "  doctor [--json]  check the daemon, the KMS socket, the TPM and measured boot, the\n"
+                "                   central KMS endpoints and the client certificate; say what to do.\n"
+                "                   Exit 0 healthy, 1 warnings, 2 failures (works with tpmkmsd stopped)\n"
                 "  sync             fleet mode: sync with the central KMS now, print what changed\n"
                 "  purge KEY_ID     fleet mode: purge a missing version now, before purge_after\n"
                 "                   (refuses the primary, versions not missing and unknown ids)\n"
@@ -447,6 +451,13 @@ int main(int argc, char **argv) {
         if (r < 0) {
                 fprintf(stderr, "tpmkmsctl: %s\n", err);
                 return 1;
+        }
+        if (strcmp(argv[optind], "doctor") == 0) {
+                if (argc - optind > 2 || (argc - optind == 2 && strcmp(argv[optind + 1], "--json") != 0)) {
+                        fprintf(stderr, "usage: tpmkmsctl doctor [--json]\n");
+                        return 2;
+                }
+                return doctor_run(&config, argc - optind == 2, stdout);
         }
         if (strcmp(argv[optind], "encryption-config") == 0)
                 return encryption_config(&config, argc - optind, argv + optind);

@@ -495,6 +495,26 @@ static int parse_response(const uint8_t *buf, size_t len, uint32_t op,
         return need(&bi, TAG_RESPONSE_PAYLOAD, TTLV_STRUCTURE, ret_payload);
 }
 
+int kmip_response_time_stamp(const uint8_t *buf, size_t len, int64_t *ret) {
+        struct ttlv_item msg, hdr, ts;
+        int r;
+
+        if (!buf || len > KMIP_MESSAGE_MAX)
+                return -EBADMSG;
+        r = ttlv_parse(buf, len, &msg);
+        if (r < 0)
+                return r;
+        if (msg.tag != TAG_RESPONSE_MESSAGE || msg.type != TTLV_STRUCTURE)
+                return -EBADMSG;
+        r = need(&msg, TAG_RESPONSE_HEADER, TTLV_STRUCTURE, &hdr);
+        if (r < 0)
+                return r;
+        r = ttlv_find(&hdr, TAG_TIME_STAMP, TTLV_DATE_TIME, &ts);
+        if (r < 0)
+                return r;
+        return ttlv_get_datetime(&ts, ret);
+}
+
 int kmip_response_discover_versions(const uint8_t *buf, size_t len, struct kmip_version *ret,
                                     size_t max, size_t *ret_n, struct kmip_error *err) {
         struct ttlv_item payload, child;

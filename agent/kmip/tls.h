@@ -22,11 +22,12 @@
 #include "macro.h"
 
 struct tls_context;
+struct central_probe_result;
 struct tls_conn;
 typedef struct evp_pkey_st EVP_PKEY;
 
 /* Load the CA file (the only trust anchors: no system store), our certificate
- * chain and our key. The key file must be a regular file that neither group
+ * chain and our key (cert_file NULL: none, and key_file and key unused). The key file must be a regular file that neither group
  * nor others may access (like OpenSSH's identity files): -EPERM otherwise,
  * naming the file and its mode. With key non-NULL that key is used (a
  * reference is taken) and key_file only names it in messages. Returns 0, or
@@ -39,10 +40,12 @@ void tls_context_free(struct tls_context *t);
 /* Connect to host:port (a name, IPv4 or IPv6 literal) and complete the TLS
  * handshake. The TCP connect (over all resolved addresses) and the handshake
  * are each bounded by timeout_usec. Name resolution uses the system resolver
- * and its own timeouts (resolv.conf); IP literals never touch it. Returns 0
- * and *ret, or a negative errno (see above). */
+ * and its own timeouts (resolv.conf); IP literals never touch it. probe (may
+ * be NULL) gets the transport's part of a central_probe: the step reached,
+ * the address, timings, the server certificate's verification and expiry,
+ * failure or not. Returns 0 and *ret, or a negative errno (see above). */
 int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
-                struct tls_conn **ret, char *err, size_t err_size);
+                struct central_probe_result *probe, struct tls_conn **ret, char *err, size_t err_size);
 
 /* Write all len bytes, or read exactly len bytes, before deadline_usec
  * (now_usec(CLOCK_MONOTONIC), common/util.h). Returns 0 or a negative errno. */
