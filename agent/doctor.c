@@ -688,7 +688,7 @@ static void check_endpoint(struct doctor *d, const struct central_options *opt, 
         const struct central_endpoint *e = &opt->endpoints[i];
         struct central_probe_result p;
         char check[300], err[640], expiry[200] = "", skew[96] = "";
-        enum level level = LEVEL_OK;
+        const char *action = NULL;
         struct finding *f;
         int64_t days = 0;
         int r;
@@ -720,12 +720,12 @@ static void check_endpoint(struct doctor *d, const struct central_options *opt, 
                 double s = ((double) p.server_time_usec - (double) p.local_time_usec) / USEC_PER_SEC;
                 snprintf(skew, sizeof(skew), "; clock skew %+.0f s", s);
                 if (s > CLOCK_SKEW_WARN_SEC || s < -CLOCK_SKEW_WARN_SEC)
-                        level = LEVEL_WARNING;
+                        action = "the clocks differ: check NTP on both sides (timedatectl); certificate "
+                                 "validity and key dates depend on them";
         }
         if (days < CERT_WARN_DAYS)
-                level = LEVEL_WARNING;
-        f = add(d, level, check,
-                level == LEVEL_OK ? NULL : "check NTP on both sides (timedatectl), and the server certificate's expiry",
+                action = "the central KMS's server certificate expires soon: have it renewed";
+        f = add(d, action ? LEVEL_WARNING : LEVEL_OK, check, action,
                 "%s: connect %.1f ms, TLS handshake %.1f ms (%s%s), request answered in %.1f ms%s", p.address,
                 p.connect_usec / 1000.0, p.handshake_usec / 1000.0, p.protocol, expiry, p.request_usec / 1000.0, skew);
         f->latency_ms = p.request_usec / 1000.0;
