@@ -7,6 +7,7 @@ sync with it."""
 import datetime
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -198,6 +199,21 @@ class Fleet(unittest.TestCase):
         self.assertIn("expired on", c["detail"])
         self.assertIn("tpmkmsctl enroll --force", c["action"])
         self.assertEqual(f[self.ep]["status"], "failure", "the server refuses it too")
+
+
+class RunbookLinks(unittest.TestCase):
+    def test_every_linked_section_exists(self):
+        """docs/runbook.md has every section that the alert rules and doctor's
+        findings send the operator to."""
+        src = t.source_dir()
+        with open(os.path.join(src, "docs", "runbook.md")) as f:
+            headings = set(re.findall(r"^#+ (.+)$", f.read(), re.M))
+        linked = set()
+        for path in (("packaging", "monitoring", "tpmkms-alerts.yml"), ("agent", "doctor.c")):
+            with open(os.path.join(src, *path)) as f:
+                linked |= set(re.findall(r"docs/runbook\.md, '([^']+)'", f.read()))
+        self.assertGreaterEqual(len(linked), 6, linked)
+        self.assertEqual(linked - headings, set())
 
 
 if __name__ == "__main__":
