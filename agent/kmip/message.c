@@ -400,6 +400,21 @@ static int parse_version(const struct ttlv_item *pv, struct kmip_version *ret) {
         return need_integer(pv, TAG_PROTOCOL_VERSION_MINOR, &ret->minor);
 }
 
+/* The Response Message structure of buf and its Response Header (section
+ * 7.1). Returns 0 or -EBADMSG. */
+static int response_header(const uint8_t *buf, size_t len, struct ttlv_item *ret_msg, struct ttlv_item *ret_hdr) {
+        int r;
+
+        if (len > KMIP_MESSAGE_MAX)
+                return -EBADMSG;
+        r = ttlv_parse(buf, len, ret_msg);
+        if (r < 0)
+                return r;
+        if (ret_msg->tag != TAG_RESPONSE_MESSAGE || ret_msg->type != TTLV_STRUCTURE)
+                return -EBADMSG;
+        return need(ret_msg, TAG_RESPONSE_HEADER, TTLV_STRUCTURE, ret_hdr);
+}
+
 /* Section 7.1 Response Message: Response Header (Protocol Version, Time Stamp,
  * Batch Count) and, as we send one batch item, exactly one Batch Item
  * (section 6.15: Operation, Result Status, Result Reason, Result Message,
@@ -418,15 +433,7 @@ static int parse_response(const uint8_t *buf, size_t len, uint32_t op,
                 *err = (struct kmip_error) {};
         if (!buf)
                 return -EINVAL;
-        if (len > KMIP_MESSAGE_MAX)
-                return -EBADMSG;
-        r = ttlv_parse(buf, len, &msg);
-        if (r < 0)
-                return r;
-        if (msg.tag != TAG_RESPONSE_MESSAGE || msg.type != TTLV_STRUCTURE)
-                return -EBADMSG;
-
-        r = need(&msg, TAG_RESPONSE_HEADER, TTLV_STRUCTURE, &hdr);
+        r = response_header(buf, len, &msg, &hdr);
         if (r < 0)
                 return r;
         r = need(&hdr, TAG_PROTOCOL_VERSION, TTLV_STRUCTURE, &pv);
@@ -499,14 +506,9 @@ int kmip_response_time_stamp(const uint8_t *buf, size_t len, int64_t *ret) {
         struct ttlv_item msg, hdr, ts;
         int r;
 
-        if (!buf || len > KMIP_MESSAGE_MAX)
+        if (!buf)
                 return -EBADMSG;
-        r = ttlv_parse(buf, len, &msg);
-        if (r < 0)
-                return r;
-        if (msg.tag != TAG_RESPONSE_MESSAGE || msg.type != TTLV_STRUCTURE)
-                return -EBADMSG;
-        r = need(&msg, TAG_RESPONSE_HEADER, TTLV_STRUCTURE, &hdr);
+        r = response_header(buf, len, &msg, &hdr);
         if (r < 0)
                 return r;
         r = ttlv_find(&hdr, TAG_TIME_STAMP, TTLV_DATE_TIME, &ts);
