@@ -12,14 +12,6 @@
 
 #define TPM_SLOW_USEC (5 * USEC_PER_SEC)
 
-static void format_time(uint64_t usec, char *buf, size_t size) {
-        time_t t = (time_t) (usec / USEC_PER_SEC);
-        struct tm tm;
-
-        if (usec == 0 || !gmtime_r(&t, &tm) || strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
-                snprintf(buf, size, "%s", "");
-}
-
 /* How long an endpoint in backoff waits before it is tried again (0: not in
  * backoff). next_attempt_usec is CLOCK_MONOTONIC. */
 static uint64_t backoff_usec(const struct central_endpoint_health *h) {
@@ -37,8 +29,8 @@ static void central_json(const struct status_view *d, FILE *out) {
 
         sync_get_status(d->sync, &st);
         (void) sync_too_stale(d->sync, &age);
-        format_time(st.last_success_usec, t1, sizeof(t1));
-        format_time(st.last_attempt_usec, t2, sizeof(t2));
+        format_utc(st.last_success_usec, t1, sizeof(t1));
+        format_utc(st.last_attempt_usec, t2, sizeof(t2));
         fprintf(out, ", \"central\": {\"key_group\": ");
         json_string(out, d->config->key_group);
         fprintf(out, ", \"last_sync\": \"%s\", \"last_attempt\": \"%s\", \"staleness_seconds\": %" PRIu64
@@ -51,8 +43,8 @@ static void central_json(const struct status_view *d, FILE *out) {
         json_string(out, st.last_change);
         fputs(", \"endpoints\": [", out);
         for (size_t i = 0; i < n; i++) {
-                format_time(h[i].last_success_usec, t1, sizeof(t1));
-                format_time(h[i].last_failure_usec, t2, sizeof(t2));
+                format_utc(h[i].last_success_usec, t1, sizeof(t1));
+                format_utc(h[i].last_failure_usec, t2, sizeof(t2));
                 fprintf(out, "%s{\"name\": ", i ? ", " : "");
                 json_string(out, h[i].name);
                 fprintf(out, ", \"last_success\": \"%s\", \"last_failure\": \"%s\", \"consecutive_failures\": %u"
@@ -78,7 +70,7 @@ static void central_text(const struct status_view *d, FILE *out) {
 
         sync_get_status(d->sync, &st);
         stale = sync_too_stale(d->sync, &age);
-        format_time(st.last_success_usec, t1, sizeof(t1));
+        format_utc(st.last_success_usec, t1, sizeof(t1));
         fprintf(out, "central:       KMIP, key group %s\n", d->config->key_group);
         fprintf(out, "last sync:     %s (%" PRIu64 " s ago%s)%s\n", *t1 ? t1 : "never", age / USEC_PER_SEC,
                 stale ? ", over max_staleness" : "", st.in_progress ? ", sync running" : "");
@@ -92,7 +84,7 @@ static void central_text(const struct status_view *d, FILE *out) {
 
                 if (wait)
                         snprintf(backoff, sizeof(backoff), ", not tried again for %.0f s (backoff)", wait / 1e6);
-                format_time(h[i].last_success_usec, t1, sizeof(t1));
+                format_utc(h[i].last_success_usec, t1, sizeof(t1));
                 fprintf(out, "  endpoint %s: %s, last success %s, %.1f ms%s%s%s\n", h[i].name,
                         h[i].consecutive_failures ? "FAILING" : "ok", *t1 ? t1 : "never",
                         h[i].last_latency_usec / 1000.0, backoff, *h[i].last_error ? ", error: " : "",
@@ -108,7 +100,7 @@ static void identity_render(const struct status_view *d, bool json, FILE *out) {
         int64_t days = identity_days_left(id->not_after_usec, now_usec(CLOCK_REALTIME));
         char t[32];
 
-        format_time(id->not_after_usec, t, sizeof(t));
+        format_utc(id->not_after_usec, t, sizeof(t));
         if (json) {
                 fputs(", \"identity\": {\"key_file\": ", out);
                 json_string(out, d->config->key_file);
@@ -154,10 +146,10 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
                 snprintf(tpm, sizeof(tpm), "not answering for %" PRIu64 " s", d->tpm_busy_usec / USEC_PER_SEC);
         else
                 snprintf(tpm, sizeof(tpm), "%s", d->tpm_busy_usec ? "in use" : "idle");
-        format_time(d->started_usec, started, sizeof(started));
+        format_utc(d->started_usec, started, sizeof(started));
         /* The last rotation is when the current primary was made (local
          * creation, or its central Initial Date): known after restarts too. */
-        format_time(p ? p->created_usec : 0, rotated, sizeof(rotated));
+        format_utc(p ? p->created_usec : 0, rotated, sizeof(rotated));
 
         if (json) {
                 fprintf(out, "{\"state\": \"%s\", \"healthz\": ", d->refused ? "refused" : "serving");
@@ -171,9 +163,9 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
                 fputs(", \"keys\": [", out);
                 for (size_t i = 0; kr && i < keyring_size(kr); i++) {
                         const struct key_version *k = keyring_get(kr, i);
-                        format_time(k->created_usec, created, sizeof(created));
-                        format_time(k->first_seen_usec, seen, sizeof(seen));
-                        format_time(k->missing_since_usec, since, sizeof(since));
+                        format_utc(k->created_usec, created, sizeof(created));
+                        format_utc(k->first_seen_usec, seen, sizeof(seen));
+                        format_utc(k->missing_since_usec, since, sizeof(since));
                         fprintf(out, "%s{\"id\": ", i ? ", " : "");
                         json_string(out, k->id);
                         fprintf(out, ", \"role\": \"%s\", \"central_id\": ", key_role_to_string(k->role));
@@ -202,9 +194,9 @@ void status_render(const struct status_view *d, bool json, FILE *out) {
         fprintf(out, "keys:          %zu\n", kr ? keyring_size(kr) : 0);
         for (size_t i = 0; kr && i < keyring_size(kr); i++) {
                 const struct key_version *k = keyring_get(kr, i);
-                format_time(k->created_usec, created, sizeof(created));
-                format_time(k->first_seen_usec, seen, sizeof(seen));
-                format_time(k->missing_since_usec, since, sizeof(since));
+                format_utc(k->created_usec, created, sizeof(created));
+                format_utc(k->first_seen_usec, seen, sizeof(seen));
+                format_utc(k->missing_since_usec, since, sizeof(since));
                 fprintf(out, "  %-8s %s  created %s  first seen %s%s%s%s%s\n", key_role_to_string(k->role),
                         k->id, created, seen, *k->central_id ? "  central " : "", k->central_id,
                         *since ? "  MISSING since " : "", since);

@@ -17,6 +17,7 @@
 #include "util.h"
 #include "config.h"
 #include "control.h"
+#include "doctor.h"
 #include "identity.h"
 #include "keystore.h"
 #include "log.h"
@@ -28,6 +29,9 @@ static void usage(FILE *f) {
                 "Usage: tpmkmsctl [--config FILE] COMMAND\n"
                 "Commands:\n"
                 "  status [--json]  keys and their roles, seal state, PCR policy\n"
+                "  doctor [--json]  check the daemon, the KMS socket, the TPM and measured boot, the\n"
+                "                   central KMS endpoints and the client certificate; say what to do.\n"
+                "                   Exit 0 healthy, 1 warnings, 2 failures (works with tpmkmsd stopped)\n"
                 "  sync             fleet mode: sync with the central KMS now, print what changed\n"
                 "  purge KEY_ID     fleet mode: purge a missing version now, before purge_after\n"
                 "                   (refuses the primary, versions not missing and unknown ids)\n"
@@ -43,9 +47,10 @@ static void usage(FILE *f) {
                 "                   fleet mode: make this host's client key for the central KMS in the TPM\n"
                 "                   (written to [central] key_file, usable only by this TPM in the measured\n"
                 "                   state the cache is sealed to) and a CSR for the fleet CA (FILE)\n"
-                "  encryption-config [--name NAME] [--timeout DURATION] [RESOURCE...]\n"
+                "  encryption-config [--name NAME] [--timeout DURATION] [--fallback identity] [RESOURCE...]\n"
                 "                   print a kube-apiserver EncryptionConfiguration using this plugin\n"
-                "                   (default resource: secrets; fail-closed: no identity provider)\n"
+                "                   (default resource: secrets; fail-closed: no identity provider;\n"
+                "                   --fallback identity adds one after it, for a migration)\n"
                 "  audit-snapshot FILE [--require-encrypted RESOURCE[,RESOURCE...]] [--json]\n"
                 "                   count what an etcd v3 snapshot stores per resource type: plaintext,\n"
                 "                   KMS v2 (by key id) or another provider; needs no daemon and no config.\n"
@@ -70,17 +75,26 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
         static const struct option options[] = {
                 { "name", required_argument, NULL, 'n' },
                 { "timeout", required_argument, NULL, 't' },
+                { "fallback", required_argument, NULL, 'f' },
                 {},
         };
         const char *name = "tpmkms", *timeout = "3s";
+        bool identity = false;
         uint64_t usec;
         int opt;
 
         optind = 0;   /* 0: a full rescan, resetting the "+" mode of the first parse */
-        while ((opt = getopt_long(argc, argv, "n:t:", options, NULL)) >= 0) {
+        while ((opt = getopt_long(argc, argv, "n:t:f:", options, NULL)) >= 0) {
                 switch (opt) {
                 case 'n': name = optarg; break;
                 case 't': timeout = optarg; break;
+                case 'f':
+                        if (strcmp(optarg, "identity") != 0) {
+                                fprintf(stderr, "tpmkmsctl: --fallback: only 'identity'\n");
+                                return 1;
+                        }
+                        identity = true;
+                        break;
                 default: return 2;
                 }
         }
@@ -106,10 +120,21 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
                 }
 
         printf("# kube-apiserver --encryption-provider-config=FILE\n"
-               "# Fail-closed: no identity provider follows, so the apiserver neither writes\n"
-               "# nor reads these resources unencrypted. Migrating existing data needs\n"
-               "# 'identity: {}' as a second provider until every object was rewritten.\n"
-               "apiVersion: apiserver.config.k8s.io/v1\n"
+               "# Fail closed while tpmkmsd is down (writes and reads fail, nothing is\n"
+               "# stored unencrypted):%s\n", identity ? " none of the resources below" : "");
+        for (int i = optind; !identity && i < argc; i++)
+                printf("#   %s\n", argv[i]);
+        if (!identity && optind >= argc)
+                printf("#   secrets\n");
+        if (identity)
+                printf("# The identity fallback after the kms provider keeps unencrypted objects\n"
+                       "# readable (see its comment): remove it once every object is rewritten.\n");
+        else
+                printf("# No identity provider follows, so the apiserver neither writes nor reads\n"
+                       "# these resources unencrypted. Migrating existing data needs\n"
+                       "# 'identity: {}' as a second provider until every object was rewritten\n"
+                       "# (tpmkmsctl encryption-config --fallback identity).\n");
+        printf("apiVersion: apiserver.config.k8s.io/v1\n"
                "kind: EncryptionConfiguration\n"
                "resources:\n"
                "  - resources:\n");
@@ -123,6 +148,14 @@ static int encryption_config(const struct config *c, int argc, char **argv) {
                "          name: %s\n"
                "          endpoint: unix://%s\n"
                "          timeout: %" PRIu64 "s\n", name, c->kms_socket, usec / USEC_PER_SEC);
+        if (identity)
+                printf("      # Fallback: NOT fail-closed. The apiserver writes with the first\n"
+                       "      # provider (kms) and reads with the first that can: objects stored\n"
+                       "      # in plaintext stay readable, while tpmkmsd is down too, and so does\n"
+                       "      # anything written to etcd directly in plaintext. That is what a\n"
+                       "      # migration needs (every existing object readable until rewritten);\n"
+                       "      # remove it afterwards (docs/runbook.md, 'Break-glass').\n"
+                       "      - identity: {}\n");
         return 0;
 }
 
@@ -447,6 +480,13 @@ int main(int argc, char **argv) {
         if (r < 0) {
                 fprintf(stderr, "tpmkmsctl: %s\n", err);
                 return 1;
+        }
+        if (strcmp(argv[optind], "doctor") == 0) {
+                if (argc - optind > 2 || (argc - optind == 2 && strcmp(argv[optind + 1], "--json") != 0)) {
+                        fprintf(stderr, "usage: tpmkmsctl doctor [--json]\n");
+                        return 2;
+                }
+                return doctor_run(&config, argc - optind == 2, stdout);
         }
         if (strcmp(argv[optind], "encryption-config") == 0)
                 return encryption_config(&config, argc - optind, argv + optind);

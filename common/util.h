@@ -27,6 +27,16 @@ static inline uint64_t now_usec(clockid_t clock) {
         return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
 }
 
+/* usec (CLOCK_REALTIME) as "2024-05-01T12:00:00Z" into buf; "" for 0 or
+ * what cannot be formatted. */
+static inline void format_utc(uint64_t usec, char *buf, size_t size) {
+        time_t t = (time_t) (usec / USEC_PER_SEC);
+        struct tm tm;
+
+        if (usec == 0 || !gmtime_r(&t, &tm) || strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+                snprintf(buf, size, "%s", "");
+}
+
 /* Write all n bytes to fd (a blocking fd: retries EINTR and short writes).
  * Returns 0 or a negative errno. */
 static inline int write_all(int fd, const void *buf, size_t n) {

@@ -221,6 +221,13 @@ int vault_set_identity(struct vault *v, const struct keyring *kr, const struct v
 const struct tpm_pcr_selection *vault_sealed_pcrs(const struct vault *v);
 void vault_done(struct vault *v);
 
+/* The PCR values the cache in state_dir is sealed to, from its header,
+ * without the TPM or the keys (diagnostics: tpmkmsctl doctor compares them
+ * with the TPM's). The header is not authenticated here: the values show
+ * what a start will be checked against, they prove nothing. Returns 0, or
+ * as cache_read_file (-ENOENT: no cache), -EBADMSG, -EPROTONOSUPPORT. */
+int vault_sealed_values(const char *state_dir, struct tpm_pcr_values *ret);
+
 /* A new local KEK version (standalone mode): random KEK and identity. The KEK
  * is written to kek, which the caller wipes. Returns 0 or -errno. */
 int vault_new_local_version(struct key_version *ret, uint8_t kek[AES256_KEY_SIZE]);

@@ -586,3 +586,19 @@ void vault_done(struct vault *v) {
         free(v->header);
         v->header = NULL;
 }
+
+int vault_sealed_values(const char *state_dir, struct tpm_pcr_values *ret) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        struct cache_header h;
+        size_t len;
+        int r;
+
+        r = cache_read_file(state_dir, &buf, &len);
+        if (r < 0)
+                return r;
+        r = cache_decode_header(buf, len, &h);
+        if (r < 0)
+                return r;
+        *ret = h.sealed.pcrs;
+        return 0;
+}

@@ -163,7 +163,7 @@ int central_client_new(const struct central_options *c, struct central_client **
                 return -r;
         }
 
-        snprintf(cc->cert_file, sizeof(cc->cert_file), "%s", c->cert_file);
+        snprintf(cc->cert_file, sizeof(cc->cert_file), "%s", c->cert_file ? c->cert_file : "(none)");
         snprintf(cc->group, sizeof(cc->group), "%s", c->group);
         cc->timeout_usec = c->timeout_usec > 0 ? c->timeout_usec : DEFAULT_TIMEOUT_USEC;
         cc->backoff_cap_usec = c->backoff_cap_usec > BACKOFF_CAP_MIN_USEC ? c->backoff_cap_usec
@@ -331,7 +331,8 @@ static int choose_version(const struct session *s, const struct kmip_version *v,
         return -EPROTONOSUPPORT;
 }
 
-static int discover_versions(struct session *s, char *err, size_t err_size) {
+/* ret_time (may be NULL): the server's Time Stamp, 0 when it sent none. */
+static int discover_versions(struct session *s, int64_t *ret_time, char *err, size_t err_size) {
         _cleanup_free_ uint8_t *req = NULL, *resp = NULL;
         struct kmip_version v[VERSIONS_MAX];
         struct kmip_error ke = {};
@@ -347,6 +348,8 @@ static int discover_versions(struct session *s, char *err, size_t err_size) {
         r = kmip_response_discover_versions(resp, resp_len, v, VERSIONS_MAX, &n, &ke);
         if (r < 0)
                 return kmip_failure(s, "DiscoverVersions", r, &ke, err, err_size);
+        if (ret_time && kmip_response_time_stamp(resp, resp_len, ret_time) < 0)
+                *ret_time = 0;
         return choose_version(s, v, n, &s->version, err, err_size);
 }
 
@@ -629,7 +632,7 @@ static int fetch_from(struct central_client *cc, size_t i, const char (*held)[CE
         int r;
 
         r = tls_connect_resume(cc->tls, cc->endpoints[i].host, cc->endpoints[i].port, cc->timeout_usec,
-                               &ep->resume, &conn, err, err_size);
+                               &ep->resume, NULL, &conn, err, err_size);
         if (r < 0)
                 return r;
         s.conn = conn;
@@ -640,7 +643,7 @@ static int fetch_from(struct central_client *cc, size_t i, const char (*held)[CE
         }
 
         if (!ep->version_known) {
-                r = discover_versions(&s, err, err_size);
+                r = discover_versions(&s, NULL, err, err_size);
                 if (r < 0)
                         return r;
                 ep->version = s.version;
@@ -882,4 +885,53 @@ int central_fetch(struct central_client *cc, const char (*held)[CENTRAL_ID_MAX],
         else
                 errorf(err, err_size, "%s", all);
         return r;
+}
+
+const char *central_probe_step_to_string(enum central_probe_step s) {
+        static const char *const names[] = {
+                [CENTRAL_PROBE_SETUP] = "setup",
+                [CENTRAL_PROBE_RESOLVE] = "resolve",
+                [CENTRAL_PROBE_CONNECT] = "connect",
+                [CENTRAL_PROBE_HANDSHAKE] = "handshake",
+                [CENTRAL_PROBE_REQUEST] = "request",
+                [CENTRAL_PROBE_DONE] = "done",
+        };
+        return (unsigned) s < ARRAY_SIZE(names) ? names[s] : "unknown";
+}
+
+int central_probe(const struct central_options *opt, size_t i, struct central_probe_result *ret,
+                  char *err, size_t err_size) {
+        _cleanup_(central_client_freep) struct central_client *cc = NULL;
+        _cleanup_(tls_conn_freep) struct tls_conn *conn = NULL;
+        struct session s = {};
+        int64_t stamp = 0;
+        uint64_t start;
+        int r;
+
+        *ret = (struct central_probe_result) { .failed = CENTRAL_PROBE_SETUP };
+        if (i >= opt->n_endpoints) {
+                errorf(err, err_size, "no endpoint %zu", i);
+                return -EINVAL;
+        }
+        r = central_client_new(opt, &cc, err, err_size);
+        if (r < 0)
+                return r;
+        s = (struct session) { .cc = cc, .ep = &cc->ep[i], .health = &cc->health[i], .peer = cc->health[i].name };
+        r = tls_connect(cc->tls, cc->endpoints[i].host, cc->endpoints[i].port, cc->timeout_usec,
+                        ret, &conn, err, err_size);
+        if (r < 0)
+                return r;
+        s.conn = conn;
+
+        start = now_usec(CLOCK_MONOTONIC);
+        r = discover_versions(&s, &stamp, err, err_size);
+        ret->request_usec = now_usec(CLOCK_MONOTONIC) - start;
+        ret->local_time_usec = now_usec(CLOCK_REALTIME) - ret->request_usec / 2;
+        if (r < 0)
+                return r;
+        ret->server_time_usec = stamp > 0 ? (uint64_t) stamp * USEC_PER_SEC : 0;
+        snprintf(ret->protocol, sizeof(ret->protocol), "%s, protocol %d.%d", tls_conn_version(conn),
+                 (int) s.version.major, (int) s.version.minor);
+        ret->failed = CENTRAL_PROBE_DONE;
+        return 0;
 }

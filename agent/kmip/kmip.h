@@ -131,6 +131,46 @@ void central_client_cancel(struct central_client *cc);
 /* Copy the endpoints' health (thread-safe). Returns the number of endpoints. */
 size_t central_client_health(struct central_client *cc, struct central_endpoint_health *ret, size_t max);
 
+/* ---- diagnostics (tpmkmsctl doctor) ---------------------------------------- */
+
+/* The steps of one probe, in order. */
+enum central_probe_step {
+        CENTRAL_PROBE_SETUP,      /* loading the CA, certificate and key files */
+        CENTRAL_PROBE_RESOLVE,    /* the endpoint's host name */
+        CENTRAL_PROBE_CONNECT,    /* TCP */
+        CENTRAL_PROBE_HANDSHAKE,  /* TLS, the server's certificate verified */
+        CENTRAL_PROBE_REQUEST,    /* one request answered */
+        CENTRAL_PROBE_DONE,
+};
+/* "resolve", "connect", ...: for messages. */
+const char *central_probe_step_to_string(enum central_probe_step s);
+
+struct central_probe_result {
+        enum central_probe_step failed;   /* the step that failed; CENTRAL_PROBE_DONE: none */
+        char address[64];                 /* the address connected to (or last tried); "" before */
+        uint64_t connect_usec;            /* name resolution and TCP connect */
+        uint64_t handshake_usec;
+        uint64_t request_usec;            /* the request, sent and answered */
+        char server_verify[128];          /* "ok", or why the server's certificate failed
+                                           * verification; "" when none was received */
+        uint64_t server_not_after_usec;   /* the server certificate's notAfter; 0 unknown */
+        char protocol[64];                /* "TLSv1.3, protocol 1.2" once answered */
+        uint64_t server_time_usec;        /* the server's clock in its answer (CLOCK_REALTIME
+                                           * usec); 0 when it gave none */
+        uint64_t local_time_usec;         /* our clock halfway through that request */
+};
+
+/* Probe endpoint i of opt with one connection and the lightest request
+ * there is (protocol version discovery: no key group, no key material),
+ * each step bounded by opt->timeout_usec. With opt->cert_file NULL no
+ * client certificate is presented (a TPM-bound key signs only in
+ * tpmkmsd): the server's certificate is still verified, but a server that
+ * requires one then fails the handshake. Always fills ret. Returns 0, or a
+ * negative errno as central_fetch does, with what failed in err and the
+ * step in ret->failed. */
+int central_probe(const struct central_options *opt, size_t i, struct central_probe_result *ret,
+                  char *err, size_t err_size);
+
 /* The notAfter of the first certificate in the PEM file path (our client
  * certificate, for metrics and tpmkmsctl doctor), as CLOCK_REALTIME usec.
  * Returns 0, -errno when the file cannot be opened, or -EBADMSG when it

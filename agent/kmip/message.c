@@ -455,6 +455,21 @@ static int parse_result(const struct ttlv_item *bi, struct kmip_error *err) {
         return 0;
 }
 
+/* The Response Message structure of buf and its Response Header (section
+ * 7.1). Returns 0 or -EBADMSG. */
+static int response_header(const uint8_t *buf, size_t len, struct ttlv_item *ret_msg, struct ttlv_item *ret_hdr) {
+        int r;
+
+        if (len > KMIP_MESSAGE_MAX)
+                return -EBADMSG;
+        r = ttlv_parse(buf, len, ret_msg);
+        if (r < 0)
+                return r;
+        if (ret_msg->tag != TAG_RESPONSE_MESSAGE || ret_msg->type != TTLV_STRUCTURE)
+                return -EBADMSG;
+        return need(ret_msg, TAG_RESPONSE_HEADER, TTLV_STRUCTURE, ret_hdr);
+}
+
 /* Section 7.1 Response Message: Response Header (Protocol Version, Time
  * Stamp, Batch Count) and Batch Items (section 6.15: Operation, Unique Batch
  * Item ID, Result Status, Result Reason, Result Message, Response Payload). */
@@ -466,15 +481,7 @@ static int parse_batch(const uint8_t *buf, size_t len, const struct kmip_batch_o
         int32_t batch_count;
         int items, r;
 
-        if (len > KMIP_MESSAGE_MAX)
-                return -EBADMSG;
-        r = ttlv_parse(buf, len, &msg);
-        if (r < 0)
-                return r;
-        if (msg.tag != TAG_RESPONSE_MESSAGE || msg.type != TTLV_STRUCTURE)
-                return -EBADMSG;
-
-        r = need(&msg, TAG_RESPONSE_HEADER, TTLV_STRUCTURE, &hdr);
+        r = response_header(buf, len, &msg, &hdr);
         if (r < 0)
                 return r;
         r = need(&hdr, TAG_PROTOCOL_VERSION, TTLV_STRUCTURE, &pv);
@@ -613,6 +620,22 @@ static int parse_response(const uint8_t *buf, size_t len, uint32_t op,
         *ret_payload = res.payload;
         return 0;
 }
+
+int kmip_response_time_stamp(const uint8_t *buf, size_t len, int64_t *ret) {
+        struct ttlv_item msg, hdr, ts;
+        int r;
+
+        if (!buf)
+                return -EBADMSG;
+        r = response_header(buf, len, &msg, &hdr);
+        if (r < 0)
+                return r;
+        r = ttlv_find(&hdr, TAG_TIME_STAMP, TTLV_DATE_TIME, &ts);
+        if (r < 0)
+                return r;
+        return ttlv_get_datetime(&ts, ret);
+}
+
 int kmip_response_discover_versions(const uint8_t *buf, size_t len, struct kmip_version *ret,
                                     size_t max, size_t *ret_n, struct kmip_error *err) {
         struct ttlv_item payload, child;

@@ -169,6 +169,10 @@ int kmip_result_get_attributes(const struct kmip_batch_result *res, struct kmip_
  * truncated; *ret_n is 0 after any failure. */
 int kmip_response_discover_versions(const uint8_t *buf, size_t len, struct kmip_version *ret,
                                     size_t max, size_t *ret_n, struct kmip_error *err);
+/* The Time Stamp of a Response Header (section 6.5) in *ret, seconds since
+ * the epoch: the server's clock, for diagnostics. Returns 0, -ENOENT (none
+ * given), -EBADMSG. */
+int kmip_response_time_stamp(const uint8_t *buf, size_t len, int64_t *ret);
 /* Unique Identifiers found, in the server's order (pass max = KMIP_LOCATE_MAX,
  * the Maximum Items the request asks for). */
 int kmip_response_locate(const uint8_t *buf, size_t len, char (*ret)[KMIP_ID_MAX],

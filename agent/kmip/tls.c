@@ -221,7 +221,7 @@ int tls_context_new(const char *ca_file, const char *cert_file, const char *key_
                 errorf(err, err_size, "out of memory");
                 return -ENOMEM;
         }
-        snprintf(t->cert_file, sizeof(t->cert_file), "%s", cert_file);
+        snprintf(t->cert_file, sizeof(t->cert_file), "%s", cert_file ? cert_file : "(none)");
 
         t->ctx = SSL_CTX_new(TLS_client_method());
         if (!t->ctx) {
@@ -253,6 +253,10 @@ int tls_context_new(const char *ca_file, const char *cert_file, const char *key_
                 return load_failure("CA file", ca_file, err, err_size);
         SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
 
+        if (!cert_file) {
+                *ret = TAKE_PTR(t);
+                return 0;
+        }
         if (SSL_CTX_use_certificate_chain_file(t->ctx, cert_file) != 1)
                 return load_failure("certificate file", cert_file, err, err_size);
         if (key) {
@@ -329,8 +333,15 @@ static int connect_addr(const struct addrinfo *ai, uint64_t deadline_usec, int *
         return 0;
 }
 
+/* The numeric address of ai into probe (may be NULL). */
+static void probe_address(struct central_probe_result *probe, const struct addrinfo *ai) {
+        if (probe && getnameinfo(ai->ai_addr, ai->ai_addrlen, probe->address, sizeof(probe->address),
+                                 NULL, 0, NI_NUMERICHOST) != 0)
+                probe->address[0] = '\0';
+}
+
 static int tcp_connect(const char *host, uint16_t port, uint64_t timeout_usec, int *ret_fd,
-                       char *err, size_t err_size, const char *peer) {
+                       struct central_probe_result *probe, char *err, size_t err_size, const char *peer) {
         _cleanup_(freeaddrinfop) struct addrinfo *res = NULL;
         struct addrinfo hints = {
                 .ai_family = AF_UNSPEC,
@@ -353,7 +364,10 @@ static int tcp_connect(const char *host, uint16_t port, uint64_t timeout_usec, i
         /* One deadline for all the addresses: the bound is per operation. */
         deadline = now_usec(CLOCK_MONOTONIC) + timeout_usec;
         r = -EHOSTUNREACH;
+        if (probe)
+                probe->failed = CENTRAL_PROBE_CONNECT;
         for (const struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+                probe_address(probe, ai);
                 r = connect_addr(ai, deadline, ret_fd);
                 if (r >= 0)
                         return 0;
@@ -500,16 +514,40 @@ static bool is_ip_literal(const char *host) {
         return inet_pton(AF_INET, host, &a4) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
 }
 
+/* ASN1_TIME as CLOCK_REALTIME usec; 0 when it cannot be read. */
+static uint64_t asn1_time_usec(const ASN1_TIME *t) {
+        struct tm tm;
+        time_t secs;
+
+        if (!t || ASN1_TIME_to_tm(t, &tm) != 1)
+                return 0;
+        secs = timegm(&tm);
+        return secs > 0 ? (uint64_t) secs * USEC_PER_SEC : 0;
+}
+
+/* What the handshake showed of the server's certificate, into probe. */
+static void probe_server_certificate(struct central_probe_result *probe, const struct tls_conn *c) {
+        const X509 *x = SSL_get0_peer_certificate(c->ssl);
+        long v = SSL_get_verify_result(c->ssl);
+
+        if (!x)
+                return;
+        snprintf(probe->server_verify, sizeof(probe->server_verify), "%s",
+                 v == X509_V_OK ? "ok" : X509_verify_cert_error_string(v));
+        probe->server_not_after_usec = asn1_time_usec(X509_get0_notAfter(x));
+}
+
 int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
-                struct tls_conn **ret, char *err, size_t err_size) {
-        return tls_connect_resume(t, host, port, timeout_usec, NULL, ret, err, err_size);
+                struct central_probe_result *probe, struct tls_conn **ret, char *err, size_t err_size) {
+        return tls_connect_resume(t, host, port, timeout_usec, NULL, probe, ret, err, err_size);
 }
 
 int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
-                       struct tls_session **resume, struct tls_conn **ret, char *err, size_t err_size) {
+                       struct tls_session **resume, struct central_probe_result *probe,
+                       struct tls_conn **ret, char *err, size_t err_size) {
         _cleanup_(tls_conn_freep) struct tls_conn *c = NULL;
         char text[256];
-        uint64_t deadline;
+        uint64_t deadline, start = now_usec(CLOCK_MONOTONIC);
         int r;
 
         c = calloc(1, sizeof(*c));
@@ -521,9 +559,15 @@ int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, u
         c->t = t;
         snprintf(c->peer, sizeof(c->peer), strchr(host, ':') ? "[%s]:%u" : "%s:%u", host, (unsigned) port);
 
-        r = tcp_connect(host, port, timeout_usec, &c->fd, err, err_size, c->peer);
+        if (probe)
+                probe->failed = CENTRAL_PROBE_RESOLVE;
+        r = tcp_connect(host, port, timeout_usec, &c->fd, probe, err, err_size, c->peer);
+        if (probe)
+                probe->connect_usec = now_usec(CLOCK_MONOTONIC) - start;
         if (r < 0)
                 return r;
+        if (probe)
+                probe->failed = CENTRAL_PROBE_HANDSHAKE;
 
         ERR_clear_error();
         c->ssl = SSL_new(t->ctx);
@@ -557,10 +601,17 @@ int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, u
 
         /* The handshake gets its own deadline: connect and handshake are
          * separate operations, each bounded by the timeout. */
-        deadline = now_usec(CLOCK_MONOTONIC) + timeout_usec;
+        start = now_usec(CLOCK_MONOTONIC);
+        deadline = start + timeout_usec;
         r = ssl_run(c, OP_HANDSHAKE, NULL, 0, NULL, "TLS handshake", deadline, err, err_size);
+        if (probe) {
+                probe->handshake_usec = now_usec(CLOCK_MONOTONIC) - start;
+                probe_server_certificate(probe, c);
+        }
         if (r < 0)
                 return r;
+        if (probe)
+                probe->failed = CENTRAL_PROBE_REQUEST;
 
         *ret = TAKE_PTR(c);
         return 0;
@@ -622,17 +673,6 @@ void tls_conn_free(struct tls_conn *c) {
         if (c->fd >= 0)
                 close(c->fd);
         free(c);
-}
-
-/* ASN1_TIME as CLOCK_REALTIME usec; 0 when it cannot be read. */
-static uint64_t asn1_time_usec(const ASN1_TIME *t) {
-        struct tm tm;
-        time_t secs;
-
-        if (!t || ASN1_TIME_to_tm(t, &tm) != 1)
-                return 0;
-        secs = timegm(&tm);
-        return secs > 0 ? (uint64_t) secs * USEC_PER_SEC : 0;
 }
 
 int central_certificate_not_after(const char *path, uint64_t *ret_usec) {

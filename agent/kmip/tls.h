@@ -23,12 +23,13 @@
 #include "macro.h"
 
 struct tls_context;
+struct central_probe_result;
 struct tls_conn;
 typedef struct evp_pkey_st EVP_PKEY;
 struct tls_session;
 
 /* Load the CA file (the only trust anchors: no system store), our certificate
- * chain and our key. The key file must be a regular file that neither group
+ * chain and our key (cert_file NULL: none, and key_file and key unused). The key file must be a regular file that neither group
  * nor others may access (like OpenSSH's identity files): -EPERM otherwise,
  * naming the file and its mode. With key non-NULL that key is used (a
  * reference is taken) and key_file only names it in messages. Returns 0, or
@@ -41,17 +42,20 @@ void tls_context_free(struct tls_context *t);
 /* Connect to host:port (a name, IPv4 or IPv6 literal) and complete the TLS
  * handshake. The TCP connect (over all resolved addresses) and the handshake
  * are each bounded by timeout_usec. Name resolution uses the system resolver
- * and its own timeouts (resolv.conf); IP literals never touch it. Returns 0
- * and *ret, or a negative errno (see above). */
+ * and its own timeouts (resolv.conf); IP literals never touch it. probe (may
+ * be NULL) gets the transport's part of a central_probe: the step reached,
+ * the address, timings, the server certificate's verification and expiry,
+ * failure or not. Returns 0 and *ret, or a negative errno (see above). */
 int tls_connect(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
-                struct tls_conn **ret, char *err, size_t err_size);
+                struct central_probe_result *probe, struct tls_conn **ret, char *err, size_t err_size);
 
 /* tls_connect, offering to resume *resume (the TLS session of an earlier
  * connection to the same host:port, or NULL): an abbreviated handshake when
  * the server still knows it, a full one otherwise. *resume is not changed;
  * see tls_conn_save_session. */
 int tls_connect_resume(struct tls_context *t, const char *host, uint16_t port, uint64_t timeout_usec,
-                       struct tls_session **resume, struct tls_conn **ret, char *err, size_t err_size);
+                       struct tls_session **resume, struct central_probe_result *probe,
+                       struct tls_conn **ret, char *err, size_t err_size);
 /* Whether c resumed a session. */
 bool tls_conn_resumed(const struct tls_conn *c);
 /* After the last read on c: keep its session in *slot (freeing the one

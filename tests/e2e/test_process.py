@@ -40,6 +40,7 @@ class CommandLineTest(unittest.TestCase):
         self.w.write_config(tcti="swtpm:host=127.0.0.1,port=1")
         r = self.run_ctl("encryption-config")      # no daemon needed
         self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("stored unencrypted):\n#   secrets\n", r.stdout)
         doc = yaml.safe_load(r.stdout)
         self.assertEqual(doc["apiVersion"], "apiserver.config.k8s.io/v1")
         self.assertEqual(doc["kind"], "EncryptionConfiguration")
@@ -58,7 +59,23 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(entry["providers"][0]["kms"]["name"], "cluster-a")
         self.assertEqual(entry["providers"][0]["kms"]["timeout"], "5s")
 
-        for bad in (["bad name"], ["--timeout", "250ms"], ["--name", "a: b"]):
+        self.assertIn("# Fail closed while tpmkmsd is down", r.stdout)
+        self.assertIn("#   secrets\n#   configmaps\n", r.stdout)
+
+        # --fallback identity: the same kms provider, then identity, and the
+        # comments say that this no longer fails closed.
+        r = self.run_ctl("encryption-config", "--fallback", "identity", "secrets", "configmaps")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        (entry,) = yaml.safe_load(r.stdout)["resources"]
+        self.assertEqual(entry["resources"], ["secrets", "configmaps"])
+        self.assertEqual(entry["providers"], [{"kms": {
+            "apiVersion": "v2", "name": "tpmkms",
+            "endpoint": "unix://" + self.w.kms_sock, "timeout": "3s"}}, {"identity": {}}])
+        self.assertIn("stored unencrypted): none of the resources below", r.stdout)
+        self.assertIn("# Fallback: NOT fail-closed.", r.stdout)
+        self.assertLess(r.stdout.index("Fallback: NOT fail-closed"), r.stdout.index("- identity: {}"))
+
+        for bad in (["bad name"], ["--timeout", "250ms"], ["--name", "a: b"], ["--fallback", "aescbc"]):
             r = self.run_ctl("encryption-config", *bad)
             self.assertEqual(r.returncode, 1, bad)
             self.assertTrue(r.stderr.startswith("tpmkmsctl: "), r.stderr)

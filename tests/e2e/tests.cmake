@@ -77,6 +77,8 @@ find_program(E2E_journalctl journalctl REQUIRED)
 e2e_test(test_audit 180)
 e2e_test(test_identity 300 LOAD)
 e2e_test(test_fleet_load 300 LOAD)
+# tpmkmsctl doctor against broken hosts (swtpm, PyKMIP).
+e2e_test(test_doctor 300)
 add_test(NAME e2e_demo_fleet
          COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/demo/demo_fleet.py ${CMAKE_BINARY_DIR})
 set_tests_properties(e2e_demo_fleet PROPERTIES
