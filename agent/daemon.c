@@ -55,13 +55,26 @@ struct daemon {
         bool kms_socket_ours;      /* we created the socket file (not systemd) */
         uint64_t started_usec;     /* CLOCK_REALTIME */
         sd_event_source *identity_timer;   /* daily certificate expiry check */
+        /* Which client key the sealed cache holds a secret for (the digest
+         * only, never the secret): a copy the loop reads without state_lock,
+         * which a TPM job may hold for long. Updated after open and jobs. */
+        struct vault_identity identity_seen;
+        bool have_identity;
 };
 
-/* The identity as it stands (key file, certificate, the cache's secret). */
+/* The identity as it stands (key file, certificate, whether the sealed cache
+ * holds the key's secret). On the loop: never takes state_lock. */
 static void daemon_identity(struct daemon *d, struct identity_info *ret) {
-        pthread_mutex_lock(&d->state_lock);
-        identity_inspect(d->config, d->vault.identity, ret);
-        pthread_mutex_unlock(&d->state_lock);
+        identity_inspect(d->config, d->have_identity ? &d->identity_seen : NULL, ret);
+}
+
+/* Copy which key the vault holds a secret for; with state_lock held (or no
+ * other thread yet). */
+static void identity_seen_copy(const struct vault *v, struct vault_identity *ret, bool *ret_have) {
+        *ret = (struct vault_identity) {};
+        *ret_have = v->identity != NULL;
+        if (v->identity)
+                memcpy(ret->key_digest, v->identity->key_digest, sizeof(ret->key_digest));
 }
 
 /* At start and daily: the client certificate's expiry in the journal, a
@@ -368,6 +381,8 @@ struct slow_job {
         char id[KEY_ID_MAX];              /* purge: which version */
         char args[5][CONTROL_LINE_MAX];   /* enroll: its control arguments */
         struct tpm_pcr_selection sealed;  /* after the job: what the cache is sealed to */
+        struct vault_identity identity;   /* after the job: which client key (digest only) */
+        bool has_identity;
         char *body;
         size_t body_size;
         char err[512];
@@ -406,6 +421,7 @@ static int slow_job_run(void *userdata) {
         }
         if (vault_sealed_pcrs(&d->vault))
                 j->sealed = *vault_sealed_pcrs(&d->vault);
+        identity_seen_copy(&d->vault, &j->identity, &j->has_identity);
         pthread_mutex_unlock(&d->state_lock);
         fclose(out);
         return r;
@@ -415,6 +431,8 @@ static void slow_job_done(void *userdata, int r) {
         struct slow_job *j = userdata;
 
         j->d->sealed_pcrs = j->sealed;
+        j->d->identity_seen = j->identity;
+        j->d->have_identity = j->has_identity;
         if (j->conn)
                 control_conn_reply(j->conn, r, j->body ? j->body : "", j->err);
         daemon_update_status(j->d);
@@ -442,6 +460,8 @@ static int slow_submit(struct daemon *d, struct control_conn *conn, struct slow_
         j->d = d;
         j->conn = conn;
         j->sealed = d->sealed_pcrs;
+        j->identity = d->identity_seen;
+        j->has_identity = d->have_identity;
         r = worker_submit(d->worker, slow_job_run, slow_job_done, j);
         if (r < 0) {
                 free(j);
@@ -813,6 +833,7 @@ int daemon_run(const struct config *c) {
                 d.sealed_pcrs = *vault_sealed_pcrs(&d.vault);
                 d.have_sealed_pcrs = true;
         }
+        identity_seen_copy(&d.vault, &d.identity_seen, &d.have_identity);
 
         /* A host whose cache was refused for measured boot does not fetch
          * keys from the central KMS either (DESIGN.md, "Measured boot"). */

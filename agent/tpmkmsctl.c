@@ -41,6 +41,8 @@ static void usage(FILE *f) {
                 "                   or of SELECTION (a planned update; then set [tpm] pcrs to it)\n"
                 "  accept-restore   with tpmkmsd stopped: accept a key cache restored from an older\n"
                 "                   backup of this host (refused otherwise as a rollback)\n"
+                "  migrate          with tpmkmsd stopped, once after upgrading from format 1: re-seal the\n"
+                "                   key cache in the current format (a start refuses format 1)\n"
                 "  new-cache        with tpmkmsd stopped, standalone: the key cache is gone; make a new\n"
                 "                   one with a new first key (every old ciphertext stays unreadable)\n"
                 "  enroll --subject SUBJECT --csr FILE [--san SAN]... [--key-type ecdsa-p256|rsa-2048] [--force]\n"
@@ -226,11 +228,17 @@ static bool daemon_running(const struct config *c) {
         return r >= 0;
 }
 
-/* accept-restore and new-cache run here, with the daemon stopped: they open
- * the vault themselves, once, allowing what a start refuses (a cache older
- * than the TPM's rollback counter; a standalone cache that is gone), and
- * write the cache at the counter's next value. */
-static int open_vault_offline(const struct config *c, bool accept_restore) {
+/* accept-restore, new-cache and migrate run here, with the daemon stopped:
+ * they open the vault themselves, once, allowing what a start refuses (a
+ * cache older than the TPM's rollback counter; a standalone cache that is
+ * gone; a format-1 cache), and write the cache at the counter's next value. */
+enum offline_step {
+        OFFLINE_ACCEPT_RESTORE,
+        OFFLINE_NEW_CACHE,
+        OFFLINE_MIGRATE,
+};
+
+static int open_vault_offline(const struct config *c, enum offline_step step) {
         _cleanup_(keyring_unrefp) struct keyring *kr = NULL;
         struct vault_options opt;
         struct vault v;
@@ -248,15 +256,18 @@ static int open_vault_offline(const struct config *c, bool accept_restore) {
                 return 1;
         }
         config_vault_options(c, &opt);
-        opt.accept_restore = accept_restore;
-        opt.allow_new_cache = !accept_restore;
+        opt.accept_restore = step == OFFLINE_ACCEPT_RESTORE;
+        opt.allow_new_cache = step == OFFLINE_NEW_CACHE;
+        opt.migrate = step == OFFLINE_MIGRATE;
         r = vault_open(&v, &opt, c->central_type == CENTRAL_NONE, &kr);
         if (r >= 0 && v.refused)
                 fprintf(stderr, "tpmkmsctl: the cache is refused: %s\n", v.reason);
         else if (r >= 0)
                 printf("%s in %s: %zu key(s); start tpmkmsd\n",
-                       v.created ? "made a new key cache" : accept_restore ? "accepted the restored cache"
-                                                          : "a key cache exists, kept it",
+                       v.created ? "made a new key cache"
+                       : step == OFFLINE_ACCEPT_RESTORE ? "accepted the restored cache"
+                       : step == OFFLINE_MIGRATE ? "the key cache is in the current format"
+                                                 : "a key cache exists, kept it",
                        c->state_dir, keyring_size(kr));
         vault_done(&v);
         return r < 0 || v.refused ? 1 : 0;
@@ -493,9 +504,11 @@ int main(int argc, char **argv) {
         if (strcmp(argv[optind], "enroll") == 0)
                 return enroll(&config, argc - optind, argv + optind);
         if (strcmp(argv[optind], "accept-restore") == 0 && argc - optind == 1)
-                return open_vault_offline(&config, true);
+                return open_vault_offline(&config, OFFLINE_ACCEPT_RESTORE);
         if (strcmp(argv[optind], "new-cache") == 0 && argc - optind == 1)
-                return open_vault_offline(&config, false);
+                return open_vault_offline(&config, OFFLINE_NEW_CACHE);
+        if (strcmp(argv[optind], "migrate") == 0 && argc - optind == 1)
+                return open_vault_offline(&config, OFFLINE_MIGRATE);
         r = control_call(config.control_socket, argc - optind, argv + optind, stdout, err, sizeof(err));
         if (r < 0) {
                 fprintf(stderr, "tpmkmsctl: %s\n", err);

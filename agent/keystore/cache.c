@@ -119,7 +119,7 @@ static uint8_t *wr_bytes(uint8_t *p, const void *src, size_t n) {
 /* ---- header ---- */
 
 static bool sealed_valid(const struct tpm_sealed *s) {
-        return s->kind != 0 && s->public_size > 0 && s->public_size <= TPM_BLOB_MAX &&
+        return s->kind == TPM_SEALED_HMAC_PCR && s->public_size > 0 && s->public_size <= TPM_BLOB_MAX &&
                s->private_size > 0 && s->private_size <= TPM_BLOB_MAX &&
                s->pcrs.count <= TPM_PCR_MAX && s->pcrs.digest_size <= TPM_DIGEST_MAX &&
                s->policy_digest_size <= TPM_DIGEST_MAX;
@@ -185,7 +185,11 @@ static int file_parse(const uint8_t *buf, size_t len, struct cache_header *ret,
         h.version = lay->version = version;
         /* Format 1 knew one kind of sealed object: data under PolicyPCR. */
         s->kind = TPM_SEALED_DATA_PCR;
-        if (version >= 2 && (!rd_u8(&r, &s->kind) || s->kind == 0))
+        /* Format 2 holds only TPM-generated keys: a sealed data object's
+         * secret is whoever made it's choice (docs/threat-model.md), and is
+         * read from format 1 alone, to migrate. A later kind is one more
+         * value allowed here. */
+        if (version >= 2 && (!rd_u8(&r, &s->kind) || s->kind != TPM_SEALED_HMAC_PCR))
                 return -EBADMSG;
 
         if (!rd_u16(&r, &s->pcrs.sel.hash_alg) || !rd_u32(&r, &s->pcrs.sel.mask))

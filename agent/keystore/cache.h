@@ -6,7 +6,8 @@
  *   -- header (all of it is the GCM additional data) -----------------------
  *   8         magic "TPMKMSC\0"
  *   4         u32 format version (1 or 2); another value: -EPROTONOSUPPORT
- *   1         u8 sealed-object kind (enum tpm_sealed_kind, not 0; absent in 1)
+ *   1         u8 sealed-object kind: TPM_SEALED_HMAC_PCR (absent in 1, which is
+ *             always TPM_SEALED_DATA_PCR); any other value: -EBADMSG
  *   2         u16 PCR bank hash algorithm (TPM2_ALG_*; 0 with "none")
  *   4         u32 PCR mask (bit n = PCR n; PCRs 0..23 only)
  *   2         u16 P = TPM2B_PUBLIC size, 1..TPM_BLOB_MAX

@@ -170,6 +170,7 @@ struct vault_options {
         char owner_auth_file[PATH_MAX];  /* owner hierarchy auth to define it; "": empty auth */
         bool accept_restore;             /* accept a cache older than the counter (once) */
         bool allow_new_cache;            /* standalone: make a new cache although one existed */
+        bool migrate;                    /* read a format-1 cache and re-seal it (tpmkmsctl migrate) */
 };
 
 #define VAULT_REASON_MAX 320
@@ -195,7 +196,9 @@ struct vault {
 /* Open the cache of opt's state dir. Sets *ret_keys to the unsealed keyring.
  * First start (no cache file): makes a cache key in the TPM and, when
  * make_first_key is set, a first KEK version; writes the cache. A cache of
- * format 1 whose policy passes the check is re-sealed in format 2 at once.
+ * format 1 is refused unless opt->migrate (the operator's explicit step after
+ * the upgrade, tpmkmsctl migrate): its sealed data object may hold a secret
+ * whoever wrote the file chose, so it is never taken on its own.
  * Returns 0 with v->refused telling serving from refused (v->reason says
  * why, *ret_keys NULL, the file untouched); a negative errno when the TPM or
  * the state dir is unusable (logged). */

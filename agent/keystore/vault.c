@@ -370,10 +370,14 @@ static int vault_unseal(struct vault *v, const uint8_t *buf, size_t len, struct 
                 r = vault_tpm_open(v, &t);
                 if (r < 0)
                         return r;
-                /* A format-1 cache is migrated once, on a host that never had
-                 * format 2 (no counter yet): afterwards one is an old copy put
-                 * back, and its data object may hold a secret the writer
-                 * chose (docs/threat-model.md). */
+                /* A format-1 cache is read only when the operator asks (after
+                 * the upgrade), and only on a host that never had format 2 (no
+                 * counter yet): its data object may hold a secret the writer
+                 * chose, and other software can remove the counter, so
+                 * neither check alone would do (docs/threat-model.md). */
+                if (v->header->version < 2 && !v->options.migrate)
+                        return vault_refuse(v, "format", "sealed cache: format 1, written by an earlier tpmkms: "
+                                            "stop tpmkmsd and run tpmkmsctl migrate, once");
                 if (v->header->version < 2) {
                         r = tpm_counter_read(t.t, v->options.counter_index, &value);
                         if (r != -ENOENT)

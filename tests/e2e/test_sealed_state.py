@@ -146,11 +146,13 @@ TPM2_ALG_SHA256 = 0x000B
 OTHER_COUNTER = "0x01800f00"     # a throwaway counter: the first daemon makes the SRK only
 
 
-def format1_cache(tpm, workdir, pcrs="sha256:7", keys=1):
+def format1_cache(tpm, workdir, pcrs="sha256:7", keys=1, version=1, counter=0):
     """A cache file as format 1 (the first release) wrote it: a sealed data
     object (tpm2_create under the SRK, PolicyPCR) holding the cache key, and
     AES-256-GCM over the key records with the whole header as AAD. Returns
-    (file bytes, [(key id, kek)])."""
+    (file bytes, [(key id, kek)]). version=2 writes the same object (kind 1)
+    in a format-2 header and records, with counter: what other software
+    booted on the host could plant."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     env = tpm.env()
@@ -177,22 +179,42 @@ def format1_cache(tpm, workdir, pcrs="sha256:7", keys=1):
     for p in (pub, priv, pol):
         with open(p, "rb") as f:
             blobs.append(f.read())
-    header = b"TPMKMSC\0" + struct.pack(">IHI", 1, bank, mask)
+    header = b"TPMKMSC\0" + struct.pack(">I", version)
+    if version >= 2:
+        header += struct.pack(">B", 1)                     # kind: sealed data object
+    header += struct.pack(">HI", bank, mask)
     header += struct.pack(">H", len(blobs[0])) + blobs[0] + struct.pack(">H", len(blobs[1])) + blobs[1]
     header += struct.pack(">BB", len(values), 32 if values else 0) + b"".join(values)
     header += struct.pack(">B", len(blobs[2])) + blobs[2]
+    if version >= 2:
+        header += struct.pack(">Q", counter)
     records, ids = struct.pack(">I", keys), []
     for i in range(keys):
         kek = secrets.token_bytes(32)
         check = hmac.new(kek, b"tpmkms key check value v1", hashlib.sha256).hexdigest()[:16]
         kid = "local:%s.%s" % (secrets.token_hex(16), check)
         role = 1 if i == keys - 1 else 2                   # the last one is primary
-        records += struct.pack(">BQQH", role, 1000 + i, 2000 + i, len(kid)) + kid.encode()
+        if version >= 2:
+            records += struct.pack(">BQQQH", role, 1000 + i, 2000 + i, 0, len(kid)) + kid.encode()
+        else:
+            records += struct.pack(">BQQH", role, 1000 + i, 2000 + i, len(kid)) + kid.encode()
         records += struct.pack(">H", 0) + kek
         ids.append((kid, kek))
     nonce = secrets.token_bytes(12)
     sealed = AESGCM(cache_key).encrypt(nonce, records, header)
     return header + nonce + struct.pack(">I", len(sealed) - 16) + sealed, ids
+
+
+def header_counter(data):
+    """The rollback counter value in a format-2 cache header (docs/file-formats.md)."""
+    off = 8 + 4 + 1 + 2 + 4
+    for _ in range(2):                                     # public, private
+        (n,) = struct.unpack(">H", data[off:off + 2])
+        off += 2 + n
+    count, size = data[off], data[off + 1]
+    off += 2 + count * size
+    off += 1 + data[off]                                   # policy digest
+    return struct.unpack(">Q", data[off:off + 8])[0]
 
 
 class MigrationTest(unittest.TestCase):
@@ -212,27 +234,83 @@ class MigrationTest(unittest.TestCase):
         with open(self.w.cache_path(), "wb") as f:
             f.write(data)
         os.chmod(self.w.cache_path(), 0o600)
+        self.w.write_config()                   # the default counter index from here on
 
-    def test_format1_migrated_then_old_copy_refused(self):
+    def migrate(self):
+        r = self.w.ctl("migrate")
+        return r
+
+    def test_format1_refused_until_migrated_then_old_copy_refused(self):
         data, ids = format1_cache(self.w.tpm, self.w.dir, keys=2)
         self.plant(data)
         self.w.write_config()
         self.w.start_daemon()
+        st = t.status(self.w.stub())
+        self.assertTrue(st.healthz.startswith("sealed cache: format 1"), st.healthz)
+        self.assertIn("tpmkmsctl migrate", st.healthz)
+        self.assertEqual(self.w.stop_daemon(), 0)
+
+        r = self.migrate()                      # the operator's step after the upgrade
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("the key cache is in the current format", r.stdout)
+        self.assertIn("Migrated the key cache to format 2", r.stderr)
+        with open(self.w.cache_path(), "rb") as f:
+            self.assertEqual(struct.unpack(">I", f.read(12)[8:])[0], 2)
+        self.w.start_daemon()
         stub = self.w.stub()
         st = t.status(stub)
         self.assertEqual((st.healthz, st.key_id), ("ok", ids[-1][0]), self.w.log())
-        self.assertIn("Migrated the key cache to format 2", self.w.log())
-        with open(self.w.cache_path(), "rb") as f:
-            self.assertEqual(struct.unpack(">I", f.read(12)[8:])[0], 2)
         ct = t.encrypt(stub, b"migrated").ciphertext
         self.w.restart_daemon()
         self.assertEqual(t.decrypt(self.w.stub(), ct, ids[-1][0]), b"migrated")
 
         self.assertEqual(self.w.stop_daemon(), 0)
-        self.plant(data)                                # the format-1 copy put back
+        self.plant(data)                        # the format-1 copy put back
+        r = self.migrate()
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("a format-1 cache on a host that already uses format 2", r.stderr)
+
+    def test_format1_planted_after_the_counter_is_removed_refused(self):
+        """Other software with the (empty) owner authorisation removes the
+        rollback counter, then plants a format-1 cache holding a key of its
+        choice: a start must not take it, whatever the counter says."""
+        data, _ = format1_cache(self.w.tpm, self.w.dir)
+        self.plant(data)
+        r = self.migrate()
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.w.write_config()
+        self.w.start_daemon()
+        self.assertEqual(t.status(self.w.stub()).healthz, "ok")
+        self.assertEqual(self.w.stop_daemon(), 0)
+        subprocess.run(["tpm2_nvundefine", "-C", "o", "0x01a71c00"], env=self.w.tpm.env(),
+                       check=True, capture_output=True)
+        evil, evil_ids = format1_cache(self.w.tpm, self.w.dir)
+        self.plant(evil)
+        snap = self.w.state_snapshot()
         self.w.start_daemon()
         st = t.status(self.w.stub())
-        self.assertTrue(st.healthz.startswith("sealed cache: a format-1 cache"), st.healthz)
+        self.assertTrue(st.healthz.startswith("sealed cache: format 1"), st.healthz)
+        self.assertNotEqual(st.key_id, evil_ids[0][0])
+        self.assertEqual(self.w.state_snapshot(), snap)
+
+    def test_kind1_object_in_a_format2_file_refused(self):
+        """A format-2 file whose object is a sealed data object (a key its
+        maker chose), with the counter value copied from the real file: the
+        header is refused before the TPM is asked."""
+        self.w.write_config()
+        self.w.start_daemon()                   # a real format-2 cache and counter
+        self.assertEqual(self.w.stop_daemon(), 0)
+        with open(self.w.cache_path(), "rb") as f:
+            real = f.read()
+        counter = header_counter(real)
+        data, ids = format1_cache(self.w.tpm, self.w.dir, version=2, counter=counter)
+        self.plant(data)
+        snap = self.w.state_snapshot()
+        self.w.start_daemon()
+        st = t.status(self.w.stub())
+        self.assertTrue(st.healthz.startswith("sealed cache: malformed"), st.healthz)
+        self.assertNotEqual(st.key_id, ids[0][0])
+        self.assertEqual(self.w.state_snapshot(), snap)
 
     def test_format1_sealed_to_none_refused(self):
         data, _ = format1_cache(self.w.tpm, self.w.dir, pcrs="none")
