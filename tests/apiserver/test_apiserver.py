@@ -94,7 +94,7 @@ class TestStorage(ApiserverCase):
         self.assertEqual(env["source_type"], 1)          # HKDF_SHA256_XNONCE_AES_GCM_SEED
         self.assertNotIn(b"hunter2", raw)
         # tpmkmsd served the seed's Encrypt (audit line)
-        self.assertIn("audit op=encrypt key_id=%s" % kid, self.w.log())
+        self.assertIn("audit encrypt key_id=%s " % kid, self.w.log())
 
         craw = self.stored("configmaps", "c1")
         self.assertTrue(craw.startswith(a.PLAIN_PREFIX), craw[:40])
@@ -155,7 +155,7 @@ class TestRotation(ApiserverCase):
         self.api.restart()
         for i in range(5):
             self.assertEqual(self.read_secret("old-%d" % i), "old-value-%d" % i)
-        self.assertIn("audit op=decrypt key_id=%s " % old, self.w.log()[mark:])
+        self.assertIn("audit decrypt key_id=%s " % old, self.w.log()[mark:])
 
         # storage migration, as the README's fleet rotation (step 4) has it
         listing = self.api.kubectl("get", "secrets", "-A", "-o", "json").stdout
@@ -173,7 +173,7 @@ class TestRotation(ApiserverCase):
             self.assertEqual(self.read_secret("old-%d" % i), "old-value-%d" % i)
         self.api.kubectl("get", "secrets", "-o", "json")
         after = self.w.log()[mark:]
-        self.assertIn("audit op=decrypt key_id=%s " % new, after)
+        self.assertIn("audit decrypt key_id=%s " % new, after)
         self.assertNotIn("key_id=%s " % old, after)
 
 

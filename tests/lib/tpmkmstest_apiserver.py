@@ -19,6 +19,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -411,8 +412,17 @@ def figure(text):
 
 
 def decrypt_calls(log_text):
-    """Decrypt calls tpmkmsd served, from its audit lines (common/log.c)."""
-    return sum(1 for ln in log_text.splitlines() if "audit op=decrypt" in ln)
+    """Decrypt calls tpmkmsd served, from its audit lines (common/log.c): one
+    line per call, or a summary line with the count of the calls after the
+    first of a burst."""
+    n = 0
+    for ln in log_text.splitlines():
+        m = re.search(r"audit decrypt key_id=\S+ result=\S+: (\d+) more call", ln)
+        if m:
+            n += int(m.group(1))
+        elif re.search(r"audit decrypt key_id=\S+ uid=", ln):
+            n += 1
+    return n
 
 
 def wait_for(pred, timeout, what, interval=0.5):
