@@ -143,6 +143,14 @@ bool worker_free(struct worker *w, uint64_t wait_usec) {
                         return false;   /* the thread still uses w */
                 }
         }
+        /* What the loop has not seen yet still gets its done, so that its
+         * owner frees it: finished jobs with their result, the ones never
+         * started with -ECANCELED. (The thread has exited: no lock needed.) */
+        for (size_t i = 0; i < w->n_finished; i++)
+                w->finished[i].done(w->finished[i].userdata, w->finished[i].r);
+        for (size_t i = 0; i < w->n_queue; i++)
+                w->queue[i].done(w->queue[i].userdata, -ECANCELED);
+        w->n_finished = w->n_queue = 0;
         sd_event_source_disable_unref(w->source);
         if (w->fd >= 0)
                 close(w->fd);

@@ -24,8 +24,9 @@ typedef void (*worker_done_fn)(void *userdata, int r);
 
 /* Returns 0 or a negative errno (logged). */
 int worker_new(sd_event *e, struct worker **ret);
-/* Stop after the running job, waiting for it at most wait_usec; jobs not
- * started are dropped without their done. Returns false when the running
+/* Stop after the running job, waiting for it at most wait_usec; the done of
+ * every job the loop has not seen yet runs here (-ECANCELED for those never
+ * started). Returns false when the running
  * job did not end in time: the thread is abandoned and may still use what
  * its job uses, so the caller must not free that. Accepts NULL (true). */
 bool worker_free(struct worker *w, uint64_t wait_usec);

@@ -65,3 +65,49 @@ int read_file_bounded(int dirfd, const char *path, size_t max, bool follow, uint
         *ret_len = len;
         return 0;
 }
+
+int read_secret_file_bounded(int dirfd, const char *path, size_t max, uint8_t **ret, size_t *ret_len) {
+        _cleanup_close_ int fd = -1;
+        uint8_t *buf;
+        size_t len = 0;
+        struct stat st;
+
+        if (!path || !ret || !ret_len || max > SIZE_MAX / 2)
+                return -EINVAL;
+        fd = openat(dirfd, path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if (S_ISDIR(st.st_mode))
+                return -EISDIR;
+        if (!S_ISREG(st.st_mode))
+                return -EINVAL;
+        if ((uint64_t) st.st_size > max)
+                return -EFBIG;
+        buf = malloc(max + 1);
+        if (!buf)
+                return -ENOMEM;
+        for (;;) {
+                ssize_t k = read(fd, buf + len, max + 1 - len);
+
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0) {
+                        int r = -errno;
+                        erase_and_free(buf, max + 1);
+                        return r;
+                }
+                if (k == 0)
+                        break;
+                len += (size_t) k;
+                if (len > max) {
+                        erase_and_free(buf, max + 1);
+                        return -EFBIG;
+                }
+        }
+        buf[len] = '\0';
+        *ret = buf;
+        *ret_len = len;
+        return 0;
+}

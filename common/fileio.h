@@ -15,3 +15,9 @@
  * !follow); -EISDIR; -EINVAL (not a regular file or a directory); -EFBIG (over max, also if it grew
  * while read); -ENOMEM; another negative errno. */
 int read_file_bounded(int dirfd, const char *path, size_t max, bool follow, uint8_t **ret, size_t *ret_len);
+
+/* The same for a file that holds a secret (the owner authorisation): no
+ * copy is left behind, the buffer is never realloc'ed (it is allocated at
+ * max + 1 bytes) and is wiped on every failure. Free *ret with
+ * erase_and_free(*ret, max + 1). */
+int read_secret_file_bounded(int dirfd, const char *path, size_t max, uint8_t **ret, size_t *ret_len);

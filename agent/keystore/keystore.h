@@ -185,6 +185,8 @@ struct vault {
         struct vault_identity *identity; /* secure heap; NULL: no client key enrolled */
         bool refused;
         bool created;                 /* vault_open made a new cache (first start) */
+        bool locked;                  /* lock_fd holds the state dir's flock */
+        int lock_fd;
         char reason[VAULT_REASON_MAX];   /* for Status healthz: "sealed cache: ..." */
         char error[256];              /* what the last failed vault_* call said (logged too) */
         _Atomic uint64_t tpm_since_usec; /* CLOCK_MONOTONIC: the TPM is in use since; 0 idle */

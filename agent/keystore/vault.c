@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -58,14 +59,14 @@ static int read_owner_auth(struct vault *v, const char *path, char *buf, size_t 
         buf[0] = '\0';
         if (!*path)
                 return 0;
-        r = read_file_bounded(AT_FDCWD, path, size - 2, true, &data, &len);
+        r = read_secret_file_bounded(AT_FDCWD, path, size - 2, &data, &len);
         if (r < 0)
                 return vault_fail(v, r, "Cannot read the owner authorisation file %s (a regular file of at "
-                                       "most %zu bytes): %m", path, size - 2);
+                                  "most %zu bytes): %m", path, size - 2);
         n = strcspn((const char *) data, "\n");
         memcpy(buf, data, n);
         buf[n] = '\0';
-        erase_and_free(data, len + 1);   /* what was read, and the NUL */
+        erase_and_free(data, size - 1);
         return 0;
 }
 
@@ -498,6 +499,16 @@ int vault_open(struct vault *v, const struct vault_options *opt, bool make_first
         r = check_state_dir(v);
         if (r < 0 || v->refused)
                 return r;
+        /* One writer of the state dir at a time: a daemon, or tpmkmsctl's
+         * offline steps; the lock goes with the process. */
+        v->lock_fd = open(v->options.state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (v->lock_fd < 0)
+                return vault_fail(v, -errno, "Cannot open the state dir %s: %m", v->options.state_dir);
+        v->locked = true;
+        if (flock(v->lock_fd, LOCK_EX | LOCK_NB) < 0)
+                return vault_fail(v, errno == EWOULDBLOCK ? -EBUSY : -errno,
+                                  "The state dir %s is in use by another tpmkmsd or tpmkmsctl: stop it first (%m)",
+                                  v->options.state_dir);
 
         v->header = calloc(1, sizeof(*v->header));
         v->cache_key = OPENSSL_secure_zalloc(AES256_KEY_SIZE);
@@ -583,6 +594,9 @@ const struct tpm_pcr_selection *vault_sealed_pcrs(const struct vault *v) {
 }
 
 void vault_done(struct vault *v) {
+        if (v->locked)
+                close(v->lock_fd);   /* releases the flock */
+        v->locked = false;
         OPENSSL_secure_clear_free(v->cache_key, AES256_KEY_SIZE);
         v->cache_key = NULL;
         OPENSSL_secure_clear_free(v->identity, sizeof(*v->identity));

@@ -104,6 +104,25 @@ class StateDirTest(unittest.TestCase):
         self.w.start_daemon()
         self.assertEqual(t.decrypt(self.w.stub(), self.ct, self.key_id), self.pt)
 
+    def test_state_dir_in_use_by_another_writer(self):
+        """One writer of the state dir at a time: while another process holds
+        it (a tpmkmsctl offline step, a second daemon), a start says so."""
+        import fcntl
+        self.assertEqual(self.w.stop_daemon(), 0)
+        fd = os.open(self.w.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with self.assertRaises(t.DaemonError):
+            self.w.start_daemon()
+        self.w.proc = None
+        self.assertIn("in use by another tpmkmsd or tpmkmsctl", self.w.log())
+        r = self.w.ctl("new-cache")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("in use by another", r.stderr)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        self.w.start_daemon()
+        self.assertEqual(t.decrypt(self.w.stub(), self.ct, self.key_id), self.pt)
+
     def test_stray_temp_file_wiped_at_start(self):
         self.assertEqual(self.w.stop_daemon(), 0)
         with open(self.w.cache_path(), "rb") as f:
