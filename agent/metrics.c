@@ -31,8 +31,8 @@
 
 /* Methods by :path; anything else a client sent is "other", so that a peer
  * cannot make up label values. */
-static const char *const methods[] = { "Status", "Encrypt", "Decrypt", "other" };
-#define METHOD_OTHER (ARRAY_SIZE(methods) - 1)
+#define METHOD_OTHER _KMS_METHOD_MAX   /* a path that names no KMS v2 method */
+#define N_METHODS (METHOD_OTHER + 1)
 
 /* Request latency buckets, in usec: the path is served from memory, so most
  * calls fall in the first few; the apiserver gives up at 3 s. */
@@ -56,7 +56,7 @@ struct metrics {
         struct MHD_Daemon *httpd;
         char unix_path[sizeof(((struct config *) NULL)->metrics_listen)];   /* ours to unlink; "" TCP */
 
-        struct method_counters method[ARRAY_SIZE(methods)];
+        struct method_counters method[N_METHODS];
 
         pthread_mutex_t lock;            /* held for a copy or an update only */
         struct decrypt_count decrypts[METRICS_DECRYPT_KEYS];
@@ -67,19 +67,14 @@ struct metrics {
         uint64_t primary_since_usec;
 };
 
-static size_t method_index(const char *path) {
-        const char *slash = strrchr(path, '/');
-
-        if (slash && (size_t) (slash - path) == strlen("/v2.KeyManagementService") &&
-            strncmp(path, "/v2.KeyManagementService", (size_t) (slash - path)) == 0)
-                for (size_t i = 0; i < METHOD_OTHER; i++)
-                        if (strcmp(slash + 1, methods[i]) == 0)
-                                return i;
-        return METHOD_OTHER;
+/* The method label: kms_method_name, or "other". */
+static const char *method_label(size_t i) {
+        return i < METHOD_OTHER ? kms_method_name((enum kms_method) i) : "other";
 }
 
-void metrics_observe_call(void *userdata, const char *path, int grpc_code, uint64_t usec) {
-        struct method_counters *mc = &((struct metrics *) userdata)->method[method_index(path)];
+void metrics_observe_call(void *userdata, int method, int grpc_code, uint64_t usec) {
+        struct method_counters *mc =
+                &((struct metrics *) userdata)->method[method >= 0 && method < METHOD_OTHER ? method : METHOD_OTHER];
         size_t b = 0;
 
         atomic_fetch_add_explicit(&mc->calls[grpc_code >= 0 && grpc_code < GRPC_CODES ? grpc_code : GRPC_CODES],
@@ -160,7 +155,7 @@ static double seconds(uint64_t usec) {
 
 static void render_requests(struct metrics *m, FILE *f) {
         family(f, "tpmkms_requests_total", "counter", "KMS v2 calls answered, by method and gRPC status code.");
-        for (size_t i = 0; i < ARRAY_SIZE(methods); i++)
+        for (size_t i = 0; i < N_METHODS; i++)
                 for (int c = 0; c <= GRPC_CODES; c++) {
                         uint64_t n = atomic_load_explicit(&m->method[i].calls[c], memory_order_relaxed);
                         const char *code = kms_grpc_code_to_string(c);
@@ -169,13 +164,13 @@ static void render_requests(struct metrics *m, FILE *f) {
                         if (n == 0 && (c != 0 || i == METHOD_OTHER))
                                 continue;
                         fputs("tpmkms_requests_total{", f);
-                        label(f, "method", methods[i], true);
+                        label(f, "method", method_label(i), true);
                         label(f, "code", code ? code : "UNKNOWN_CODE", false);
                         fprintf(f, "} %" PRIu64 "\n", n);
                 }
         family(f, "tpmkms_request_duration_seconds", "histogram",
                "Time from a call's request headers to its response being queued, by method.");
-        for (size_t i = 0; i < ARRAY_SIZE(methods); i++) {
+        for (size_t i = 0; i < N_METHODS; i++) {
                 struct method_counters *mc = &m->method[i];
                 uint64_t cum = 0;
 
@@ -188,15 +183,15 @@ static void render_requests(struct metrics *m, FILE *f) {
                         else
                                 snprintf(le, sizeof(le), "+Inf");
                         fputs("tpmkms_request_duration_seconds_bucket{", f);
-                        label(f, "method", methods[i], true);
+                        label(f, "method", method_label(i), true);
                         label(f, "le", le, false);
                         fprintf(f, "} %" PRIu64 "\n", cum);
                 }
                 fputs("tpmkms_request_duration_seconds_sum{", f);
-                label(f, "method", methods[i], true);
+                label(f, "method", method_label(i), true);
                 fprintf(f, "} %.6f\ntpmkms_request_duration_seconds_count{", seconds(atomic_load_explicit(
                                 &mc->sum_usec, memory_order_relaxed)));
-                label(f, "method", methods[i], true);
+                label(f, "method", method_label(i), true);
                 fprintf(f, "} %" PRIu64 "\n", cum);
         }
 }

@@ -39,7 +39,7 @@ void metrics_free(struct metrics *m);
 
 /* A kms_server_call_fn (plugin/plugin.h): count one answered call.
  * userdata is the struct metrics. */
-void metrics_observe_call(void *userdata, const char *path, int grpc_code, uint64_t usec);
+void metrics_observe_call(void *userdata, int method, int grpc_code, uint64_t usec);
 /* One Decrypt: key_id is the version that was used, NULL when the request
  * named none that this host holds. Accepts m NULL (metrics off). */
 void metrics_count_decrypt(struct metrics *m, const char *key_id, bool ok);

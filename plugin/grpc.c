@@ -182,14 +182,6 @@ struct grpc_status grpc_status_from_errno(enum grpc_origin origin, int r) {
         return (struct grpc_status) { 200, GRPC_INTERNAL, s ?: "internal error" };
 }
 
-enum grpc_code grpc_code_from_errno(int r) {
-        return grpc_status_from_errno(GRPC_ORIGIN_SERVICE, r).code;
-}
-
-enum grpc_code grpc_code_from_frame_error(int r) {
-        return grpc_status_from_errno(GRPC_ORIGIN_CALL, r).code;
-}
-
 int grpc_frame_unpack(const uint8_t *buf, size_t len, size_t max,
                       const uint8_t **ret_msg, size_t *ret_len) {
         /* Length-Prefixed-Message -> Compressed-Flag Message-Length Message:

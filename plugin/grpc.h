@@ -51,12 +51,6 @@ struct grpc_status {
  * anything the table does not list (positive values included) is INTERNAL
  * with strerror's text. */
 struct grpc_status grpc_status_from_errno(enum grpc_origin origin, int r);
-/* The code for a backend's (or the service's) negative errno. */
-enum grpc_code grpc_code_from_errno(int r);
-/* The code for a grpc_frame_unpack() failure: -EMSGSIZE RESOURCE_EXHAUSTED,
- * -EPROTO UNIMPLEMENTED (we accept no grpc-encoding), anything else INTERNAL
- * (a broken unary stream), as grpc-go answers. */
-enum grpc_code grpc_code_from_frame_error(int r);
 
 /* Parse a grpc-timeout header value ("1S", "100m", "250000u"...; at most 8
  * digits and one unit). Returns 0 or -EINVAL. */

@@ -112,11 +112,20 @@ typedef void (*kms_server_log_fn)(void *userdata, int level,
                                   const struct peer_cred *peer, const char *msg);
 void kms_server_set_log(struct kms_server *s, kms_server_log_fn fn, void *userdata);
 
-/* Called once per answered call, for metrics: path is the :path (any string
- * the client sent, bounded by max_header_list_size), grpc_code the status sent
- * and usec the time from the request's HEADERS to the response being queued. */
-typedef void (*kms_server_call_fn)(void *userdata, const char *path, int grpc_code,
-                                   uint64_t usec);
+/* The methods of v2.KeyManagementService. */
+enum kms_method {
+        KMS_METHOD_STATUS,
+        KMS_METHOD_ENCRYPT,
+        KMS_METHOD_DECRYPT,
+        _KMS_METHOD_MAX,
+};
+/* "Status", "Encrypt", "Decrypt"; NULL for anything else. */
+const char *kms_method_name(enum kms_method m);
+
+/* Called once per answered call, for metrics: method the enum kms_method the
+ * :path named, or -1 for any other path, grpc_code the status sent and usec
+ * the time from the request's HEADERS to the response being queued. */
+typedef void (*kms_server_call_fn)(void *userdata, int method, int grpc_code, uint64_t usec);
 void kms_server_set_call_observer(struct kms_server *s, kms_server_call_fn fn,
                                   void *userdata);
 /* The name of a gRPC status code ("OK", "NOT_FOUND", ...; grpc/doc/

@@ -394,8 +394,8 @@ static void stream_observe(struct stream *st, enum grpc_code code) {
 
         if (s->call_observer) {
                 uint64_t now = now_usec(CLOCK_MONOTONIC);
-                s->call_observer(s->call_userdata, st->call.path ?: "", (int) code,
-                                 now > st->start ? now - st->start : 0);
+                s->call_observer(s->call_userdata, st->call.path ? kms_method_from_path(st->call.path) : -1,
+                                 (int) code, now > st->start ? now - st->start : 0);
         }
 }
 

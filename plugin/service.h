@@ -19,14 +19,6 @@
 #define KMS_ANNOTATIONS_MAX 64            /* entries */
 #define KMS_ANNOTATIONS_SIZE_MAX (32u * 1024u) /* keys + values (KMS v2 proto) */
 
-/* The methods of v2.KeyManagementService. */
-enum kms_method {
-        KMS_METHOD_STATUS,
-        KMS_METHOD_ENCRYPT,
-        KMS_METHOD_DECRYPT,
-        _KMS_METHOD_MAX,
-};
-
 struct grpc_reply {
         enum grpc_code code;
         char message[GRPC_MESSAGE_MAX];   /* raw; call.c percent-encodes */
@@ -58,4 +50,3 @@ bool kms_service_has_method(const char *path);
 /* The method path names. Returns an enum kms_method, or -ENOENT. */
 int kms_method_from_path(const char *path);
 /* "Status", "Encrypt", "Decrypt" (metrics, logs); NULL if m is out of range. */
-const char *kms_method_name(enum kms_method m);

@@ -207,25 +207,25 @@ static void test_grpc_percent_encode_truncated(void **state) {
         assert_string_equal(out, "");
 }
 
-/* ---- grpc_code_from_errno ----------------------------------------------- */
+/* ---- grpc_status_from_errno: the codes ----------------------------------------------- */
 
-static void test_grpc_code_from_errno_table(void **state) {
-        assert_int_equal(grpc_code_from_errno(-EINVAL), GRPC_INVALID_ARGUMENT);
-        assert_int_equal(grpc_code_from_errno(-EBADMSG), GRPC_INVALID_ARGUMENT);
-        assert_int_equal(grpc_code_from_errno(-ENOENT), GRPC_NOT_FOUND);
-        assert_int_equal(grpc_code_from_errno(-ENOKEY), GRPC_UNAVAILABLE);
-        assert_int_equal(grpc_code_from_errno(-EPERM), GRPC_FAILED_PRECONDITION);
-        assert_int_equal(grpc_code_from_errno(-ENOMEM), GRPC_INTERNAL);
-        assert_int_equal(grpc_code_from_errno(-EIO), GRPC_INTERNAL);
-        assert_int_equal(grpc_code_from_errno(-ENOLCK), GRPC_INTERNAL);
-        assert_int_equal(grpc_code_from_errno(EINVAL), GRPC_INTERNAL);  /* positive: not an errno return */
-        assert_int_equal(grpc_code_from_errno(INT32_MIN), GRPC_INTERNAL);
+static void test_grpc_status_from_errno_service_codes(void **state) {
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -EINVAL).code, GRPC_INVALID_ARGUMENT);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -EBADMSG).code, GRPC_INVALID_ARGUMENT);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -ENOENT).code, GRPC_NOT_FOUND);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -ENOKEY).code, GRPC_UNAVAILABLE);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -EPERM).code, GRPC_FAILED_PRECONDITION);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -ENOMEM).code, GRPC_INTERNAL);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -EIO).code, GRPC_INTERNAL);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, -ENOLCK).code, GRPC_INTERNAL);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, EINVAL).code, GRPC_INTERNAL);  /* positive: not an errno return */
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_SERVICE, INT32_MIN).code, GRPC_INTERNAL);
 }
 
-static void test_grpc_code_from_frame_error_table(void **state) {
-        assert_int_equal(grpc_code_from_frame_error(-EMSGSIZE), GRPC_RESOURCE_EXHAUSTED);
-        assert_int_equal(grpc_code_from_frame_error(-EPROTO), GRPC_UNIMPLEMENTED);
-        assert_int_equal(grpc_code_from_frame_error(-EBADMSG), GRPC_INTERNAL);
+static void test_grpc_status_from_errno_frame_codes(void **state) {
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_CALL, -EMSGSIZE).code, GRPC_RESOURCE_EXHAUSTED);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_CALL, -EPROTO).code, GRPC_UNIMPLEMENTED);
+        assert_int_equal(grpc_status_from_errno(GRPC_ORIGIN_CALL, -EBADMSG).code, GRPC_INTERNAL);
 }
 
 static void test_grpc_status_from_errno_call(void **state) {
@@ -311,8 +311,8 @@ int main(void) {
                 cmocka_unit_test(test_grpc_percent_encode_control),
                 cmocka_unit_test(test_grpc_percent_encode_non_ascii),
                 cmocka_unit_test(test_grpc_percent_encode_truncated),
-                cmocka_unit_test(test_grpc_code_from_errno_table),
-                cmocka_unit_test(test_grpc_code_from_frame_error_table),
+                cmocka_unit_test(test_grpc_status_from_errno_service_codes),
+                cmocka_unit_test(test_grpc_status_from_errno_frame_codes),
                 cmocka_unit_test(test_grpc_status_from_errno_call),
                 cmocka_unit_test(test_grpc_status_from_errno_messages),
                 cmocka_unit_test(test_kms_method_from_path_table),

@@ -112,7 +112,7 @@ static void fixture_log(void *userdata, int level, const struct peer_cred *peer,
         snprintf(f->last_log, sizeof(f->last_log), "%s", msg);
 }
 
-static void fixture_observe(void *userdata, const char *path, int code, uint64_t usec) {
+static void fixture_observe(void *userdata, int method, int code, uint64_t usec) {
         struct fixture *f = userdata;
         f->observed++;
         f->last_observed_code = code;
