@@ -12,7 +12,7 @@ apt-get install -y -qq --no-install-recommends \
         build-essential cmake pkg-config clang libclang-rt-14-dev \
         libtss2-dev libtss2-tcti-swtpm0 libssl-dev libnghttp2-dev \
         protobuf-c-compiler libprotobuf-c-dev libsystemd-dev libinih-dev libmicrohttpd-dev \
-        libcmocka-dev etcd-server etcd-client \
+        libcmocka-dev etcd-server etcd-client valgrind \
         swtpm swtpm-tools tpm2-tools \
         python3 python3-grpcio python3-grpc-tools python3-pykmip python3-yaml python3-cryptography \
         systemd rpm dpkg-dev lintian file procps iproute2 util-linux openssl \

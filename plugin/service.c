@@ -144,7 +144,11 @@ static void call_encrypt(const struct kms_backend_ops *ops, void *userdata,
                 return reply_malformed(reply, r, "EncryptRequest");
 
         struct kms_call call = { .request_uid = e->uid, .peer = peer };
+        /* A backend must NUL-terminate key_id; the last byte starts as a
+         * non-NUL sentinel, so one that fills the buffer without a NUL is
+         * caught by the length check below, never read past. */
         key_id[0] = '\0';
+        key_id[KMS_KEY_ID_MAX] = 'x';
         r = ops->encrypt(userdata, &call, e->plaintext, e->plaintext_len, ct, key_id);
         if (r < 0)
                 return reply_backend_error(reply, r, &call, "encrypt");

@@ -21,7 +21,7 @@ run_suite() {
         ctest --test-dir "$root/$name" --output-on-failure --no-tests=error -j"$jobs" --timeout 600
 }
 
-run_suite release -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTPMKMS_APISERVER_TESTS=ON
+run_suite release -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTPMKMS_APISERVER_TESTS=ON -DTPMKMS_VALGRIND=ON
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
         run_suite sanitize -DCMAKE_BUILD_TYPE=Debug -DTPMKMS_SANITIZE=ON -DTPMKMS_APISERVER_TESTS=OFF
 CC=clang run_suite fuzz -DCMAKE_BUILD_TYPE=Debug -DTPMKMS_FUZZ=ON -DBUILD_TESTING=ON -DTPMKMS_FUZZ_SECONDS=60 \

@@ -45,9 +45,22 @@ function(e2e_test name timeout)
   endif()
 endfunction()
 
+# e2e_valgrind(NAME): tests/e2e/NAME.py again with the daemon under valgrind.
+function(e2e_valgrind name)
+  if(TPMKMS_VALGRIND)
+    add_test(NAME e2e_${name}-valgrind
+             COMMAND ${PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/e2e/${name}.py -v)
+    set_tests_properties(e2e_${name}-valgrind PROPERTIES
+      ENVIRONMENT "${E2E_ENV};TPMKMS_VALGRIND=1" TIMEOUT 900 LABELS "e2e;valgrind"
+      RESOURCE_LOCK tpmkms-e2e-load)
+  endif()
+endfunction()
+
 e2e_test(test_contract 180 LOAD)
+e2e_valgrind(test_contract)
 e2e_test(test_sealing 300)
 e2e_test(test_lifecycle 240)
+e2e_valgrind(test_lifecycle)
 e2e_test(test_sealed_state 300)
 e2e_test(test_tpm_faults 240)
 e2e_test(test_files 240 LOAD)
@@ -76,6 +89,7 @@ find_program(E2E_unshare unshare REQUIRED)
 find_program(E2E_journalctl journalctl REQUIRED)
 e2e_test(test_audit 180)
 e2e_test(test_identity 300 LOAD)
+e2e_valgrind(test_identity)
 e2e_test(test_fleet_load 300 LOAD)
 # tpmkmsctl doctor against broken hosts (swtpm, PyKMIP).
 e2e_test(test_doctor 300)

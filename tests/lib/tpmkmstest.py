@@ -43,6 +43,16 @@ STOP_TIMEOUT = 20        # seconds a SIGTERMed daemon may take to drain and exit
 READY_TIMEOUT = 30       # seconds from exec to READY=1 (SRK creation on swtpm)
 
 
+def daemon_wrapper():
+    """TPMKMS_VALGRIND=1 runs the daemon under valgrind memcheck: any error or
+    leak makes it exit 99, which the tests' clean-stop checks turn into a
+    failure."""
+    if os.environ.get("TPMKMS_VALGRIND") != "1":
+        return []
+    return ["valgrind", "-q", "--error-exitcode=99", "--leak-check=full",
+            "--errors-for-leak-kinds=definite,indirect", "--child-silent-after-fork=yes"]
+
+
 def env_path(name, default=None):
     v = os.environ.get(name, default)
     if not v:
@@ -202,7 +212,8 @@ class World:
         self._log_file.flush()
         self._log_offset = os.path.getsize(self.log_path)
         # cwd: the test's own dir, where a core file would land (core_pattern "core")
-        self.proc = subprocess.Popen([self.tpmkmsd, "--config", config or self.config] + self.daemon_args,
+        self.proc = subprocess.Popen(daemon_wrapper() + [self.tpmkmsd, "--config", config or self.config]
+                                     + self.daemon_args,
                                      stdin=subprocess.DEVNULL, stdout=self._log_file,
                                      stderr=self._log_file, env=env, cwd=self.dir,
                                      preexec_fn=_die_with_parent)
