@@ -139,6 +139,52 @@ class StateDirTest(unittest.TestCase):
         self.assertEqual(t.decrypt(self.w.stub(), self.ct, self.key_id), self.pt)
 
 
+class DiskFullTest(unittest.TestCase):
+    """The state dir on a full file system: a key-set change fails with a
+    clear error, the old cache stays in force and intact, no temp file is
+    left, and once there is room again it works."""
+
+    def setUp(self):
+        self.w = t.World(self)
+        # The daemon gets its own mount namespace with a 64 KiB tmpfs on the
+        # state dir; the test reaches it through /proc/PID/root.
+        self.w.daemon_prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                'mount -t tmpfs -o size=64k tmpfs "$0" && chmod 700 "$0" && exec "$@"',
+                                self.w.state_dir]
+        self.w.start()
+
+    def ns_path(self, name=""):
+        return "/proc/%d/root%s" % (self.w.proc.pid, os.path.join(self.w.state_dir, name))
+
+    def test_rotate_on_a_full_disk_keeps_the_old_cache(self):
+        stub = self.w.stub()
+        kid = t.status(stub).key_id
+        ct = t.encrypt(stub, b"before").ciphertext
+        with open(self.ns_path("kek-cache"), "rb") as f:
+            before = f.read()
+        filler = self.ns_path("filler")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)   # fill it up
+        try:
+            while os.write(fd, b"\0" * 4096) > 0:
+                pass
+        except OSError:
+            pass
+        os.close(fd)
+        r = self.w.ctl("rotate")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("No space left on device", r.stderr)
+        self.assertIn("cannot persist the new key", r.stderr)
+        self.assertEqual(sorted(os.listdir(self.ns_path())), ["filler", "kek-cache"], "a temp file was left")
+        with open(self.ns_path("kek-cache"), "rb") as f:
+            self.assertEqual(f.read(), before, "the cache changed")
+        self.assertEqual(t.status(self.w.stub()).key_id, kid)
+        self.assertEqual(t.decrypt(self.w.stub(), ct, kid), b"before")
+        os.unlink(filler)                       # room again
+        new = self.w.ctl("rotate", check=True).stdout.strip()
+        self.assertNotEqual(new, kid)
+        self.assertEqual(t.decrypt(self.w.stub(), ct, kid), b"before")
+
+
 class ControlFloodTest(unittest.TestCase):
     def test_held_control_connections_do_not_starve_anyone(self):
         """Root opens and holds far more control connections than the fd

@@ -13,11 +13,12 @@ daemon must refuse it). PyKMIP cannot provoke it: a Symmetric Key's value is
 immutable once created or registered, and identifiers are never reused.
 """
 import os
+import random
 import re
 import secrets
+import shutil
 import subprocess
 import sys
-import shutil
 import threading
 import time
 import unittest
@@ -650,6 +651,35 @@ class MissingTest(FleetCase):
         a.restart_daemon()
         self.assertEqual(a.roles(), {v1: "primary"})
         self.assert_serving(a, kid1)
+
+
+class CrashTest(FleetCase):
+    def test_kill9_during_syncs_loses_no_key(self):
+        """kill -9 at random moments of syncs that add a version each: the
+        host always comes back serving, and every ciphertext it ever handed
+        out still decrypts."""
+        rng = random.Random(9)
+        a = self.host("node-a")
+        v = self.kms.create_version(GROUP)
+        self.kms.activate(v)
+        self.wait_primary((a,), v)
+        sealed = [self.seal(a)]
+        for i in range(20):
+            nv = self.kms.create_version(GROUP)
+            self.kms.activate(nv)
+            proc = a.ctl_async("sync")
+            time.sleep(rng.uniform(0, 0.05))
+            a.signal(9)
+            a.proc.wait()
+            a.proc = None
+            proc.wait(30)
+            a.start_daemon()
+            st = t.status(a.stub())
+            self.assertEqual(st.healthz, "ok", "round %d:\n%s" % (i, a.log()))
+            for s in sealed:
+                self.assert_decrypts(a, s)
+            sealed.append(self.seal(a))
+        self.wait_primary((a,), nv)
 
 
 class RollbackTest(FleetCase):

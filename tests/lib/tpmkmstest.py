@@ -161,6 +161,7 @@ class World:
         self.pcrs = pcrs
         self.tpm_config = ""      # more lines for [tpm]
         self.daemon_args = []     # e.g. ["--verbose"]
+        self.daemon_prefix = []   # a command the daemon runs under (e.g. unshare)
         self.extra_config = extra_config
         self.metrics_listen = ""  # [metrics] listen: a unix socket path or ADDR:PORT
         self.own_tpm = tpm is None
@@ -212,8 +213,8 @@ class World:
         self._log_file.flush()
         self._log_offset = os.path.getsize(self.log_path)
         # cwd: the test's own dir, where a core file would land (core_pattern "core")
-        self.proc = subprocess.Popen(daemon_wrapper() + [self.tpmkmsd, "--config", config or self.config]
-                                     + self.daemon_args,
+        self.proc = subprocess.Popen(self.daemon_prefix + daemon_wrapper()
+                                     + [self.tpmkmsd, "--config", config or self.config] + self.daemon_args,
                                      stdin=subprocess.DEVNULL, stdout=self._log_file,
                                      stderr=self._log_file, env=env, cwd=self.dir,
                                      preexec_fn=_die_with_parent)
