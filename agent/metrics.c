@@ -441,6 +441,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return ret;
 }
 
+/* libmicrohttpd's own messages: fmt is its format string. */
+static void on_httpd_log(void *cls, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 static void on_httpd_log(void *cls, const char *fmt, va_list ap) {
         char msg[512];
 

@@ -110,8 +110,10 @@ static int held_versions(struct sync *s, char (**ret)[CENTRAL_ID_MAX], size_t *r
         for (size_t i = 0; i < size && n < CENTRAL_KEYS_MAX; i++) {
                 const struct key_version *k = keyring_get(kr, i);
 
-                if (*k->central_id && k->kek && strlen(k->central_id) < CENTRAL_ID_MAX)
-                        snprintf(held[n++], CENTRAL_ID_MAX, "%s", k->central_id);
+                size_t l = strlen(k->central_id);
+
+                if (l > 0 && l < CENTRAL_ID_MAX && k->kek)
+                        memcpy(held[n++], k->central_id, l + 1);
         }
         *ret = held;
         *ret_n = n;

@@ -483,7 +483,7 @@ static int item_failure(const struct session *s, const char *uid, const struct k
                         const struct kmip_batch_result *res, char *err, size_t err_size) {
         char what[KMIP_ID_MAX + 32];
 
-        snprintf(what, sizeof(what), "%s of %s", op_name(op->operation), uid);
+        snprintf(what, sizeof(what), "%s of %.*s", op_name(op->operation), KMIP_ID_MAX - 1, uid);
         if (!res->answered) {
                 errorf(err, err_size, "%s: %s: not answered (the server stopped the batch)", s->peer, what);
                 return -EBADMSG;

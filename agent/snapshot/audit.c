@@ -253,7 +253,7 @@ static int audit_visit(const uint8_t *key, size_t key_len, const uint8_t *value,
         struct snapshot_report *r = a->report;
         const size_t plen = strlen(REGISTRY_PREFIX);
         const uint8_t *type, *slash, *name, *end = key + key_len;
-        struct resource *res;
+        struct resource *res = NULL;
         enum value_class class;
         int k;
 
@@ -349,7 +349,7 @@ int snapshot_audit(const uint8_t *data, size_t size, const char *const *required
                 return -E2BIG;
         }
         for (size_t i = 0; i < n_required; i++) {
-                struct resource *res;
+                struct resource *res = NULL;
 
                 k = resource_get(r, required[i], &res);
                 if (k < 0)
