@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -106,32 +107,49 @@ def _die_with_parent():
 # --- notify socket ---------------------------------------------------------
 
 class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET. Like
+    systemd it reads all the time (a thread): a datagram socket nobody reads
+    fills up, and the daemon's next sd_notify would then block."""
 
     def __init__(self, path):
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(path)
+        self.sock.settimeout(0.05)
         self.messages = []      # every datagram received, in order, decoded
+        self._taken = 0         # how many drain() has returned
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._cond:
+                self.messages.append(data.decode(errors="replace"))
+                self._cond.notify_all()
 
     def drain(self, timeout=0.0):
-        """Read what is queued (waiting up to timeout for the first datagram)."""
-        self.sock.settimeout(timeout if timeout > 0 else 0.0)
-        got = []
-        try:
-            while True:
-                data = self.sock.recv(4096)
-                got.append(data.decode(errors="replace"))
-                self.sock.settimeout(0.0)
-        except (BlockingIOError, socket.timeout):
-            pass
-        self.messages.extend(got)
+        """What arrived since the last drain (waiting up to timeout for one)."""
+        with self._cond:
+            if len(self.messages) == self._taken and timeout > 0:
+                self._cond.wait(timeout)
+            got = self.messages[self._taken:]
+            self._taken = len(self.messages)
         return got
 
     def seen(self, line):
         return any(line in m.split("\n") for m in self.messages)
 
     def close(self):
+        self._closed = True
+        self._thread.join(1)
         self.sock.close()
         try:
             os.unlink(self.path)
