@@ -129,6 +129,10 @@ class LocalMetrics(unittest.TestCase):
                                   mode="standalone"), 1)
         self.assertEqual(t.metric(m, "tpmkms_connections_accepted_total"), 1)
         self.assertEqual(t.metric(m, "tpmkms_connections_open"), 1)
+        if os.environ.get("TPMKMS_SANITIZED") == "1":
+            self.assertNotIn("tpmkms_heap_", text, "no heap figures from a sanitizer's allocator")
+        else:
+            self.check_heap(m, w.proc.pid)
         self.assertEqual(t.metric(m, "tpmkms_connections_refused_total"), 0)
         st = os.stat(w.cache_path())
         self.assertAlmostEqual(t.metric(m, "tpmkms_cache_write_timestamp_seconds"), st.st_mtime, delta=0.01)
@@ -137,6 +141,17 @@ class LocalMetrics(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertEqual(t.http_get(w.metrics_listen, "/other")[0], 404)
         SCRAPES["standalone"] = text
+
+    def check_heap(self, m, pid):
+        """The allocator's figures are real: something in use, no more than
+        was obtained, and that no more than the process's resident memory."""
+        in_use = t.metric(m, "tpmkms_heap_in_use_bytes")
+        obtained = t.metric(m, "tpmkms_heap_obtained_bytes")
+        with open("/proc/%d/status" % pid) as f:
+            rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) * 1024
+        self.assertGreater(in_use, 64 * 1024)
+        self.assertLessEqual(in_use, obtained)
+        self.assertLess(obtained, rss)
 
     def test_tcp_listen_and_refused_host(self):
         w = t.World(self)
