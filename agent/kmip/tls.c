@@ -1,4 +1,4 @@
-/* agent/tls.c: the central KMS's mutual-TLS client (see tls.h). */
+/* The central KMS's mutual-TLS client (see tls.h). */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>

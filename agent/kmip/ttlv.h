@@ -12,7 +12,7 @@
  * accessors below check again whatever they touch, so a struct ttlv_item
  * only ever describes bytes inside the buffer it came from.
  *
- * Knows nothing of sockets or of KMIP semantics (agent/kmip.c does). */
+ * Knows nothing of sockets or of KMIP semantics (agent/kmip/message.c does). */
 #pragma once
 
 #include <stdbool.h>

@@ -197,7 +197,7 @@ class SealingTest(unittest.TestCase):
 
 
 # The key check value in a key id is the first 8 bytes of
-# HMAC-SHA256(KEK, "tpmkms key check value v1") (README, agent/keyring.h). A
+# HMAC-SHA256(KEK, "tpmkms key check value v1") (README, agent/keystore/keystore.h). A
 # 32-byte window of any file whose HMAC matches a key id's check value IS that
 # KEK in plaintext: scan every offset of every file and of the daemon's log.
 KCV_LABELS = [b"tpmkms key check value v1"]

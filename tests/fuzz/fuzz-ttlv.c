@@ -1,5 +1,5 @@
-/* libFuzzer target: the TTLV decoder (agent/ttlv.c) and every KMIP response
- * parser (agent/kmip.c) on arbitrary bytes. Seeds: real PyKMIP responses from
+/* libFuzzer target: the TTLV decoder (agent/kmip/ttlv.c) and every KMIP response
+ * parser (agent/kmip/message.c) on arbitrary bytes. Seeds: real PyKMIP responses from
  * KMIP_INTEROP_CORPUS=DIR /usr/bin/python3 tests/unit/kmip-interop.py HELPER.
  *
  * Beyond "no crash": anything ttlv_parse() accepts must be walkable to the

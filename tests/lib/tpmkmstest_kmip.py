@@ -42,7 +42,7 @@ PYKMIP_PYTHON = "/usr/bin/python3"     # the python that has Debian's kmip modul
 PYKMIP_SERVER = "/usr/bin/pykmip-server"
 START_TIMEOUT = 20
 STOP_TIMEOUT = 15
-KCV_LABEL = b"tpmkms key check value v1"    # agent/keyring.h, key_id_make
+KCV_LABEL = b"tpmkms key check value v1"    # agent/keystore/keystore.h, key_id_make
 
 SHARED_POLICY = """{
   "shared": {
@@ -635,7 +635,7 @@ class HoldingProxy:
 
 
 def key_check_value(kek):
-    """The 16 hex digits a key id ends with (agent/keyring.h)."""
+    """The 16 hex digits a key id ends with (agent/keystore/keystore.h)."""
     import hashlib
     import hmac
     return hmac.new(kek, KCV_LABEL, hashlib.sha256).hexdigest()[:16]

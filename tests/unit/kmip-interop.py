@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""agent/kmip.c against a real PyKMIP 0.10 server.
+"""agent/kmip/message.c against a real PyKMIP 0.10 server.
 
 Starts PyKMIP on a free 127.0.0.1 port with a throwaway CA, seeds AES-256 keys
 in an Object Group with PyKMIP's own client (as an administrator identity,

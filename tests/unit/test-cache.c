@@ -1,4 +1,4 @@
-/* agent/cache.c: the sealed-cache file format and its atomic file I/O. */
+/* agent/keystore/cache.c: the sealed-cache file format and its atomic file I/O. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>

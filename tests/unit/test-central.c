@@ -1,4 +1,4 @@
-/* agent/central.c and agent/tls.c against real servers on 127.0.0.1: PyKMIP
+/* agent/kmip/client.c and agent/kmip/tls.c against real servers on 127.0.0.1: PyKMIP
  * (the central KMS), openssl s_server variants and a TCP listener that never
  * speaks. Run by tests/unit/central-harness.py, which starts them, seeds the
  * keys with PyKMIP's own client and passes ports and paths in CENTRAL_*. */

@@ -1,4 +1,4 @@
-/* agent/envelope.c: AES-256-GCM envelopes bound to key id and version. */
+/* agent/keystore/envelope.c: AES-256-GCM envelopes bound to key id and version. */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>

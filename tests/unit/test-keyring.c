@@ -1,4 +1,4 @@
-/* agent/keyring.c: ordering, primary, lookups, validation, reference counts,
+/* agent/keystore/keyring.c: ordering, primary, lookups, validation, reference counts,
  * the slot, add_primary and key ids. */
 #include <errno.h>
 #include <openssl/crypto.h>

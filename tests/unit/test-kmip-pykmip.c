@@ -1,8 +1,8 @@
-/* Interop helper for kmip-interop.py: sends one request built by agent/kmip.c
+/* Interop helper for kmip-interop.py: sends one request built by agent/kmip/message.c
  * to a real KMIP server (PyKMIP) over mutual TLS 1.2 and prints what the
  * matching kmip_response_* parser made of the answer, one "field value" per
  * line, ending with "rc N". A plain blocking OpenSSL client: the daemon's
- * transport is agent/tls.c, not this.
+ * transport is agent/kmip/tls.c, not this.
  *
  *   test-kmip-pykmip [-v MAJOR.MINOR] [-o RESPONSE_FILE] HOST PORT CA CERT KEY OP [ARG [STATE]]
  *   OP: discover | locate GROUP [STATE] | get UID | attrs UID

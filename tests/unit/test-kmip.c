@@ -1,4 +1,4 @@
-/* agent/kmip.c: KMIP 1.2 request builders and response parsers. Requests are
+/* agent/kmip/message.c: KMIP 1.2 request builders and response parsers. Requests are
  * decoded back with the TTLV decoder; responses are built by hand with the
  * TTLV encoder. Tag and enumeration values are written out here as numbers
  * from KMIP 1.2 section 9.1.3, independently of kmip.c's tables. The same

@@ -1,4 +1,4 @@
-/* plugin/socket.c: unix_socket_listen and unix_socket_peer. */
+/* common/socket.c: unix_socket_listen and unix_socket_peer. */
 #include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>

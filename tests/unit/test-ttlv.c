@@ -1,4 +1,4 @@
-/* agent/ttlv.c: KMIP TTLV encoder and bounded decoder (KMIP 1.2 section 9.1). */
+/* agent/kmip/ttlv.c: KMIP TTLV encoder and bounded decoder (KMIP 1.2 section 9.1). */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
