@@ -8,14 +8,13 @@
 #include "fileio.h"
 #include "macro.h"
 
-int read_file_bounded(int dirfd, const char *path, size_t max, bool follow, uint8_t **ret, size_t *ret_len) {
+/* The open and the fstat checks both readers share: an fd of a regular
+ * file of at most max bytes (its size in *ret_size if not NULL), or a negative errno
+ * (see fileio.h). */
+static int open_regular_bounded(int dirfd, const char *path, size_t max, bool follow, size_t *ret_size) {
         _cleanup_close_ int fd = -1;
-        _cleanup_free_ uint8_t *buf = NULL;
-        size_t cap, len = 0;
         struct stat st;
 
-        if (!path || !ret || !ret_len || max > SIZE_MAX / 2)
-                return -EINVAL;
         /* O_NONBLOCK: opening a FIFO with no writer would block for ever. */
         fd = openat(dirfd, path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW));
         if (fd < 0)
@@ -28,9 +27,24 @@ int read_file_bounded(int dirfd, const char *path, size_t max, bool follow, uint
                 return -EINVAL;
         if ((uint64_t) st.st_size > max)
                 return -EFBIG;
+        if (ret_size)
+                *ret_size = (size_t) st.st_size;
+        return TAKE_FD(fd);
+}
 
-        /* st_size is a hint: read to end of file, but never past max. */
-        cap = (size_t) st.st_size + 1;
+int read_file_bounded(int dirfd, const char *path, size_t max, bool follow, uint8_t **ret, size_t *ret_len) {
+        _cleanup_close_ int fd = -1;
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t size = 0, cap, len = 0;
+
+        if (!path || !ret || !ret_len || max > SIZE_MAX / 2)
+                return -EINVAL;
+        fd = open_regular_bounded(dirfd, path, max, follow, &size);
+        if (fd < 0)
+                return fd;
+
+        /* The size is a hint: read to end of file, but never past max. */
+        cap = size + 1;
         buf = malloc(cap + 1);
         if (!buf)
                 return -ENOMEM;
@@ -70,21 +84,12 @@ int read_secret_file_bounded(int dirfd, const char *path, size_t max, uint8_t **
         _cleanup_close_ int fd = -1;
         uint8_t *buf;
         size_t len = 0;
-        struct stat st;
 
         if (!path || !ret || !ret_len || max > SIZE_MAX / 2)
                 return -EINVAL;
-        fd = openat(dirfd, path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        fd = open_regular_bounded(dirfd, path, max, true, NULL);
         if (fd < 0)
-                return -errno;
-        if (fstat(fd, &st) < 0)
-                return -errno;
-        if (S_ISDIR(st.st_mode))
-                return -EISDIR;
-        if (!S_ISREG(st.st_mode))
-                return -EINVAL;
-        if ((uint64_t) st.st_size > max)
-                return -EFBIG;
+                return fd;
         buf = malloc(max + 1);
         if (!buf)
                 return -ENOMEM;
