@@ -1153,6 +1153,37 @@ static int policy_session_satisfy(struct tpm *t, const struct tpm_pcr_selection 
 
 /* ---- unseal ------------------------------------------------------------- */
 
+/* The answer of the one policy-gated command an attempt makes (Unseal or
+ * HMAC, rc from it): -EAGAIN with *ret_rc when the TPM said "retry" (the
+ * session is spent: a PCR moved between PolicyPCR and the command); -EPERM
+ * for a policy failure, with the PCRs as they are now in *current; else the
+ * 32 bytes the command returned (buf, size) copied to out. */
+static int policy_command_result(struct tpm *t, TSS2_RC rc, const char *command,
+                                 const struct tpm_pcr_selection *sel, struct tpm_pcr_values *current,
+                                 const uint8_t *buf, uint16_t size, uint8_t out[AES256_KEY_SIZE],
+                                 TSS2_RC *ret_rc) {
+        int r;
+
+        if (tpm_rc_is_retryable(rc)) {
+                *ret_rc = rc;
+                return -EAGAIN;
+        }
+        r = tpm_rc_to_errno(rc, -EIO, command);
+        if (r == -EPERM) {
+                if (current)
+                        (void) tpm_pcr_read(t, sel, current);
+                return r;
+        }
+        if (r < 0)
+                return r;
+        if (size != AES256_KEY_SIZE) {
+                log_debug("%s: %u bytes, expected %d", command, size, AES256_KEY_SIZE);
+                return -EIO;
+        }
+        memcpy(out, buf, AES256_KEY_SIZE);
+        return 0;
+}
+
 /* One attempt: a fresh policy session, the policy, the digest check, Unseal.
  * Returns a TSS2_RC through *ret_rc when the TPM said "retry". */
 static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selection *sel,
@@ -1170,27 +1201,8 @@ static int unseal_once(struct tpm *t, ESYS_TR object, const struct tpm_pcr_selec
 
         rc = Esys_Unseal(t->esys, object, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &out);
         esys_secrets_wipe(t);
-        if (tpm_rc_is_retryable(rc)) {
-                /* PCR_CHANGED: a PCR moved between PolicyPCR and Unseal; the
-                 * session is spent, start over with a fresh one. */
-                *ret_rc = rc;
-                return -EAGAIN;
-        }
-        r = tpm_rc_to_errno(rc, -EIO, "Unseal");
-        if (r == -EPERM) {
-                if (current)
-                        (void) tpm_pcr_read(t, sel, current);
-                return r;
-        }
-        if (r < 0)
-                return r;
-
-        if (out->size != AES256_KEY_SIZE) {
-                log_debug("Unseal: %u bytes, expected %d", out->size, AES256_KEY_SIZE);
-                return -EIO;
-        }
-        memcpy(secret, out->buffer, AES256_KEY_SIZE);
-        return 0;
+        return policy_command_result(t, rc, "Unseal", sel, current, out ? out->buffer : NULL,
+                                     out ? out->size : 0, secret, ret_rc);
 }
 
 static __attribute__((noinline)) int unseal_impl(struct tpm *t, const struct tpm_sealed *sealed,
@@ -1470,25 +1482,8 @@ static int hmac_once(struct tpm *t, ESYS_TR object, const TPMT_PUBLIC *pub, cons
 
         rc = Esys_HMAC(t->esys, object, session.tr, ESYS_TR_NONE, ESYS_TR_NONE, &label, TPM2_ALG_SHA256, &out);
         esys_secrets_wipe(t);
-        if (tpm_rc_is_retryable(rc)) {
-                /* PCR_CHANGED between PolicyPCR and HMAC: the session is spent. */
-                *ret_rc = rc;
-                return -EAGAIN;
-        }
-        r = tpm_rc_to_errno(rc, -EIO, "HMAC");
-        if (r == -EPERM) {
-                if (current)
-                        (void) tpm_pcr_read(t, sel, current);
-                return r;
-        }
-        if (r < 0)
-                return r;
-        if (out->size != AES256_KEY_SIZE) {
-                log_debug("HMAC: %u bytes, expected %d", out->size, AES256_KEY_SIZE);
-                return -EIO;
-        }
-        memcpy(key, out->buffer, AES256_KEY_SIZE);
-        return 0;
+        return policy_command_result(t, rc, "HMAC", sel, current, out ? out->buffer : NULL,
+                                     out ? out->size : 0, key, ret_rc);
 }
 
 static int cache_key_derive_hmac(struct tpm *t, const struct tpm_sealed *s, uint8_t key[AES256_KEY_SIZE],
