@@ -28,10 +28,7 @@ class SealedStateTest(unittest.TestCase):
     def setUp(self):
         self.w = t.World(self)
         self.w.start()
-        stub = self.w.stub()
-        self.key_id = t.status(stub).key_id
-        self.pt = secrets.token_bytes(32)
-        self.ct = t.encrypt(stub, self.pt).ciphertext
+        self.key_id, self.pt, self.ct = self.w.encrypt_one()
 
     def assert_refused_saying(self, words):
         st = t.status(self.w.stub())

@@ -23,11 +23,7 @@ class SealingTest(unittest.TestCase):
         self.w = t.World(self)
         self.w.start()
         self.stub = self.w.stub()
-        self.key_id = t.status(self.stub).key_id
-        self.pt = secrets.token_bytes(32)
-        r = t.encrypt(self.stub, self.pt)
-        self.ct = r.ciphertext
-        self.assertEqual(r.key_id, self.key_id)
+        self.key_id, self.pt, self.ct = self.w.encrypt_one()
 
     # helpers
 

@@ -4,7 +4,6 @@ the event loop keeps serving Encrypt/Decrypt/Status from memory, tpmkmsctl
 status says the TPM is not answering, SIGTERM is honoured, and a start that
 cannot reach the TPM exits within [tpm] timeout instead of hanging."""
 import os
-import secrets
 import signal
 import sys
 import time
@@ -19,10 +18,7 @@ class HungTpmTest(unittest.TestCase):
         self.w = t.World(self)
         self.w.tpm_config = "timeout = 3s\n"
         self.w.start()
-        stub = self.w.stub()
-        self.key_id = t.status(stub).key_id
-        self.pt = secrets.token_bytes(32)
-        self.ct = t.encrypt(stub, self.pt).ciphertext
+        self.key_id, self.pt, self.ct = self.w.encrypt_one()
 
     def hang_tpm(self):
         pid = self.w.tpm.proc.pid

@@ -322,6 +322,17 @@ class World:
     def stub(self, fresh=True):
         return stubs()[1].KeyManagementServiceStub(self.channel(fresh))
 
+    def encrypt_one(self):
+        """(key id, plaintext, ciphertext) of one random 32-byte secret
+        encrypted under the primary, which Status names."""
+        stub = self.stub()
+        key_id = status(stub).key_id
+        pt = os.urandom(32)
+        r = encrypt(stub, pt)
+        if r.key_id != key_id:
+            raise AssertionError("Encrypt under %s, Status names %s" % (r.key_id, key_id))
+        return key_id, pt, r.ciphertext
+
     def close_channels(self):
         for ch in self.channels:
             ch.close()
